@@ -1,0 +1,161 @@
+"""The `modelcrew` command line.
+
+Every command takes, after its own arguments, `--workspace DIR` (env MODELCREW_WORKSPACE, default
+./.modelcrew), `--json` (machine-readable result on stdout, human text on stderr) and `--debug`
+(tracebacks). Errors print one line, `error: ...`, and exit 2 for bad input or 1 for a runtime failure.
+Heavy libraries are imported inside the commands that need them, so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from training.errors import InputError, ModelcrewError
+
+app = typer.Typer(
+    name="modelcrew",
+    help="A crew of agents that curates data, trains, evaluates and deploys small language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Curate datasets and list the curated ones.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+Workspace = Annotated[
+    Path,
+    typer.Option("--workspace", envvar="MODELCREW_WORKSPACE", help="Workspace directory for datasets, runs and models."),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (human text goes to stderr).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+DEFAULT_WORKSPACE = Path(".modelcrew")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"modelcrew {version('modelcrew')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """modelcrew: plain-language goals in, trained, evaluated and deployed language models out."""
+
+
+@contextmanager
+def reported(debug: bool):
+    """Turn failures into one `error:` line and an exit code; re-raise with --debug."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except ModelcrewError as err:
+        if debug:
+            raise
+        _error_line(str(err))
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        _error_line("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as err:  # a bug or an environment failure: still one line unless --debug
+        if debug:
+            raise
+        _error_line(f"{type(err).__name__}: {err} (run again with --debug for the traceback)")
+        raise typer.Exit(1) from None
+
+
+def _error_line(message: str) -> None:
+    print("error: " + " ".join(message.split()), file=sys.stderr)
+
+
+def _console(as_json: bool):
+    from rich.console import Console
+
+    return Console(stderr=as_json, highlight=False)
+
+
+def _emit_json(payload) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def _parse_columns(spec: str | None) -> dict[str, str]:
+    if not spec:
+        return {}
+    mapping = {}
+    for item in spec.split(","):
+        field, sep, column = item.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise InputError(f"--columns: expected field=column pairs like question=Q,answer=A, got {item!r}")
+        mapping[field.strip()] = column.strip()
+    return mapping
+
+
+def _setting_help(name: str) -> str:
+    from training.contracts import CurationSettings
+
+    return CurationSettings.model_fields[name].description or ""
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Annotated[str, typer.Argument(help="A file, a directory, a saved Hugging Face dataset, or 'bbc-news'.")],
+    format: Annotated[Optional[str], typer.Option("--format", help="Force the format: text, pairs, chat or classification.")] = None,
+    split: Annotated[str, typer.Option("--split", help="train,val,test fractions.")] = "0.8,0.1,0.1",
+    columns: Annotated[Optional[str], typer.Option("--columns", help="Map schema fields to file columns: question=Q,answer=A.")] = None,
+    encoding: Annotated[str, typer.Option("--encoding", help="Text encoding of the input files.")] = "utf-8",
+    max_chars: Annotated[int, typer.Option("--max-chars", min=1, help=_setting_help("max_chars"))] = 20_000,
+    near_dup_threshold: Annotated[float, typer.Option("--near-dup-threshold", min=0.05, max=1.0, help=_setting_help("near_dup_threshold"))] = 0.8,
+    chunk_chars: Annotated[int, typer.Option("--chunk-chars", min=100, help=_setting_help("chunk_chars"))] = 2_000,
+    scrub_pii: Annotated[bool, typer.Option("--scrub-pii/--keep-pii", help="Replace e-mails, phones, cards and IPs with placeholders.")] = True,
+    tokenizer: Annotated[str, typer.Option("--tokenizer", help=_setting_help("tokenizer"))] = "bytes",
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Ingest, clean, dedup, scrub, split, fingerprint and summarise a dataset into the workspace."""
+    with reported(debug):
+        from training.contracts import CurationSettings
+        from training.data import curate_to_workspace
+        from training.data.split import parse_split
+
+        settings = CurationSettings(split=parse_split(split), max_chars=max_chars, near_dup_threshold=near_dup_threshold,
+                                    chunk_chars=chunk_chars, scrub_pii=scrub_pii, tokenizer=tokenizer)
+        result = curate_to_workspace(path, workspace, settings=settings, format=format, columns=_parse_columns(columns),
+                                     encoding=encoding, show_progress=True)
+        console = _console(as_json)
+        if as_json:
+            _emit_json({**result.summary.model_dump(mode="json", by_alias=True), "path": str(result.path)})
+        from crews.render import summary_table
+
+        console.print(summary_table(result.summary))
+        console.print(f"stored in {result.path}")
+
+
+@data_app.command("list")
+def data_list(workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False, debug: Debug = False) -> None:
+    """List the curated datasets in the workspace, newest first."""
+    with reported(debug):
+        from training.data.store import list_datasets
+
+        found = list_datasets(workspace)
+        if as_json:
+            _emit_json([s.model_dump(mode="json", by_alias=True) for s in found])
+        from crews.render import datasets_table
+
+        _console(as_json).print(datasets_table(found) if found else f"no datasets in {workspace}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,4 @@
+"""The model registry (versions, aliases, promote, rollback) and the OpenAI-compatible HTTP server.
+
+`serving` may import `training` and `memory`; never crewai, `tools`, `agents` or `crews`.
+"""

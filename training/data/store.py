@@ -1,0 +1,70 @@
+"""Curated datasets in the workspace: `datasets/<fingerprint>/` with the summary and the splits.
+
+Each dataset is written into a temporary directory beside its final place and renamed into place at
+the end, so a reader never sees half a dataset and a failed curation leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from training.contracts import DatasetSummary
+from training.errors import InputError
+
+
+def datasets_dir(workspace: Path) -> Path:
+    return Path(workspace) / "datasets"
+
+
+def write_jsonl(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False))
+            f.write("\n")
+
+
+def save_dataset(workspace: Path, summary: DatasetSummary, files: dict[str, list[dict]]) -> Path:
+    """Atomically (re)place `datasets/<fingerprint>/` with summary.json and one .jsonl per entry in `files`."""
+    root = datasets_dir(workspace)
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / summary.fingerprint
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{summary.fingerprint}-", dir=root))
+    try:
+        for name, rows in files.items():
+            write_jsonl(tmp / f"{name}.jsonl", rows)
+        (tmp / "summary.json").write_text(summary_json(summary) + "\n", encoding="utf-8")
+        if target.exists():  # same data curated again: swap the old copy out, then delete it
+            old = Path(tempfile.mkdtemp(prefix=f".old-{summary.fingerprint}-", dir=root))
+            os.replace(target, old / "d")
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def summary_json(summary: DatasetSummary) -> str:
+    return json.dumps(summary.model_dump(mode="json", by_alias=True), indent=2, ensure_ascii=False)
+
+
+def load_summary(workspace: Path, fingerprint: str) -> DatasetSummary:
+    path = datasets_dir(workspace) / fingerprint / "summary.json"
+    if not path.exists():
+        raise InputError(f"{fingerprint}: no such dataset in {datasets_dir(workspace)}")
+    return DatasetSummary.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def list_datasets(workspace: Path) -> list[DatasetSummary]:
+    """Every curated dataset in the workspace, newest first."""
+    root = datasets_dir(workspace)
+    if not root.is_dir():
+        return []
+    found = [load_summary(workspace, p.name) for p in root.iterdir() if (p / "summary.json").is_file() and not p.name.startswith(".")]
+    return sorted(found, key=lambda s: s.created_at, reverse=True)
