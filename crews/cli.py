@@ -80,6 +80,12 @@ def _error_line(message: str) -> None:
     print("error: " + " ".join(message.split()), file=sys.stderr)
 
 
+def _check_workspace(workspace: Path) -> Path:
+    if workspace.exists() and not workspace.is_dir():
+        raise InputError(f"--workspace {workspace}: exists and is not a directory")
+    return workspace
+
+
 def _console(as_json: bool):
     from rich.console import Console
 
@@ -132,7 +138,7 @@ def data_inspect(
 
         settings = CurationSettings(split=parse_split(split), max_chars=max_chars, near_dup_threshold=near_dup_threshold,
                                     chunk_chars=chunk_chars, scrub_pii=scrub_pii, tokenizer=tokenizer)
-        result = curate_to_workspace(path, workspace, settings=settings, format=format, columns=_parse_columns(columns),
+        result = curate_to_workspace(path, _check_workspace(workspace), settings=settings, format=format, columns=_parse_columns(columns),
                                      encoding=encoding, show_progress=True)
         console = _console(as_json)
         if as_json:
@@ -149,7 +155,7 @@ def data_list(workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False, d
     with reported(debug):
         from training.data.store import list_datasets
 
-        found = list_datasets(workspace)
+        found = list_datasets(_check_workspace(workspace))
         if as_json:
             _emit_json([s.model_dump(mode="json", by_alias=True) for s in found])
         from crews.render import datasets_table

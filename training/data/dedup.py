@@ -119,6 +119,12 @@ def _candidate_pairs(sigs: np.ndarray, bands: int, rows: int) -> set[tuple[int, 
     return pairs
 
 
+def shingle_sets(keys: list[str]) -> list[np.ndarray]:
+    """Each key's set of 5-byte shingles, as a sorted unique array (for exact Jaccard)."""
+    codes, offsets = _shingles(keys)
+    return [np.unique(part) for part in np.split(codes, offsets[1:])]
+
+
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """Jaccard similarity of two sets given as sorted unique arrays."""
     inter = np.intersect1d(a, b, assume_unique=True).size
@@ -134,8 +140,7 @@ def near_duplicate_pairs(keys: list[str], threshold: float) -> list[tuple[int, i
     involved = sorted({i for pair in candidates for i in pair})
     if not involved:
         return []
-    codes, offsets = _shingles([keys[i] for i in involved])
-    sets = {i: np.unique(s) for i, s in zip(involved, np.split(codes, offsets[1:]))}
+    sets = dict(zip(involved, shingle_sets([keys[i] for i in involved])))
     out = []
     for i, j in candidates:
         sim = jaccard(sets[i], sets[j])

@@ -22,7 +22,8 @@ _STOPWORDS = frozenset(
     was wasn't way we well were weren't what when where which while who whom why will with within without
     won't would wouldn't yes yet you your yours yourself yourselves also new mr mrs ms year years time
     told last first many back even going able sure yes's i'm you're we're they're it'll you'll i've
-    you've we've let's""".split()
+    you've we've let's three four five six seven eight nine ten next made make makes added including
+    set put know see seen come came go goes went give given look looking around among across""".split()
 )
 _PLACEHOLDERS = frozenset({"email", "phone", "card", "ip"})
 FORMAT_PHRASES = {

@@ -127,7 +127,7 @@ def _parse_jsonl(text: str, path: Path) -> Iterator[Row]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+            raise InputError(f"{path}:{lineno}: invalid JSON ({err.msg}, column {err.colno})") from None
         if not isinstance(row, dict):
             raise InputError(f"{path}:{lineno}: expected a JSON object per line, found {_json_type(row)}")
         yield row, f"{path}:{lineno}"
@@ -137,7 +137,7 @@ def _parse_json(text: str, path: Path) -> Iterator[Row]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise InputError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        raise InputError(f"{path}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno})") from None
     if isinstance(data, dict):  # {"data": [...]} and similar: the one list of records inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:

@@ -1,0 +1,36 @@
+# modelcrew — `make demo` runs the main job on the embedded defaults, `make test` runs the tests.
+# Both create .venv on first use (torch first: the CPU build unless nvidia-smi works) and are quick after.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export CREWAI_DISABLE_TELEMETRY=true
+export CREWAI_TRACING_ENABLED=false
+export CREWAI_DISABLE_VERSION_CHECK=true
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# torch first, pinned: a loose spec pulls a multi-GB CUDA build onto CPU-only machines.
+	$(PY) -c "import torch" 2>/dev/null || \
+	  if nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install torch; \
+	  else $(PY) -m pip install torch==2.13.0; fi
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/modelcrew data inspect examples/data/support_faq.jsonl --workspace .modelcrew
+
+test: setup
+	@# pytest exits 5 when it collected no tests: a broken suite, reported as such, never a pass.
+	$(VENV)/bin/pytest || { rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$rc; }
+
+bench: setup
+	$(PY) bench/bench_data.py
+
+clean:
+	rm -rf .modelcrew .pytest_cache

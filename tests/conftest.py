@@ -1,0 +1,45 @@
+"""Shared fixtures: a fresh workspace, an in-process CLI runner, and small dataset writers."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from crews.cli import app
+
+os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
+os.environ.setdefault("CREWAI_DISABLE_VERSION_CHECK", "true")
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+    exception: BaseException | None
+
+    def json(self):
+        return json.loads(self.stdout)
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    """A workspace path that does not exist yet (commands must create it, or leave it absent)."""
+    return tmp_path / "ws"
+
+
+@pytest.fixture
+def cli():
+    """Run `modelcrew ARGS...` in-process; returns exit code, stdout and stderr separately."""
+
+    def run(*args: str, env: dict | None = None) -> CliResult:
+        result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+        return CliResult(result.exit_code, result.stdout, result.stderr, result.exception)
+
+    return run

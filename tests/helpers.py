@@ -1,0 +1,49 @@
+"""Small dataset writers shared by the tests."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+TOPICS = [
+    "reset my password", "change the billing address", "cancel the subscription", "export my notes",
+    "pair the device with wifi", "update the firmware", "request a refund", "track my order",
+    "enable two factor login", "delete my account", "change the display language", "share a folder",
+    "restore a deleted file", "contact a human agent", "upgrade to the pro plan", "download an invoice",
+    "connect the calendar", "turn off notifications", "report a security problem", "transfer ownership",
+    "merge two accounts", "print a shipping label", "book a repair", "extend the warranty",
+]
+
+
+def qa_rows(n: int = 24) -> list[dict]:
+    """n distinct, realistic question/answer pairs (no two are near duplicates)."""
+    rows = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        rows.append({
+            "question": f"How do I {topic}? (case {i})",
+            "answer": f"To {topic}, open Settings, choose the section for it and follow step {i + 1}. "
+                      f"It takes about {i + 2} minutes and you will get a confirmation when it is done.",
+        })
+    return rows
+
+
+def files_under(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
