@@ -143,9 +143,11 @@ def data_inspect(
         console = _console(as_json)
         if as_json:
             _emit_json({**result.summary.model_dump(mode="json", by_alias=True), "path": str(result.path)})
-        from crews.render import summary_table
+        from crews.render import removed_table, summary_table
 
         console.print(summary_table(result.summary))
+        if result.removed:
+            console.print(removed_table(result.removed))
         console.print(f"stored in {result.path}")
 
 

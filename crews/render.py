@@ -32,6 +32,17 @@ def summary_table(s: DatasetSummary) -> Table:
     return table
 
 
+def removed_table(removed: list[dict], limit: int = 8) -> Table:
+    """The first `limit` dropped records: why, where from, and which kept record they duplicate."""
+    table = Table(title=f"removed records ({len(removed)}; all in removed.jsonl)", title_justify="left")
+    for col in ("reason", "input", "duplicate of", "similarity"):
+        table.add_column(col)
+    for r in removed[:limit]:
+        sim = r.get("similarity")
+        table.add_row(r["reason"].replace("_", " "), r["where"].rsplit("/", 1)[-1], r.get("duplicate_of", ""), "" if sim is None else f"{sim:.2f}")
+    return table
+
+
 def datasets_table(summaries: list[DatasetSummary]) -> Table:
     table = Table(title="datasets", title_justify="left")
     for col in ("fingerprint", "format", "records", "train/val/test", "source", "created"):

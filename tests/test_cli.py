@@ -122,3 +122,15 @@ def test_console_script_help_and_error_exit_codes(tmp_path):
     assert failed.returncode == 2
     assert failed.stderr == f"error: {tmp_path / 'missing.jsonl'}: no such file or directory\n"
     assert not (tmp_path / "ws").exists()
+
+
+def test_training_runs_alone_as_a_module(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
+    done = subprocess.run([sys.executable, "-m", "training", "curate", path, "--workspace", tmp_path / "ws"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    summary = DatasetSummary.model_validate_json(done.stdout)
+    assert (tmp_path / "ws" / "datasets" / summary.fingerprint / "train.jsonl").exists()
+    bad = subprocess.run([sys.executable, "-m", "training", "curate", tmp_path / "none.jsonl"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr == f"error: {tmp_path / 'none.jsonl'}: no such file or directory\n"
