@@ -267,14 +267,18 @@ def child_curate(args) -> dict:
     return out
 
 
-def profile_rows(profiler: cProfile.Profile, top: int = 15) -> list[dict]:
+def profile_rows(profiler: cProfile.Profile, top: int = 15) -> dict:
+    """Top functions by own time, and the engine's own functions (training/) by cumulative time."""
     stats = pstats.Stats(profiler, stream=io.StringIO())
     rows = []
     for (file, line, name), (cc, nc, tt, ct, _) in stats.stats.items():
-        where = file.replace(str(ROOT) + "/", "") if file.startswith(str(ROOT)) else Path(file).name
-        rows.append({"function": f"{where}:{line}({name})" if line else name, "calls": nc, "tottime": tt, "cumtime": ct})
-    rows.sort(key=lambda r: -r["tottime"])
-    return rows[:top]
+        engine = file.startswith(str(ROOT / "training"))
+        where = file.replace(str(ROOT) + "/", "") if engine else Path(file).name
+        rows.append({"function": f"{where}:{line}({name})" if line else name, "calls": nc, "tottime": tt,
+                     "cumtime": ct, "engine": engine})
+    by_own = sorted(rows, key=lambda r: -r["tottime"])[:top]
+    by_cum = sorted((r for r in rows if r["engine"]), key=lambda r: -r["cumtime"])[:top]
+    return {"by_own_time": by_own, "engine_by_cumulative_time": by_cum}
 
 
 def child_ours(args) -> dict:
@@ -413,20 +417,21 @@ def machine_info() -> dict:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "training"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "training"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip())
     except OSError:
         commit, dirty = "", False
     return {"cpu_model": cpu, "nproc": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)),
             "mem_total_bytes": mem, "python": platform.python_version(), "numpy": numpy.__version__,
             "datasketch": datasketch.__version__, "platform": platform.platform(),
-            "git_commit": commit + ("+dirty(training/)" if dirty else ""),
+            "git_commit": commit + ("+dirty(training/)" if dirty else ""), "loadavg_start": os.getloadavg()[0],
             "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def make_progress():
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                               TimeElapsedColumn)
 
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
@@ -455,6 +460,8 @@ def report_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:
             ("memory", f"{fmt(m['mem_total_bytes'] / 10**9, 1)} GB" if m["mem_total_bytes"] else "n/a"),
             ("python / numpy / datasketch", f"{m['python']} / {m['numpy']} / {m['datasketch']}"),
             ("platform", m["platform"]), ("engine commit", m["git_commit"]), ("date (UTC)", m["date_utc"]),
+            ("load average (1 min) at start / end, other work on the machine skews timings",
+             f"{m['loadavg_start']:.2f} / {m.get('loadavg_end', float('nan')):.2f}"),
         ]),
         ("Workload", [
             ("records", fmt(g["records"])), ("seed", str(g["seed"])),
@@ -483,10 +490,10 @@ def report_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:
         ]),
         (f"Near-duplicate stage vs datasketch ({nd['scope']})", [
             ("distinct keys compared", fmt(nd["n_keys"])),
-            ("engine: near_duplicate_pairs", f"{fmt(ours['seconds'], 2)} s, +{fmt(ours['extra_rss'] / MB, 0)} MB peak, "
-             f"{ours['num_perm']} perms ({ours['bands']} bands x {ours['rows']} rows), exact check included"),
-            ("datasketch: MinHash + MinHashLSH", f"{fmt(ds['seconds'], 2)} s, +{fmt(ds['extra_rss'] / MB, 0)} MB peak, "
-             f"{ds['num_perm']} perms ({ds['bands']} bands x {ds['rows']} rows), no exact check"),
+            ("engine: near_duplicate_pairs", (f"{fmt(ours['seconds'], 2)} s, +{fmt(ours['extra_rss'] / MB, 0)} MB peak, "
+             f"{ours['num_perm']} perms ({ours['bands']} bands x {ours['rows']} rows), exact check included")),
+            ("datasketch: MinHash + MinHashLSH", (f"{fmt(ds['seconds'], 2)} s, +{fmt(ds['extra_rss'] / MB, 0)} MB peak, "
+             f"{ds['num_perm']} perms ({ds['bands']} bands x {ds['rows']} rows), no exact check")),
             ("datasketch exact check of its candidates (not in its time)", f"{fmt(ds['verify_seconds'], 2)} s"),
             ("speed ratio (datasketch time / engine time)", f"{nd['speed_ratio']:.1f}x"),
             ("memory ratio (datasketch extra peak / engine extra peak)", f"{nd['memory_ratio']:.2f}x"),
@@ -505,8 +512,8 @@ def report_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:
     ]
     if nd.get("full"):
         f = nd["full"]
-        rows[-1][1].append(("engine on all distinct keys (info)", f"{fmt(f['n_keys'])} keys, {fmt(f['seconds'], 2)} s, "
-                            f"recall {pct(f['recall']['recall'])}"))
+        rows[-1][1].append(("engine on all distinct keys (info)",
+                            f"{fmt(f['n_keys'])} keys, {fmt(f['seconds'], 2)} s, recall {pct(f['recall']['recall'])}"))
     rows.append(("Targets", [
         (f"records/s >= {fmt(t['records_per_s']['target'])} on {TARGET_CORES} cores",
          f"{fmt(t['records_per_s']['measured'], 0)} ({t['records_per_s']['ratio']:.2f}x target) -> "
@@ -532,13 +539,22 @@ def print_table(res: dict) -> None:
             table.add_row("  " + label, value)
     console = Console()
     console.print(table)
-    if res["curate"].get("profile"):
-        prof = Table(title="curate() hot spots (cProfile, separate run, by own time)")
+    for title, rows in profile_tables(res):
+        prof = Table(title=title)
         for col in ("function", "calls", "own s", "cum s"):
             prof.add_column(col)
-        for r in res["curate"]["profile"]:
+        for r in rows:
             prof.add_row(r["function"], fmt(r["calls"]), f"{r['tottime']:.2f}", f"{r['cumtime']:.2f}")
         console.print(prof)
+
+
+def profile_tables(res: dict) -> list[tuple[str, list[dict]]]:
+    prof = res["curate"].get("profile")
+    if not prof:
+        return []
+    run = f"cProfile, separate run of {res['curate']['profile_seconds']:.1f} s under the profiler"
+    return [(f"curate() hot spots by own time ({run})", prof["by_own_time"]),
+            (f"curate() engine functions by cumulative time ({run})", prof["engine_by_cumulative_time"])]
 
 
 def render_markdown(res: dict, json_path: Path) -> str:
@@ -554,11 +570,9 @@ def render_markdown(res: dict, json_path: Path) -> str:
     nd = res["near_dup_stage"]
     if nd.get("subsample_reason"):
         lines += [f"Subsample: {nd['subsample_reason']}", ""]
-    if res["curate"].get("profile"):
-        lines += ["### curate() hot spots (cProfile, separate run, by own time)", "",
-                  "| function | calls | own s | cum s |", "|---|---|---|---|"]
-        lines += [f"| `{r['function']}` | {fmt(r['calls'])} | {r['tottime']:.2f} | {r['cumtime']:.2f} |"
-                  for r in res["curate"]["profile"]]
+    for title, rows in profile_tables(res):
+        lines += [f"### {title}", "", "| function | calls | own s | cum s |", "|---|---|---|---|"]
+        lines += [f"| `{r['function']}` | {fmt(r['calls'])} | {r['tottime']:.2f} | {r['cumtime']:.2f} |" for r in rows]
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
@@ -684,7 +698,7 @@ def main(argv=None) -> None:
             nd["scope"] = f"subsample of {len(sub):,} of {len(distinct):,} distinct keys"
             nd["subsample_reason"] = (
                 f"datasketch was projected to take {projected:,.0f} s on all {len(distinct):,} distinct keys "
-                f"(> budget {args.baseline_budget_s:,.0f} s, calibrated on the first 2,000), so both methods ran on "
+                f"(> budget {args.baseline_budget_s:g} s, calibrated on the first 2,000), so both methods ran on "
                 f"{len(sub):,} keys drawn as whole groups (a source with its planted copies), seed {args.seed + 7}.")
         else:
             sub = list(range(len(distinct)))
@@ -725,6 +739,7 @@ def main(argv=None) -> None:
             c["profile"] = prof["profile"]
             c["profile_seconds"] = prof["seconds"]
 
+    res["machine"]["loadavg_end"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     update_markdown(args.results_md, render_markdown(res, args.out))

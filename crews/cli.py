@@ -147,7 +147,7 @@ def data_inspect(
 
         console.print(summary_table(result.summary))
         if result.removed:
-            console.print(removed_table(result.removed))
+            console.print(removed_table(result.removed, result.summary.source))
         console.print(f"stored in {result.path}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.table import Table
 
 from training.contracts import DatasetSummary
@@ -32,15 +34,23 @@ def summary_table(s: DatasetSummary) -> Table:
     return table
 
 
-def removed_table(removed: list[dict], limit: int = 8) -> Table:
-    """The first `limit` dropped records: why, where from, and which kept record they duplicate."""
+def removed_table(removed: list[dict], source: str, limit: int = 8) -> Table:
+    """The first `limit` dropped records: why, where in `source`, and which kept record they duplicate."""
     table = Table(title=f"removed records ({len(removed)}; all in removed.jsonl)", title_justify="left")
-    for col in ("reason", "input", "duplicate of", "similarity"):
-        table.add_column(col)
+    for col in ("reason", "where", "duplicate of", "similarity"):
+        table.add_column(col, overflow="fold")
     for r in removed[:limit]:
         sim = r.get("similarity")
-        table.add_row(r["reason"].replace("_", " "), r["where"].rsplit("/", 1)[-1], r.get("duplicate_of", ""), "" if sim is None else f"{sim:.2f}")
+        table.add_row(r["reason"].replace("_", " "), _short_where(r["where"], source), r.get("duplicate_of", ""),
+                      "" if sim is None else f"{sim:.2f}")
     return table
+
+
+def _short_where(where: str, source: str) -> str:
+    """'faq.jsonl:12' -> 'line 12'; 'corpus/sub/a.txt:3' -> 'sub/a.txt:3' (relative to the source)."""
+    prefix = str(Path(source)) if source != "bbc-news" else source
+    rest = where[len(prefix):].lstrip(":/") if where.startswith(prefix) else where
+    return f"line {rest}" if rest.isdigit() else rest
 
 
 def datasets_table(summaries: list[DatasetSummary]) -> Table:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 
 from tests.helpers import qa_rows, write_jsonl
@@ -25,9 +26,11 @@ def test_normalize_text_nfkc_controls_and_whitespace():
     ("call +1 415 555 0132 now", "call <PHONE> now", "phone"),
     ("call (415) 555-0199 now", "call <PHONE> now", "phone"),
     ("ring 020 7946 0018 please", "ring <PHONE> please", "phone"),
+    ("or 415.555.0199 after six", "or <PHONE> after six", "phone"),
     ("card 4111 1111 1111 1111 expired", "card <CARD> expired", "card"),
     ("card 4242-4242-4242-4242 expired", "card <CARD> expired", "card"),
     ("router at 192.168.1.20 drops", "router at <IP> drops", "ip"),
+    ("dns 1.1.1.1 is set", "dns <IP> is set", "ip"),
     ("host 2001:0db8:85a3:0000:0000:8a2e:0370:7334 is up", "host <IP> is up", "ip"),
 ])
 def test_pii_is_replaced_with_typed_placeholders(text, expected, kind):
@@ -151,3 +154,29 @@ def test_lsh_params_reach_the_threshold():
         bands, rows = lsh_params(t)
         assert bands * rows <= 64
         assert 1 - (1 - t**rows) ** bands >= 0.99
+
+
+def test_normalized_key_fast_path_matches_the_regex():
+    from training.data.dedup import _NOT_WORD
+
+    rng = random.Random(3)
+    texts = ["".join(chr(rng.randrange(128)) for _ in range(60)) for _ in range(500)] + ["Ünïcode — dashes… “quotes”"]
+    assert all(normalized_key(t) == _NOT_WORD.sub(" ", t.casefold()).strip() for t in texts)
+
+
+def test_shingle_sets_batched_sort_matches_per_key_sets():
+    from training.data.dedup import _shingles
+
+    rng = random.Random(4)
+    keys = ["".join(rng.choice("abcde ") for _ in range(rng.randrange(0, 80))) for _ in range(300)]
+    codes, offsets = _shingles(keys)
+    expected = [np.unique(part) for part in np.split(codes, offsets[1:])]
+    got = shingle_sets(keys, batch=64)
+    assert len(got) == len(expected) and all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
+def test_a_large_cluster_of_near_copies_collapses_to_one(tmp_path):
+    base = "Our support team answers every message within one business day, including weekends and holidays."
+    rows = [{"text": f"{base} Ticket {i:04d}."} for i in range(260)]  # one big LSH bucket, > _MAX_BUCKET
+    s = curate(str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    assert s.summary.records_after == 1 and s.summary.removed["near_duplicate"] == 259

@@ -13,9 +13,17 @@ _SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
+# Anything normalize_text would change in an ASCII string; most records have none of it.
+_ASCII_NEEDS_WORK = re.compile(r"[^\x20-\x7e\n]|  | \n|\n |\n\n\n|^\s|\s$")
+
+
 def normalize_text(text: str) -> str:
     """NFKC, no control characters, single spaces, at most one blank line in a row, no outer space."""
-    text = unicodedata.normalize("NFKC", text)
+    if text.isascii():  # NFKC leaves ASCII alone: skip it, and skip everything when nothing needs fixing
+        if not _ASCII_NEEDS_WORK.search(text):
+            return text
+    else:
+        text = unicodedata.normalize("NFKC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text)
     text = _SPACES.sub(" ", text)
@@ -32,7 +40,9 @@ _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
 _PHONE = re.compile(
     r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,3}(?![\w-])"
 )
-_PII_MARKERS = re.compile(r"[@\d]")
+# Every pattern needs an '@', a ':' between hex digits, or a run of 7+ digits and separators; text with none
+# of these (most text, even text with small numbers like "30 days") skips the five regexes.
+_PII_MARKERS = re.compile(r"@|[0-9A-Fa-f]:[0-9A-Fa-f]|\d[\d .()+-]{5,}\d")
 
 
 def _luhn_ok(digits: str) -> bool:

@@ -30,6 +30,7 @@ from training.progress import progress
 REMOVAL_REASONS = ("empty", "too_long", "exact_duplicate", "near_duplicate")
 FORMATS = ("text", "pairs", "chat", "classification")
 MIN_USEFUL_RECORDS = 20
+TOPIC_SAMPLE = 5_000  # records read to find a dataset's frequent words
 
 
 @dataclass
@@ -92,21 +93,20 @@ def curate(
             advance(1)
 
     with progress("deduplicating", enabled=show_progress):
-        kept, duplicates = deduplicate(kept, settings.near_dup_threshold)
+        hashed, duplicates = deduplicate(kept, settings.near_dup_threshold)
     removed += duplicates
     reasons = Counter(r["reason"] for r in removed)
-    if not kept:
+    if not hashed:
         why = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(reasons.items()))
         raise InputError(f"{source}: no usable records after cleaning ({len(records)} read: {why})")
 
-    hashes = {id(r): r.content_hash() for r in kept}
+    kept = [r for _, r in hashed]
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
-    for r in sorted(kept, key=lambda r: hashes[id(r)]):
-        h = hashes[id(r)]
+    for h, r in hashed:
         splits[assign_split(h, settings.split)].append({"id": record_id(h), **r.fields})
 
     summary = summarise(source, fmt, sorted(schemas), records, kept, splits, reasons, scrubber.counts,
-                        settings, fingerprint(hashes.values()), opts.skipped)
+                        settings, fingerprint(h for h, _ in hashed), opts.skipped)
     removed.sort(key=lambda r: (r["reason"], r["id"], r["where"]))
     return Curated(summary, splits, removed)
 
@@ -138,11 +138,12 @@ def removal(record: Record, reason: str, duplicate_of: str | None = None, simila
     return entry
 
 
-def deduplicate(records: list[Record], threshold: float) -> tuple[list[Record], list[dict]]:
+def deduplicate(records: list[Record], threshold: float) -> tuple[list[tuple[str, Record]], list[dict]]:
     """Keep one record per duplicate cluster — the one with the smallest content hash — whatever the order.
 
     Exact copies go first; then records whose normalised text is equal, or whose shingle sets have a
     Jaccard similarity >= `threshold`, are clustered (transitively) and all but the keeper removed.
+    Returns the kept records as (content hash, record) in hash order, and the removal entries.
     """
     hashes = [r.content_hash() for r in records]
     removed, seen = [], set()
@@ -174,7 +175,7 @@ def deduplicate(records: list[Record], threshold: float) -> tuple[list[Record], 
                 dropped.add(m)
                 sim = similarity.get((keeper, m))  # absent when linked only through another member
                 removed.append(removal(records[unique[m]], "near_duplicate", record_id(hashes[unique[keeper]]), sim))
-    kept = [records[unique[pos]] for pos in range(len(unique)) if pos not in dropped]
+    kept = [(hashes[unique[pos]], records[unique[pos]]) for pos in range(len(unique)) if pos not in dropped]
     return kept, removed
 
 
@@ -207,10 +208,12 @@ def token_lengths(texts: list[str], tokenizer: str) -> list[int]:
 def summarise(source, fmt, schemas, records, kept, splits, reasons, pii, settings, fp, skipped) -> DatasetSummary:
     bodies = [r.body() for r in kept]
     labels = Counter(r.fields["label"] for r in kept) if fmt == "classification" else None
-    terms = top_terms(bodies)
+    # Topics from a fixed sample: `kept` is in hash order, so its head is an order-independent random sample.
+    terms = top_terms(bodies[:TOPIC_SAMPLE])
     label_terms = None
     if labels:
-        label_terms = {name: top_terms([r.body() for r in kept if r.fields["label"] == name], k=4) for name in labels}
+        label_terms = {name: top_terms([r.body() for r in kept if r.fields["label"] == name][:TOPIC_SAMPLE], k=4)
+                       for name in labels}
     train_or_all = splits["train"] or [row for rows in splits.values() for row in rows]
     warnings = [f"skipped {len(skipped)} file(s) of unsupported type: {', '.join(skipped[:5])}"] if skipped else []
     if len(kept) < MIN_USEFUL_RECORDS:

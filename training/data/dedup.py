@@ -25,13 +25,22 @@ SHINGLE_BYTES = 5
 NUM_PERM = 64
 _SEED = 20260125
 _NOT_WORD = re.compile(r"[\W_]+")
+# In an LSH bucket larger than this, each member is checked against the first _MAX_BUCKET members only,
+# which bounds the work on pathological data (thousands of records sharing a band) at some cost in recall.
 _MAX_BUCKET = 200
-_BAND_MIX = np.random.default_rng(_SEED + 1).integers(1, 2**63, size=NUM_PERM, dtype=np.uint64) | np.uint64(1)  # a bucket larger than this is checked against its first members only
+_BAND_MIX = np.random.default_rng(_SEED + 1).integers(1, 2**63, size=NUM_PERM, dtype=np.uint64) | np.uint64(1)
+
+
+# every ASCII character that is not a letter or digit, mapped to a space (what _NOT_WORD matches in ASCII)
+_ASCII_NOT_WORD = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum()})
 
 
 def normalized_key(text: str) -> str:
     """Case-folded text with punctuation and runs of whitespace collapsed to single spaces."""
-    return _NOT_WORD.sub(" ", text.casefold()).strip()
+    folded = text.casefold()
+    if folded.isascii():  # str.translate is ~2x faster than the regex, and gives the same key
+        return " ".join(folded.translate(_ASCII_NOT_WORD).split())
+    return _NOT_WORD.sub(" ", folded).strip()
 
 
 def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
@@ -113,16 +122,27 @@ def _candidate_pairs(sigs: np.ndarray, bands: int, rows: int) -> set[tuple[int, 
             stop = start
             while stop < len(same) and same[stop]:
                 stop += 1
-            members = np.sort(order[start : stop + 1])[:_MAX_BUCKET]
-            for i, x in enumerate(members):
+            members = np.sort(order[start : stop + 1])
+            for i, x in enumerate(members[:_MAX_BUCKET]):
                 pairs.update((int(x), int(y)) for y in members[i + 1 :])
     return pairs
 
 
-def shingle_sets(keys: list[str]) -> list[np.ndarray]:
-    """Each key's set of 5-byte shingles, as a sorted unique array (for exact Jaccard)."""
-    codes, offsets = _shingles(keys)
-    return [np.unique(part) for part in np.split(codes, offsets[1:])]
+def shingle_sets(keys: list[str], batch: int = 4096) -> list[np.ndarray]:
+    """Each key's set of 5-byte shingles, as a sorted unique array (for exact Jaccard).
+
+    One sort per batch instead of one per key: shingles (40 bits) are tagged with their key's position
+    in the batch (the top 24 bits), so sorting the tagged values sorts every key's shingles at once.
+    """
+    sets: list[np.ndarray] = []
+    mask = np.uint64((1 << 40) - 1)
+    for lo in range(0, len(keys), batch):
+        codes, offsets = _shingles(keys[lo : lo + batch])
+        owner = np.repeat(np.arange(len(offsets), dtype=np.uint64), np.diff(np.append(offsets, len(codes))))
+        tagged = np.unique((owner << np.uint64(40)) | codes)
+        bounds = np.searchsorted(tagged, np.arange(1, len(offsets), dtype=np.uint64) << np.uint64(40))
+        sets.extend(part & mask for part in np.split(tagged, bounds))
+    return sets
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:

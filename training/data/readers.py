@@ -137,7 +137,8 @@ def _parse_json(text: str, path: Path) -> Iterator[Row]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise InputError(f"{path}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno})") from None
+        hint = "; one object per line is JSON Lines: name the file .jsonl" if err.msg == "Extra data" else ""
+        raise InputError(f"{path}:{err.lineno}: invalid JSON ({err.msg}, column {err.colno}){hint}") from None
     if isinstance(data, dict):  # {"data": [...]} and similar: the one list of records inside
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
