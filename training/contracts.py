@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 DataFormat = Literal["text", "pairs", "chat", "classification"]
 
@@ -59,3 +59,106 @@ class DatasetSummary(BaseModel):
     created_at: str
 
     model_config = {"populate_by_name": True}
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+TaskKind = Literal["pretrain", "finetune"]
+Method = Literal["full", "lora"]
+
+
+class LoraSettings(BaseModel):
+    """Low-rank adapters (peft) for fine-tuning a pretrained base."""
+
+    rank: int = Field(8, ge=1, le=256, description="adapter rank r")
+    alpha: int = Field(16, ge=1, le=1024, description="scaling numerator (scale = alpha / rank)")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: list[str] | None = Field(None, description="module names to adapt; default: per architecture")
+    merge: bool = Field(True, description="export merged weights (True) or the base plus a separate adapter")
+
+
+class ModelSize(BaseModel):
+    """A from-scratch decoder-only transformer (a transformers LlamaConfig)."""
+
+    n_layer: int = Field(ge=1, le=96)
+    n_head: int = Field(ge=1, le=128)
+    n_embd: int = Field(ge=8, le=8192)
+    intermediate: int = Field(ge=8, le=32768, description="MLP hidden width")
+    vocab_size: int = Field(ge=260, le=262144, description="BPE vocabulary trained on the corpus")
+
+
+class Budget(BaseModel):
+    """Whichever limit is reached first ends the run cleanly (a final checkpoint is written)."""
+
+    steps: int | None = Field(None, gt=0, le=10_000_000, description="optimizer steps")
+    tokens: int | None = Field(None, gt=0, description="training tokens seen (all processes)")
+    minutes: float | None = Field(None, gt=0, le=7 * 24 * 60, description="wall-clock minutes")
+
+
+class TrainPlan(BaseModel):
+    """Everything a training run needs, validated before any compute is spent."""
+
+    task: TaskKind
+    dataset: str = Field(description="fingerprint of a curated dataset in the workspace")
+    base_model: str | None = Field(None, description="finetune: embedded name, local HF directory or hub id")
+    size: str | ModelSize | None = Field(None, description="pretrain: tiny | small | 124m, or explicit fields")
+    method: Method = "full"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    lr: float = Field(3e-4, gt=0, le=1.0, description="peak learning rate (AdamW)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    batch_size: int = Field(8, ge=1, le=4096, description="sequences per optimizer step, all processes together")
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches per optimizer step")
+    seq_len: int = Field(256, ge=8, le=32768, description="tokens per sequence")
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0: off)")
+    budget: Budget = Field(default_factory=lambda: Budget(steps=100))
+    eval_every: int = Field(20, ge=1, description="validate every N steps")
+    eval_batches: int = Field(8, ge=1, description="validation batches per evaluation")
+    patience: int | None = Field(None, ge=1, description="stop after this many evaluations without improvement")
+    checkpoint_every: int = Field(20, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = False
+    dropout: float = Field(0.0, ge=0, lt=1, description="pretrain: attention/residual dropout")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainPlan":
+        if self.task == "pretrain":
+            if self.base_model:
+                raise ValueError("base_model: a pretraining run starts from scratch; use task=finetune to start from a base")
+            if self.size is None:
+                raise ValueError("size: pretraining needs a model size (tiny, small, 124m or explicit fields)")
+            if self.method == "lora":
+                raise ValueError("method: LoRA adapts a pretrained base; pretraining trains every weight (method=full)")
+        else:
+            if not self.base_model:
+                raise ValueError("base_model: fine-tuning needs a base model (a name, a directory or a hub id)")
+            if self.size is not None:
+                raise ValueError("size: a fine-tuning run keeps its base model's size")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum: {self.grad_accum} must divide batch_size {self.batch_size}")
+        if not any((self.budget.steps, self.budget.tokens, self.budget.minutes)):
+            raise ValueError("budget: give at least one of steps, tokens or minutes")
+        return self
+
+
+class RunResult(BaseModel):
+    """What a training run did (`runs/<run_id>/result.json`)."""
+
+    run_id: str
+    status: Literal["completed", "early_stopped", "budget_tokens", "budget_minutes", "diverged"]
+    message: str
+    steps: int
+    tokens: int
+    best_step: int | None
+    best_val_loss: float | None
+    final_val_loss: float | None
+    wall_seconds: float
+    tokens_per_second: float
+    peak_memory_mb: float
+    device: str
+    trainable_params: int
+    total_params: int
+    final_dir: str
+    best_dir: str | None

@@ -13,14 +13,22 @@ _SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
-# Anything normalize_text would change in an ASCII string; most records have none of it.
-_ASCII_NEEDS_WORK = re.compile(r"[^\x20-\x7e\n]|  | \n|\n |\n\n\n|^\s|\s$")
+_NOT_PRINTABLE_ASCII = re.compile(r"[^\x20-\x7e\n]")
+
+
+def _clean_ascii(text: str) -> bool:
+    """True when normalize_text would not change this ASCII text (most records); plain substring tests
+    are ~3x faster than one regex with alternatives."""
+    return not (
+        _NOT_PRINTABLE_ASCII.search(text) or "  " in text or " \n" in text or "\n " in text
+        or "\n\n\n" in text or text[:1].isspace() or text[-1:].isspace()
+    )
 
 
 def normalize_text(text: str) -> str:
     """NFKC, no control characters, single spaces, at most one blank line in a row, no outer space."""
-    if text.isascii():  # NFKC leaves ASCII alone: skip it, and skip everything when nothing needs fixing
-        if not _ASCII_NEEDS_WORK.search(text):
+    if text.isascii():  # NFKC leaves ASCII alone
+        if _clean_ascii(text):
             return text
     else:
         text = unicodedata.normalize("NFKC", text)
@@ -42,7 +50,12 @@ _PHONE = re.compile(
 )
 # Every pattern needs an '@', a ':' between hex digits, or a run of 7+ digits and separators; text with none
 # of these (most text, even text with small numbers like "30 days") skips the five regexes.
-_PII_MARKERS = re.compile(r"@|[0-9A-Fa-f]:[0-9A-Fa-f]|\d[\d .()+-]{5,}\d")
+_HEX_COLON = re.compile(r"[0-9A-Fa-f]:[0-9A-Fa-f]")
+_DIGIT_RUN = re.compile(r"\d[\d .()+-]{5,}\d")
+
+
+def _may_hold_pii(text: str) -> bool:
+    return "@" in text or (":" in text and _HEX_COLON.search(text) is not None) or _DIGIT_RUN.search(text) is not None
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -83,7 +96,7 @@ class PIIScrubber:
         self.counts: Counter[str] = Counter()
 
     def __call__(self, text: str) -> str:
-        if not _PII_MARKERS.search(text):  # most text has neither '@' nor digits: skip the regexes
+        if not _may_hold_pii(text):
             return text
         for kind, pattern, check in _PII_RULES:
             text = pattern.sub(lambda m, kind=kind, check=check: self._replace(m, kind, check), text)

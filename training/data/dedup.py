@@ -139,7 +139,8 @@ def shingle_sets(keys: list[str], batch: int = 4096) -> list[np.ndarray]:
     for lo in range(0, len(keys), batch):
         codes, offsets = _shingles(keys[lo : lo + batch])
         owner = np.repeat(np.arange(len(offsets), dtype=np.uint64), np.diff(np.append(offsets, len(codes))))
-        tagged = np.unique((owner << np.uint64(40)) | codes)
+        tagged = np.sort((owner << np.uint64(40)) | codes)  # np.sort + mask: np.unique hashes, ~10x slower here
+        tagged = tagged[np.concatenate(([True], tagged[1:] != tagged[:-1]))]
         bounds = np.searchsorted(tagged, np.arange(1, len(offsets), dtype=np.uint64) << np.uint64(40))
         sets.extend(part & mask for part in np.split(tagged, bounds))
     return sets
