@@ -1,0 +1,170 @@
+"""The one training loop, for pretraining and fine-tuning (full or LoRA), on one process or many (DDP).
+
+Read it top to bottom: set up -> build model and data -> (resume) -> for each step: accumulate
+gradients, clip, step, log; every `eval_every` steps validate, keep the best, maybe stop early;
+every `checkpoint_every` steps checkpoint; stop at the first budget reached -> export `final/`, `best/`.
+What differs between pretraining and fine-tuning lives in `training.setup`, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from training.batches import BatchStream
+from training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from training.contracts import RunResult, TrainPlan
+from training.errors import ModelcrewError
+from training.evaluate import mean_loss
+from training.export import export_model
+from training.setup import Distributed, prepare_run
+
+
+def lr_at(step: int, plan: TrainPlan, horizon: int | None) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio over `horizon` steps (constant if unknown)."""
+    if step < plan.warmup_steps:
+        return plan.lr * (step + 1) / plan.warmup_steps
+    if not horizon or horizon <= plan.warmup_steps:
+        return plan.lr
+    progress = min(1.0, (step - plan.warmup_steps) / (horizon - plan.warmup_steps))
+    floor = plan.lr * plan.min_lr_ratio
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (plan.lr - floor)
+
+
+def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, show_progress: bool = True,
+          stop_after: int | None = None) -> RunResult:
+    """Run (or resume) `run_id`. `stop_after` ends the process after that many steps (tests only)."""
+    dist = Distributed.from_env()
+    run = prepare_run(plan, Path(workspace), run_id, resume, dist)  # model, tokenizer, data, run dir
+    model, device, run_dir = run.model, run.device, run.run_dir
+    micro_batch = plan.batch_size // plan.grad_accum
+    train_stream = BatchStream(run.train_examples, micro_batch, plan.seed, run.tokenizer.pad_token_id,
+                               dist.rank, dist.world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.95),
+                                  fused=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    ddp_model = model
+    if dist.world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_fn = torch.compile(ddp_model) if plan.compile else ddp_model
+    horizon = plan.budget.steps or (plan.budget.tokens // (plan.batch_size * plan.seq_len) if plan.budget.tokens else None)
+
+    step, tokens, best_loss, best_step, bad_evals, trained_seconds = 0, 0, None, None, 0, 0.0
+    last_val = None
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        meta = load_checkpoint(checkpoint, model, optimizer)
+        train_stream.load_state(meta["data"])
+        step, tokens, trained_seconds = meta["step"], meta["tokens"], meta["trained_seconds"]
+        best_loss, best_step, bad_evals, last_val = meta["best_loss"], meta["best_step"], meta["bad_evals"], meta["last_val"]
+    metrics = run.open_metrics(after_step=step)  # on resume, rows after the checkpoint are dropped: no step twice
+
+    def save(step_now: int) -> None:
+        if dist.is_main:
+            save_checkpoint(run_dir, step_now, model, optimizer, {
+                "data": train_stream.state(), "tokens": tokens, "trained_seconds": trained_seconds,
+                "best_loss": best_loss, "best_step": best_step, "bad_evals": bad_evals, "last_val": last_val})
+        dist.barrier()
+
+    status, message = "completed", "reached the step budget"
+    started = time.perf_counter() - trained_seconds
+    progress = run.progress(total=horizon, done=step)
+    try:
+        while True:
+            if plan.budget.steps and step >= plan.budget.steps:
+                break
+            if plan.budget.tokens and tokens >= plan.budget.tokens:
+                status, message = "budget_tokens", f"reached the token budget ({plan.budget.tokens:,})"
+                break
+            if plan.budget.minutes and time.perf_counter() - started >= plan.budget.minutes * 60:
+                status, message = "budget_minutes", f"reached the time budget ({plan.budget.minutes:g} min)"
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(step, plan, horizon)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss, step_tokens = 0.0, 0
+            for micro in range(plan.grad_accum):
+                batch = {k: v.to(device) for k, v in train_stream.next().items()}
+                sync = micro == plan.grad_accum - 1 or dist.world == 1
+                with (nullcontext() if sync else ddp_model.no_sync()), autocast:
+                    loss = step_fn(**batch).loss / plan.grad_accum
+                loss.backward()
+                step_loss += loss.detach().float().item()
+                step_tokens += int(batch["attention_mask"].sum())
+            step_loss = dist.mean(step_loss)
+            if not math.isfinite(step_loss):
+                status = "diverged"
+                message = (f"loss became {step_loss} at step {step + 1} (lr {lr:.3g}); stopped and kept the last good "
+                           f"checkpoint — lower lr or raise warmup_steps")
+                optimizer.zero_grad(set_to_none=True)
+                good = latest_checkpoint(run_dir)
+                if good is not None:
+                    load_checkpoint(good, model, optimizer)
+                break
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, plan.grad_clip) if plan.grad_clip else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += int(dist.sum(step_tokens))
+            elapsed = time.perf_counter() - t0
+            trained_seconds = time.perf_counter() - started
+            row = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": tokens,
+                   "tokens_per_s": round(dist.sum(step_tokens) / elapsed, 1),
+                   "grad_norm": None if grad_norm is None else round(float(grad_norm), 4)}
+            if step % plan.eval_every == 0 or (plan.budget.steps and step == plan.budget.steps):
+                last_val = mean_loss(model, run.val_examples, micro_batch, device, run.tokenizer.pad_token_id,
+                                     max_batches=plan.eval_batches)
+                row["val_loss"] = round(last_val, 6)
+                if best_loss is None or last_val < best_loss:
+                    best_loss, best_step, bad_evals = last_val, step, 0
+                    if dist.is_main:
+                        run.save_best(trainable_state(model), step, last_val)
+                else:
+                    bad_evals += 1
+            metrics.write(row)
+            progress.update(step, row)
+            if step % plan.checkpoint_every == 0:
+                save(step)
+            if plan.patience and bad_evals >= plan.patience:
+                status = "early_stopped"
+                message = f"validation loss did not improve for {plan.patience} evaluations (best {best_loss:.4f} at step {best_step})"
+                break
+            if stop_after is not None and step >= stop_after:
+                os._exit(0)  # simulate a killed process (tests): no cleanup, no final checkpoint
+    except torch.cuda.OutOfMemoryError:
+        raise ModelcrewError(
+            f"out of memory on {device} with batch_size {plan.batch_size} (micro-batch {micro_batch}) x seq_len "
+            f"{plan.seq_len}; try grad_accum {plan.grad_accum * 2} (same batch, half the memory) or seq_len "
+            f"{plan.seq_len // 2}") from None
+    finally:
+        progress.close()
+        metrics.close()
+
+    if status != "diverged" and step % plan.checkpoint_every:
+        save(step)
+    wall = time.perf_counter() - started
+    final_dir = run_dir / "final"
+    best_dir = run_dir / "best" if best_step is not None else None
+    if dist.is_main:
+        export_model(model, run.tokenizer, final_dir, plan, run.lineage, step, {"val_loss": last_val})
+        if best_dir is not None:
+            load_trainable_state(model, run.load_best())
+            export_model(model, run.tokenizer, best_dir, plan, run.lineage, best_step, {"val_loss": best_loss})
+    result = RunResult(
+        run_id=run_id, status=status, message=message, steps=step, tokens=tokens, best_step=best_step,
+        best_val_loss=best_loss, final_val_loss=last_val, wall_seconds=round(wall, 2),
+        tokens_per_second=round(tokens / max(wall, 1e-9), 1), peak_memory_mb=round(run.peak_memory_mb(), 1),
+        device=str(device), trainable_params=run.trainable_params, total_params=run.total_params,
+        final_dir=str(final_dir), best_dir=str(best_dir) if best_dir else None)
+    if dist.is_main:
+        (run_dir / "result.json").write_text(result.model_dump_json(indent=2), encoding="utf-8")
+    dist.close()
+    return result

