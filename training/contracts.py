@@ -70,6 +70,8 @@ Method = Literal["full", "lora"]
 class LoraSettings(BaseModel):
     """Low-rank adapters (peft) for fine-tuning a pretrained base."""
 
+    model_config = {"extra": "forbid"}  # a misspelt key is an error, not a silent default
+
     rank: int = Field(8, ge=1, le=256, description="adapter rank r")
     alpha: int = Field(16, ge=1, le=1024, description="scaling numerator (scale = alpha / rank)")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
@@ -79,6 +81,8 @@ class LoraSettings(BaseModel):
 
 class ModelSize(BaseModel):
     """A from-scratch decoder-only transformer (a transformers LlamaConfig)."""
+
+    model_config = {"extra": "forbid"}  # a misspelt key is an error, not a silent default
 
     n_layer: int = Field(ge=1, le=96)
     n_head: int = Field(ge=1, le=128)
@@ -90,6 +94,8 @@ class ModelSize(BaseModel):
 class Budget(BaseModel):
     """Whichever limit is reached first ends the run cleanly (a final checkpoint is written)."""
 
+    model_config = {"extra": "forbid"}  # a misspelt key is an error, not a silent default
+
     steps: int | None = Field(None, gt=0, le=10_000_000, description="optimizer steps")
     tokens: int | None = Field(None, gt=0, description="training tokens seen (all processes)")
     minutes: float | None = Field(None, gt=0, le=7 * 24 * 60, description="wall-clock minutes")
@@ -97,6 +103,8 @@ class Budget(BaseModel):
 
 class TrainPlan(BaseModel):
     """Everything a training run needs, validated before any compute is spent."""
+
+    model_config = {"extra": "forbid"}  # a misspelt key is an error, not a silent default
 
     task: TaskKind
     dataset: str = Field(description="fingerprint of a curated dataset in the workspace")

@@ -1,0 +1,266 @@
+"""Real (tiny) training runs on CPU: pretraining, full fine-tuning, LoRA, loss masking, resume, bad plans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.batches import IGNORE, supervised_example
+from training.contracts import Budget, LoraSettings, TrainPlan
+from training.data import curate_to_workspace
+from training.errors import InputError
+from training.loop import train
+from training.plans import plan_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+FAQ = ROOT / "examples" / "data" / "support_faq.jsonl"
+TINY = dict(seq_len=64, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=3, eval_batches=2, checkpoint_every=3)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train-ws")
+
+
+@pytest.fixture(scope="module")
+def datasets(ws) -> dict[str, str]:
+    return {
+        "text": curate_to_workspace(str(FAQ), ws, format="text").summary.fingerprint,
+        "pairs": curate_to_workspace(str(FAQ), ws).summary.fingerprint,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_base(ws, datasets) -> Path:
+    """A tiny model pretrained from scratch for a few steps: the base for the fine-tuning tests."""
+    plan = TrainPlan(task="pretrain", dataset=datasets["text"], size="tiny", budget=Budget(steps=6), **TINY)
+    result = train(plan, ws, "tiny-base", show_progress=False)
+    return Path(result.final_dir)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_pretrain_from_scratch_writes_a_complete_run(ws, datasets, tiny_base):
+    run = ws / "runs" / "tiny-base"
+    for name in ("plan.json", "metrics.jsonl", "result.json", "checkpoints/latest", "tokenizer/tokenizer.json"):
+        assert (run / name).exists(), name
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "lineage.json"):
+        assert (run / "final" / name).exists() and (run / "best" / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all({"loss", "lr", "tokens", "tokens_per_s"} <= r.keys() for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    assert rows[-1]["loss"] < rows[0]["loss"]  # lr 3e-3 on a 0.8M model: it learns in 6 steps
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "completed" and result["tokens"] == 6 * 4 * 64
+    lineage = json.loads((run / "final" / "lineage.json").read_text())
+    assert lineage["dataset"] == datasets["text"] and lineage["base_model"] is None
+    # the pretrained weights differ from a fresh model built with the same seed
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    from training.models import SIZES, build_scratch
+    from transformers import PreTrainedTokenizerFast
+
+    fresh = build_scratch(SIZES["tiny"], PreTrainedTokenizerFast.from_pretrained(str(run / "tokenizer")), 64)
+    trained = AutoModelForCausalLM.from_pretrained(str(run / "final"))
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, dict(fresh.named_parameters())[n])]
+    assert len(changed) == len(list(trained.named_parameters()))
+
+
+def test_full_finetune_changes_every_weight(ws, datasets, tiny_base):
+    plan = TrainPlan(task="finetune", dataset=datasets["pairs"], base_model=str(tiny_base), method="full",
+                     budget=Budget(steps=3), **{**TINY, "seq_len": 128})
+    result = train(plan, ws, "full-ft", show_progress=False)
+    before, after = weights(tiny_base), weights(Path(result.final_dir))
+    assert result.trainable_params == result.total_params
+    assert set(before) == set(after)
+    unchanged = [n for n in before if torch.equal(before[n], after[n])]
+    assert unchanged == []
+
+
+def test_lora_changes_only_the_adapted_projections(ws, datasets, tiny_base):
+    plan = TrainPlan(task="finetune", dataset=datasets["pairs"], base_model=str(tiny_base), method="lora",
+                     lora=LoraSettings(rank=4, alpha=8, dropout=0.0), budget=Budget(steps=3), **{**TINY, "seq_len": 128})
+    result = train(plan, ws, "lora-ft", show_progress=False)
+    assert result.trainable_params < result.total_params / 10
+    before, after = weights(tiny_base), weights(Path(result.final_dir))  # merged export: plain weights
+    assert set(before) == set(after)
+    for name in before:
+        adapted = any(f"self_attn.{p}." in name for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        assert torch.equal(before[name], after[name]) != adapted, name
+
+
+def test_lora_adapter_kept_separate_when_asked(ws, datasets, tiny_base):
+    plan = TrainPlan(task="finetune", dataset=datasets["pairs"], base_model=str(tiny_base), method="lora",
+                     lora=LoraSettings(rank=4, merge=False), budget=Budget(steps=2), **{**TINY, "seq_len": 128})
+    final = Path(train(plan, ws, "lora-sep", show_progress=False).final_dir)
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    assert not (final / "model.safetensors").exists()
+    assert json.loads((final / "lineage.json").read_text())["weights"].startswith("adapter")
+
+
+def test_chat_loss_mask_covers_only_assistant_tokens(tiny_base):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "See you."}]
+    ex = supervised_example(tok, messages, seq_len=512)
+    assert len(ex.input_ids) == len(ex.labels)
+    trained = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
+    assert [lab for lab in ex.labels if lab != IGNORE] == trained
+    # the supervised tokens are exactly the two answers, each with the end-of-turn token
+    assert tok.decode(trained) == "Hello!<|eos|>\nSee you.<|eos|>\n"
+    masked = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab == IGNORE])
+    assert "Hi there" in masked and "Be brief." in masked and "Hello" not in masked
+
+
+def _plan_file(tmp_path: Path, **fields) -> Path:
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(fields))
+    return path
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(ws, datasets, tmp_path):
+    fields = dict(task="pretrain", dataset=datasets["text"], size="tiny", budget={"steps": 40},
+                  **{**TINY, "checkpoint_every": 4, "eval_every": 10})
+    plan_path = _plan_file(tmp_path, **fields)
+    reference = train(plan_from_dict(fields), ws, "resume-ref", show_progress=False)
+    assert reference.steps == 40
+    cmd = [sys.executable, "-m", "training", "train", str(plan_path), "--workspace", str(ws), "--run-id", "resume-kill", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = ws / "runs" / "resume-kill" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    assert 10 <= killed_at < 40, "the run should be killed part-way"
+    done = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 40
+    resumed, uninterrupted = _losses(ws / "runs" / "resume-kill"), _losses(ws / "runs" / "resume-ref")
+    assert sorted(resumed) == list(range(1, 41))
+    assert max(abs(resumed[s] - uninterrupted[s]) for s in resumed) < 1e-4
+
+
+def test_two_process_ddp_matches_one_process(ws, datasets, tmp_path):
+    fields = dict(task="pretrain", dataset=datasets["text"], size="tiny", budget={"steps": 5},
+                  **{**TINY, "checkpoint_every": 100, "eval_every": 5})
+    plan_path = _plan_file(tmp_path, **fields)
+    train(plan_from_dict(fields), ws, "ddp-single", show_progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "training", "train", str(plan_path), "--workspace", str(ws), "--run-id", "ddp-two", "--quiet"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    single, double = _losses(ws / "runs" / "ddp-single"), _losses(ws / "runs" / "ddp-two")
+    assert sorted(double) == [1, 2, 3, 4, 5]
+    assert max(abs(single[s] - double[s]) for s in single) < 1e-4
+    assert json.loads((ws / "runs" / "ddp-two" / "result.json").read_text())["tokens"] == 5 * 4 * 64
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"lr": 0}, "lr: Input should be greater than 0"),
+    ({"lr": 5}, "lr: Input should be less than or equal to 1"),
+    ({"budget": {"steps": 0}}, "budget.steps: Input should be greater than 0"),
+    ({"budget": {}}, "budget: give at least one of steps, tokens or minutes"),
+    ({"size": "huge"}, None),
+    ({"grad_accum": 3}, "grad_accum: 3 must divide batch_size 4"),
+    ({"method": "lora"}, "method: LoRA adapts a pretrained base"),
+    ({"learning_rate": 1e-3}, "learning_rate: Extra inputs are not permitted"),
+])
+def test_bad_plans_are_refused_before_training(ws, datasets, fields, message):
+    base = dict(task="pretrain", dataset=datasets["text"], size="tiny", budget={"steps": 2}, **TINY)
+    if message is not None:
+        with pytest.raises(InputError, match=message.replace("(", r"\(")):
+            plan_from_dict({**base, **fields}, "plan.yaml")
+    else:
+        with pytest.raises(InputError, match="size: unknown model size 'huge'"):
+            train(plan_from_dict({**base, **fields}), ws, "bad-size", show_progress=False)
+        assert not (ws / "runs" / "bad-size").exists()
+
+
+def test_unknown_base_model_and_missing_dataset(ws, datasets):
+    plan = TrainPlan(task="finetune", dataset=datasets["pairs"], base_model="no-such-model", budget=Budget(steps=1))
+    with pytest.raises(InputError, match="base_model: 'no-such-model' is not an embedded model"):
+        train(plan, ws, "bad-base", show_progress=False)
+    plan = TrainPlan(task="pretrain", dataset="0000000000000000", size="tiny", budget=Budget(steps=1))
+    with pytest.raises(InputError, match="0000000000000000: no such dataset"):
+        train(plan, ws, "bad-data", show_progress=False)
+
+
+def test_tokenizer_that_does_not_match_the_model(ws, datasets, tiny_base, tmp_path):
+    import shutil
+
+    from training.tokenizer import train_bpe
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_base, mixed)
+    train_bpe([f"word{i} other{i} thing{i}" for i in range(3000)], 4000).save_pretrained(str(mixed))
+    plan = TrainPlan(task="finetune", dataset=datasets["pairs"], base_model=str(mixed), budget=Budget(steps=1))
+    with pytest.raises(InputError, match="tokenizer has .* tokens but the model's embedding has only"):
+        train(plan, ws, "bad-tok", show_progress=False)
+
+
+def test_pickled_weights_are_refused(ws, datasets, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    plan = TrainPlan(task="finetune", dataset=datasets["pairs"], base_model=str(pickled), budget=Budget(steps=1))
+    with pytest.raises(InputError, match="no .safetensors weights .* pickled weights are never loaded"):
+        train(plan, ws, "bad-pickle", show_progress=False)
+
+
+def test_existing_run_needs_resume(ws, datasets, tiny_base):
+    plan = TrainPlan.model_validate_json((ws / "runs" / "tiny-base" / "plan.json").read_text())
+    with pytest.raises(InputError, match="already exists"):
+        train(plan, ws, "tiny-base", show_progress=False)
+
+
+def test_nan_loss_stops_with_a_clear_message(ws, datasets, monkeypatch):
+    # Inject the fault where it happens in real runs: the loss of one forward pass becomes NaN (step 5).
+    import transformers.loss.loss_utils as loss_utils
+
+    real, calls = loss_utils.fixed_cross_entropy, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(loss_utils, "fixed_cross_entropy", poisoned)
+    plan = TrainPlan(task="pretrain", dataset=datasets["text"], size="tiny", budget=Budget(steps=12),
+                     **{**TINY, "checkpoint_every": 2, "eval_every": 100})
+    result = train(plan, ws, "diverge", show_progress=False)
+    assert result.status == "diverged" and result.steps == 4
+    assert "loss became nan at step 5" in result.message and "kept the last good checkpoint" in result.message
+    final = load_file(str(Path(result.final_dir) / "model.safetensors"))
+    checkpoint = load_file(str(ws / "runs" / "diverge" / "checkpoints" / "step-0000004" / "state.safetensors"))
+    assert all(torch.isfinite(p).all() for p in final.values())
+    assert torch.equal(final["model.embed_tokens.weight"], checkpoint["model.model.embed_tokens.weight"])
