@@ -170,3 +170,18 @@ class RunResult(BaseModel):
     total_params: int
     final_dir: str
     best_dir: str | None
+
+
+class Evaluation(BaseModel):
+    """How a trained model did, each number beside its baseline (`runs/<run_id>/evaluation.json`)."""
+
+    run_id: str
+    dataset: str
+    format: DataFormat
+    base_model: str | None
+    model_dir: str
+    metrics: dict[str, float] = Field(description="val/test/general perplexity, task metrics; base_* for the base model")
+    examples: dict[str, int] = Field(description="examples scored per split")
+    samples: list[dict] = Field(description="validation prompts: reference, base answer, candidate answer")
+    general_corpus: str
+    seconds: float

@@ -8,7 +8,6 @@ What differs between pretraining and fine-tuning lives in `training.setup`, not 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time

@@ -156,7 +156,9 @@ def convert_embedded(name: str, workspace: Path) -> Path:
 def load_base(path: Path, dtype=None):
     """Model and tokenizer from a local safetensors checkpoint; refuses a tokenizer that does not fit."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "float32", use_safetensors=True,
