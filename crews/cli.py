@@ -165,5 +165,75 @@ def data_list(workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False, d
         _console(as_json).print(datasets_table(found) if found else f"no datasets in {workspace}")
 
 
+@app.command("train")
+def train_command(
+    plan: Annotated[str, typer.Argument(help="A plan file (.yaml/.json) or a recipe name (training/recipes/).")],
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset fingerprint (overrides the plan's).")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="Name of the run (default: task-date-random).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its latest checkpoint.")] = False,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Train (pretrain or fine-tune, full or LoRA) from a validated plan; writes runs/<run_id>/."""
+    with reported(debug):
+        from training.__main__ import new_run_id
+        from training.loop import train
+        from training.plans import load_plan
+
+        loaded = load_plan(plan, dataset=dataset)
+        if resume and not run_id:
+            raise InputError("--resume: name the run to continue with --run-id")
+        result = train(loaded, _check_workspace(workspace), run_id or new_run_id(loaded.task), resume=resume)
+        if as_json:
+            _emit_json(result.model_dump())
+        from crews.render import run_table
+
+        _console(as_json).print(run_table(result))
+
+
+@app.command("estimate")
+def estimate_command(
+    plan: Annotated[str, typer.Argument(help="A plan file (.yaml/.json) or a recipe name.")],
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset fingerprint (overrides the plan's).")] = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Parameters, memory and time of a plan (from a few measured steps); refuses a plan that cannot fit."""
+    with reported(debug):
+        from training.estimate import estimate
+        from training.plans import load_plan
+
+        est = estimate(load_plan(plan, dataset=dataset), _check_workspace(workspace))
+        if as_json:
+            _emit_json(est.model_dump())
+        mem = ", ".join(f"{k} {v:.2f}" for k, v in est.memory_gb.items())
+        _console(as_json).print(
+            f"{est.trainable_params:,} of {est.total_params:,} parameters trainable; memory GB: {mem} "
+            f"(device {est.device}, {est.device_memory_gb} GB); {est.seconds_per_step:.2f} s/step"
+            + (f", about {est.minutes:.1f} min for {est.steps} steps" if est.minutes and est.steps else ""))
+
+
+@app.command("eval")
+def eval_command(
+    run_id: Annotated[str, typer.Argument(help="The run to evaluate (runs/<run_id>/).")],
+    max_examples: Annotated[int, typer.Option("--max-examples", min=1, max=10_000, help="Test examples to answer.")] = 24,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Evaluate a run's best model beside its base model; writes runs/<run_id>/evaluation.json."""
+    with reported(debug):
+        from training.evaluate import evaluate_run
+
+        ev = evaluate_run(_check_workspace(workspace), run_id, max_examples=max_examples)
+        if as_json:
+            _emit_json(ev.model_dump())
+        from crews.render import evaluation_table
+
+        _console(as_json).print(evaluation_table(ev))
+
+
 def main() -> None:
     app()

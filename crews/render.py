@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from training.contracts import DatasetSummary
+from training.contracts import DatasetSummary, Evaluation, RunResult
 
 
 def summary_table(s: DatasetSummary) -> Table:
@@ -60,4 +60,35 @@ def datasets_table(summaries: list[DatasetSummary]) -> Table:
     for s in summaries:
         table.add_row(s.fingerprint, s.format, str(s.records_after), "/".join(str(v) for v in s.splits.values()),
                       s.source, s.created_at)
+    return table
+
+
+def run_table(r: RunResult) -> Table:
+    table = Table(title=f"run {r.run_id}: {r.status}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    val = "-" if r.best_val_loss is None else f"{r.best_val_loss:.4f} at step {r.best_step}"
+    for key, value in [
+        ("why it stopped", r.message),
+        ("steps / tokens", f"{r.steps:,} / {r.tokens:,}"),
+        ("best val loss", val),
+        ("speed", f"{r.tokens_per_second:,.0f} tokens/s on {r.device}, {r.wall_seconds:.0f} s"),
+        ("peak memory", f"{r.peak_memory_mb:,.0f} MB"),
+        ("parameters", f"{r.trainable_params:,} trainable of {r.total_params:,}"),
+        ("model", r.best_dir or r.final_dir),
+    ]:
+        table.add_row(key, value)
+    return table
+
+
+def evaluation_table(e: Evaluation) -> Table:
+    table = Table(title=f"evaluation of {e.run_id} ({e.format})", title_justify="left")
+    for col in ("metric", "candidate", "base", "change"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for name, value in e.metrics.items():
+        if name.startswith("base_") or name.endswith("_loss"):
+            continue
+        base = e.metrics.get(f"base_{name}")
+        change = "" if base in (None, 0) else f"{(value - base) / abs(base):+.1%}"
+        table.add_row(name, f"{value:.4g}", "-" if base is None else f"{base:.4g}", change)
     return table

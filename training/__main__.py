@@ -2,6 +2,8 @@
 
     python -m training curate PATH [--workspace DIR] [--format F] [--split 0.8,0.1,0.1]
     python -m training train PLAN [--workspace DIR] [--run-id ID] [--resume] [--dataset FP]
+    python -m training estimate PLAN [--workspace DIR] [--dataset FP]
+    python -m training eval RUN_ID [--workspace DIR] [--max-examples N]
 
 PLAN is a YAML/JSON file or a recipe name from training/recipes/. `train` works the same under
 `torchrun --nproc_per_node N -m training train …` and `accelerate launch -m training train …`.
@@ -41,12 +43,29 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     tr.add_argument("--dataset", default=None, help="dataset fingerprint (overrides the plan's)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    est = commands.add_parser("estimate", help="parameters, memory and time of a plan; refuses one that cannot fit")
+    est.add_argument("plan")
+    est.add_argument("--workspace", type=Path, default=Path(".modelcrew"))
+    est.add_argument("--dataset", default=None)
+    ev = commands.add_parser("eval", help="evaluate a trained run against its base model; writes evaluation.json")
+    ev.add_argument("run_id")
+    ev.add_argument("--workspace", type=Path, default=Path(".modelcrew"))
+    ev.add_argument("--max-examples", type=int, default=24)
     args = parser.parse_args(argv)
     try:
         if args.command == "curate":
             payload = _curate(args)
-        else:
+        elif args.command == "train":
             payload = _train(args)
+        elif args.command == "estimate":
+            from training.estimate import estimate
+            from training.plans import load_plan
+
+            payload = estimate(load_plan(args.plan, dataset=args.dataset), args.workspace).model_dump()
+        else:
+            from training.evaluate import evaluate_run
+
+            payload = evaluate_run(args.workspace, args.run_id, max_examples=args.max_examples).model_dump()
     except ModelcrewError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code

@@ -20,6 +20,7 @@ from training.batches import BatchStream
 from training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
 from training.contracts import RunResult, TrainPlan
 from training.errors import ModelcrewError
+from training.estimate import check_memory
 from training.evaluate import mean_loss
 from training.export import export_model
 from training.setup import Distributed, prepare_run
@@ -40,7 +41,8 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
           stop_after: int | None = None) -> RunResult:
     """Run (or resume) `run_id`. `stop_after` ends the process after that many steps (tests only)."""
     dist = Distributed.from_env()
-    run = prepare_run(plan, Path(workspace), run_id, resume, dist)  # model, tokenizer, data, run dir
+    run = prepare_run(plan, Path(workspace), run_id, resume, dist, show_progress)  # model, tokenizer, data, run dir
+    check_memory(plan, run)  # refuse what cannot fit before the first step, not with an OOM kill
     model, device, run_dir = run.model, run.device, run.run_dir
     micro_batch = plan.batch_size // plan.grad_accum
     train_stream = BatchStream(run.train_examples, micro_batch, plan.seed, run.tokenizer.pad_token_id,

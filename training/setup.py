@@ -177,8 +177,9 @@ class RunContext:
 
 
 def prepare_run(plan: TrainPlan, workspace: Path, run_id: str, resume: bool, dist: Distributed,
-                show_progress: bool = True) -> RunContext:
-    run_dir = workspace / "runs" / run_id
+                show_progress: bool = True, run_dir: Path | None = None) -> RunContext:
+    """Build everything for `run_id` (in `<workspace>/runs/`, or `run_dir` for throwaway runs)."""
+    run_dir = run_dir or workspace / "runs" / run_id
     if resume:
         if not (run_dir / "plan.json").exists():
             raise InputError(f"--resume: no run {run_id!r} in {workspace / 'runs'}")
