@@ -134,7 +134,7 @@ def steady(clock: dict, tokens: list[int], warmup: int, last: int, threads: int)
             "step_s_min": min(per_step), "step_s_max": max(per_step), "others_cores": [round(o, 2) for o in others],
             "quiet_steps": len(quiet), "quiet_tokens": sum(tokens[i] for i in quiet),
             "quiet_seconds": sum(t[i + 1] - t[i] for i in quiet),
-            "rss_max_in_window": max(clock["rss"][warmup : last + 1])}
+            "rss_max_in_window": max(clock["rss"][warmup : last + 1]), "rss_min_in_window": min(clock["rss"][warmup : last + 1])}
 
 
 def other_cpu_load(seconds: float = 2.0) -> float:
@@ -424,7 +424,7 @@ def run_child(script: Path, kind: str, spec: dict, spinner: str) -> dict:
         spec_path.write_text(json.dumps(spec), encoding="utf-8")
         cmd = [sys.executable, str(script), "--child", kind, "--spec", str(spec_path), "--result", str(result_path)]
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
-                   HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+                   HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **spec.get("env", {}))
         if spec.get("threads"):
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
         with make_progress() as progress:
@@ -536,6 +536,8 @@ def summarise_runs(runs: list[dict], warmup: int, last: int, threads: int) -> di
             "tokens_per_cpu_s": statistics.median(p["tokens_per_cpu_s"] for p in per),
             "step_s_median": statistics.median(p["step_s_median"] for p in per),
             "peak_rss_train": statistics.median(r["peak_rss_train"] for r in runs),
+            "rss_step_end_min": statistics.median(p["rss_min_in_window"] for p in per),
+            "rss_step_end_max": statistics.median(p["rss_max_in_window"] for p in per),
             "peak_rss_total": statistics.median(r["peak_rss_total"] for r in runs),
             "rss_after_imports": statistics.median(r["rss_after_imports"] for r in runs),
             "first_step_end_s": statistics.median(r["clock"]["t"][1] - r["clock"]["t"][0] for r in runs),
@@ -718,6 +720,8 @@ def memory_rows(c: dict, base_name: str, base_end: str) -> list[tuple[str, str]]
     o, b = c["ours"], c["baseline"]
     return [
         (f"peak RSS through the last step: ours / {base_name}", f"{fmt(o['peak_rss_train'] / MB)} MB / {fmt(b['peak_rss_train'] / MB)} MB (**{c['memory_ratio']:.2f}x**)"),
+        (f"RSS at the end of the timed steps, min-max: ours / {base_name}",
+         f"{fmt(o['rss_step_end_min'] / MB)}-{fmt(o['rss_step_end_max'] / MB)} MB / {fmt(b['rss_step_end_min'] / MB)}-{fmt(b['rss_step_end_max'] / MB)} MB"),
         (f"RSS after imports: ours / {base_name}", f"{fmt(o['rss_after_imports'] / MB)} MB / {fmt(b['rss_after_imports'] / MB)} MB"),
         ("ours: peak RSS of the whole run (final validation, checkpoint, export included)", f"{fmt(o['peak_rss_total'] / MB)} MB"),
         (f"start to end of step 1: ours / {base_name} (data, model, first step)", f"{o['first_step_end_s']:.1f} s / {b['first_step_end_s']:.1f} s"),

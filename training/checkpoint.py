@@ -11,14 +11,14 @@ checkpoint is the adapter (a few MB), the frozen base is rebuilt from the plan o
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from training.atomic import atomic_dir, write_text_atomic
 
 KEEP = 2  # complete checkpoints kept besides the newest best
 
@@ -39,10 +39,8 @@ def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict) -> Path:
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
-    try:
+    with atomic_dir(target) as tmp:
         tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
         opt = optimizer.state_dict()
         for idx, state in opt["state"].items():
@@ -57,13 +55,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict) -> P
         full_meta = {**meta, "step": step, "param_groups": opt["param_groups"],
                      "python_rng": [py_version, list(py_state), py_gauss]}
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _write_atomic(root / "latest", target.name + "\n")
+    write_text_atomic(root / "latest", target.name + "\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -95,9 +87,3 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     version, py_state, gauss = meta["python_rng"]
     random.setstate((version, tuple(py_state), gauss))
     return meta
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

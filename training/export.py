@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from training.atomic import atomic_dir
 from training.contracts import TrainPlan
 
 
@@ -17,9 +15,7 @@ def export_model(model, tokenizer, target: Path, plan: TrainPlan, lineage: dict,
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would interleave with ours
-    target = Path(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
+    with atomic_dir(Path(target)) as tmp:
         is_lora = hasattr(model, "peft_config")
         if is_lora and plan.lora.merge:
             copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
@@ -30,13 +26,7 @@ def export_model(model, tokenizer, target: Path, plan: TrainPlan, lineage: dict,
                 "weights": "adapter (load the base, then the adapter)" if is_lora and not plan.lora.merge else "full"}
         (tmp / "lineage.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(card), encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return Path(target)
 
 
 def model_card(card: dict) -> str:

@@ -9,7 +9,6 @@ What differs between pretraining and fine-tuning lives in `training.setup`, not 
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,9 +36,8 @@ def lr_at(step: int, plan: TrainPlan, horizon: int | None) -> float:
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (plan.lr - floor)
 
 
-def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, show_progress: bool = True,
-          stop_after: int | None = None) -> RunResult:
-    """Run (or resume) `run_id`. `stop_after` ends the process after that many steps (tests only)."""
+def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, show_progress: bool = True) -> RunResult:
+    """Run (or resume) `run_id` in `<workspace>/runs/`; returns what happened (also in result.json)."""
     dist = Distributed.from_env()
     run = prepare_run(plan, Path(workspace), run_id, resume, dist, show_progress)  # model, tokenizer, data, run dir
     check_memory(plan, run)  # refuse what cannot fit before the first step, not with an OOM kill
@@ -138,8 +136,6 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
                 status = "early_stopped"
                 message = f"validation loss did not improve for {plan.patience} evaluations (best {best_loss:.4f} at step {best_step})"
                 break
-            if stop_after is not None and step >= stop_after:
-                os._exit(0)  # simulate a killed process (tests): no cleanup, no final checkpoint
     except torch.cuda.OutOfMemoryError:
         raise ModelcrewError(
             f"out of memory on {device} with batch_size {plan.batch_size} (micro-batch {micro_batch}) x seq_len "

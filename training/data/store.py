@@ -7,11 +7,9 @@ the end, so a reader never sees half a dataset and a failed curation leaves noth
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from training.atomic import atomic_dir
 from training.contracts import DatasetSummary
 from training.errors import InputError
 
@@ -29,24 +27,11 @@ def write_jsonl(path: Path, rows) -> None:
 
 def save_dataset(workspace: Path, summary: DatasetSummary, files: dict[str, list[dict]]) -> Path:
     """Atomically (re)place `datasets/<fingerprint>/` with summary.json and one .jsonl per entry in `files`."""
-    root = datasets_dir(workspace)
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / summary.fingerprint
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{summary.fingerprint}-", dir=root))
-    try:
+    target = datasets_dir(workspace) / summary.fingerprint
+    with atomic_dir(target) as tmp:  # the same data curated again replaces its old copy whole
         for name, rows in files.items():
             write_jsonl(tmp / f"{name}.jsonl", rows)
         (tmp / "summary.json").write_text(summary_json(summary) + "\n", encoding="utf-8")
-        if target.exists():  # same data curated again: swap the old copy out, then delete it
-            old = Path(tempfile.mkdtemp(prefix=f".old-{summary.fingerprint}-", dir=root))
-            os.replace(target, old / "d")
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
