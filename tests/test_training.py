@@ -245,16 +245,16 @@ def test_existing_run_needs_resume(ws, datasets, tiny_base):
 
 def test_nan_loss_stops_with_a_clear_message(ws, datasets, monkeypatch):
     # Inject the fault where it happens in real runs: the loss of one forward pass becomes NaN (step 5).
-    import transformers.loss.loss_utils as loss_utils
+    import torch.nn.functional as F
 
-    real, calls = loss_utils.fixed_cross_entropy, {"n": 0}
+    real, calls = F.cross_entropy, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(loss_utils, "fixed_cross_entropy", poisoned)
+    monkeypatch.setattr(F, "cross_entropy", poisoned)
     plan = TrainPlan(task="pretrain", dataset=datasets["text"], size="tiny", budget=Budget(steps=12),
                      **{**TINY, "checkpoint_every": 2, "eval_every": 100})
     result = train(plan, ws, "diverge", show_progress=False)
@@ -281,3 +281,18 @@ def test_hub_ids_take_the_real_download_path_and_fail_clearly_offline(tmp_path, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub access; users do
     with pytest.raises(InputError, match=r"base_model: cannot fetch 'HuggingFaceTB/SmolLM2-135M-Instruct' from the hub"):
         base_dir("HuggingFaceTB/SmolLM2-135M-Instruct", tmp_path)
+
+
+def test_next_token_loss_equals_the_models_own_loss(datasets, tiny_base, ws):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.batches import build_examples, collate, read_split
+    from training.data.store import datasets_dir
+    from training.objective import NextTokenLoss
+
+    model, tok = AutoModelForCausalLM.from_pretrained(str(tiny_base)), AutoTokenizer.from_pretrained(str(tiny_base))
+    records = read_split(datasets_dir(ws) / datasets["pairs"], "train")[:6]
+    batch = collate(build_examples(tok, records, "pairs", 128), tok.pad_token_id)
+    assert (batch["labels"] == IGNORE).float().mean() > 0.3  # a real mask: prompts and padding are skipped
+    with torch.no_grad():
+        assert float(NextTokenLoss(model)(**batch)) == pytest.approx(float(model(**batch).loss), abs=1e-5)

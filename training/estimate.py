@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from training.batches import BatchStream
 from training.contracts import TrainPlan
 from training.errors import InputError
+from training.objective import NextTokenLoss
 from training.setup import Distributed, prepare_run
 
 GB = 1024**3
@@ -110,7 +111,8 @@ def _time_steps(plan: TrainPlan, run, steps: int) -> float:
     micro = plan.batch_size // plan.grad_accum
     stream = BatchStream(run.train_examples, micro, plan.seed, run.tokenizer.pad_token_id)
     params = [p for p in run.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=plan.lr)
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, fused=True)
+    objective = NextTokenLoss(run.model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else nullcontext()
     durations = []
     for i in range(steps + 1):
@@ -118,7 +120,7 @@ def _time_steps(plan: TrainPlan, run, steps: int) -> float:
         for _ in range(plan.grad_accum):
             batch = {k: v.to(run.device) for k, v in stream.next().items()}
             with autocast:
-                loss = run.model(**batch).loss / plan.grad_accum
+                loss = objective(**batch) / plan.grad_accum
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

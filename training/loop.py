@@ -22,6 +22,7 @@ from training.errors import ModelcrewError
 from training.estimate import check_memory
 from training.evaluate import mean_loss
 from training.export import export_model
+from training.objective import NextTokenLoss
 from training.setup import Distributed, prepare_run
 
 
@@ -46,12 +47,12 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     train_stream = BatchStream(run.train_examples, micro_batch, plan.seed, run.tokenizer.pad_token_id,
                                dist.rank, dist.world)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.95),
-                                  fused=device.type == "cuda")
+    # fused: one kernel for all parameters (CUDA and, since torch 2.4, CPU) instead of one per tensor
+    optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.95), fused=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    ddp_model = model
+    ddp_model = NextTokenLoss(model)
     if dist.world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
     step_fn = torch.compile(ddp_model) if plan.compile else ddp_model
     horizon = plan.budget.steps or (plan.budget.tokens // (plan.batch_size * plan.seq_len) if plan.budget.tokens else None)
 
@@ -94,7 +95,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
                 batch = {k: v.to(device) for k, v in train_stream.next().items()}
                 sync = micro == plan.grad_accum - 1 or dist.world == 1
                 with (nullcontext() if sync else ddp_model.no_sync()), autocast:
-                    loss = step_fn(**batch).loss / plan.grad_accum
+                    loss = step_fn(**batch) / plan.grad_accum
                 loss.backward()
                 step_loss += loss.detach().float().item()
                 step_tokens += int(batch["attention_mask"].sum())
