@@ -7,6 +7,8 @@ from safetensors only and `trust_remote_code` stays off: a checkpoint can never 
 from __future__ import annotations
 
 import importlib.util
+import sys
+import warnings
 from pathlib import Path
 
 from training.atomic import atomic_dir
@@ -131,6 +133,10 @@ def convert_embedded(name: str, workspace: Path) -> Path:
         return target
     source = gguf_path(name, workspace)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    print(f"converting the embedded {name} (GGUF) into {target} once ...", file=sys.stderr)
 
     model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
@@ -183,7 +189,9 @@ def apply_lora(model, settings: LoraSettings):
                          f"{', '.join(sorted(present)[:8])})")
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def count_params(model) -> tuple[int, int]:
