@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import itertools
 import json
 import os
 import platform
@@ -180,9 +181,7 @@ def batch_checksum(batch) -> list[int]:
 def hook_engine(clock: StepClock, checksums: list, export_peak: dict) -> None:
     """Instrument the engine from outside (nothing in training/ is edited): a step-end tick on every
     metrics row, a checksum of every training batch, and the peak RSS just before the final export."""
-    import training.batches as batches
-    import training.loop as loop
-    import training.setup as setup
+    from training import batches, loop, setup
 
     write = setup.MetricsLog.write
 
@@ -296,7 +295,7 @@ def profile_rows(profiler: cProfile.Profile, top: int = 15) -> dict:
                      "cumtime": ct, "engine": engine, "file": file, "name": name})
     by_own = sorted(rows, key=lambda r: -r["tottime"])[:top]
     by_cum = sorted((r for r in rows if r["engine"]), key=lambda r: -r["cumtime"])[:top]
-    strip = lambda rs: [{k: r[k] for k in ("function", "calls", "tottime", "cumtime")} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: r[k] for k in ("function", "calls", "tottime", "cumtime")} for r in rs]
     return {"by_own_time": strip(by_own), "engine_by_cumulative_time": strip(by_cum), "split": step_split(rows)}
 
 
@@ -339,7 +338,7 @@ def install_step_profiler(start_step: int, n_steps: int, out: dict) -> None:
     switching at step ends (hooked on the engine's metrics row, as the timed runs are)."""
     import torch
 
-    import training.setup as setup
+    from training import setup
 
     write = setup.MetricsLog.write
     state = {"cprof": cProfile.Profile(), "tprof": None}
@@ -424,7 +423,14 @@ def limit_cores() -> None:
 
 def make_progress():
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
@@ -442,7 +448,7 @@ def run_child(script: Path, kind: str, spec: dict, spinner: str) -> dict:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(spec["threads"])
         with make_progress() as progress:
             progress.add_task(spinner, total=None)
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not result_path.exists():
             sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
             raise SystemExit(f"child {kind} failed (exit {proc.returncode})")
@@ -486,14 +492,14 @@ def render_profile(prof: dict | None, what: str, threads: int | None = None) -> 
     lines = []
     util = prof.get("cprofile_cpu_util")
     if threads and threads > 1 and util is not None and util < 0.9 * threads:
-        lines += [f"Note: the profiled run was contended (CPU time / wall {util:.2f} with {threads} threads: another process held "
+        lines += [(f"Note: the profiled run was contended (CPU time / wall {util:.2f} with {threads} threads: another process held "
                   "a core), so its steps are slower than the timed ones and the elementwise operators' shares are inflated "
-                  "more than the matmuls'; read the shares as approximate.", ""]
+                  "more than the matmuls'; read the shares as approximate."), ""]
     n, secs = prof["steps"], prof.get("cprofile_seconds")
     if prof.get("split"):
         util = prof.get("cprofile_cpu_util")
-        lines += [f"### Where one of our {what} steps goes (cProfile over {n} steady steps, {secs:.1f} s under the profiler, "
-                  f"CPU time / wall {util:.2f})", "",
+        lines += [(f"### Where one of our {what} steps goes (cProfile over {n} steady steps, {secs:.1f} s under the profiler, "
+                  f"CPU time / wall {util:.2f})"), "",
                   "| part | s per step | share |", "|---|---|---|"]
         for r in prof["split"]:
             lines.append(f"| {r['part']} | {r['seconds'] / n:.3f} | {100 * r['seconds'] / secs:.0f}% |")
@@ -506,7 +512,7 @@ def render_profile(prof: dict | None, what: str, threads: int | None = None) -> 
             lines.append(f"| `{r['op']}` | {fmt(r['calls'])} | {r['self_cpu_s'] / n:.3f} | {100 * r['self_cpu_s'] / max(ts, 1e-9):.0f}% |")
         lines.append("")
     if prof.get("by_own_time"):
-        lines += [f"### Python functions by own time (same cProfile window)", "", "| function | calls | own s | cum s |", "|---|---|---|---|"]
+        lines += ["### Python functions by own time (same cProfile window)", "", "| function | calls | own s | cum s |", "|---|---|---|---|"]
         lines += [f"| `{r['function']}` | {fmt(r['calls'])} | {r['tottime']:.2f} | {r['cumtime']:.2f} |" for r in prof["by_own_time"][:10]]
         lines.append("")
     return lines
@@ -553,7 +559,8 @@ def summarise_runs(runs: list[dict], warmup: int, last: int, threads: int) -> di
             "quiet_tokens_per_s": sum(p["quiet_tokens"] for p in per) / quiet_seconds if quiet_steps else None,
             "tokens_per_cpu_s": statistics.median(p["tokens_per_cpu_s"] for p in per),
             "step_s_median": statistics.median(p["step_s_median"] for p in per),
-            "peak_rss_train": statistics.median(r["peak_rss_train"] for r in runs),
+            "peak_rss_train": statistics.median(r["clock"]["peak"][last] for r in runs),
+            "peak_rss_before_export": statistics.median(r["peak_rss_train"] for r in runs),
             "rss_step_end_min": statistics.median(p["rss_min_in_window"] for p in per),
             "rss_step_end_max": statistics.median(p["rss_max_in_window"] for p in per),
             "peak_rss_total": statistics.median(r["peak_rss_total"] for r in runs),
@@ -647,7 +654,11 @@ def run_ours(spec: dict, plan, profile: bool = False) -> dict:
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     shutil.rmtree(run_dir, ignore_errors=True)
-    out = {"rss_after_imports": rss_imports, "wall_s": wall, "peak_rss_total": peak_rss_bytes(),
+    from training import loop
+
+    objective = ("NextTokenLoss: output layer and loss on supervised positions only" if hasattr(loop, "NextTokenLoss")
+                 else "model(**batch).loss: output layer on every position")
+    out = {"rss_after_imports": rss_imports, "wall_s": wall, "peak_rss_total": peak_rss_bytes(), "objective": objective,
            "result": result.model_dump(mode="json"), "engine_tokens_per_s": [r["tokens_per_s"] for r in rows],
            "loss": [r["loss"] for r in rows]}
     if profile:
@@ -656,7 +667,7 @@ def run_ours(spec: dict, plan, profile: bool = False) -> dict:
                           "cprofile_cpu_util": prof.get("cprofile_cpu_util"),
                           "torch_profile_seconds": prof.get("torch_profile_seconds"), "torch_ops": prof.get("torch_ops", [])}
         return out
-    tokens = [rows[0]["tokens"]] + [b["tokens"] - a["tokens"] for a, b in zip(rows, rows[1:])]
+    tokens = [rows[0]["tokens"]] + [b["tokens"] - a["tokens"] for a, b in itertools.pairwise(rows)]
     out.update(clock=clock.as_dict(), tokens_per_step=tokens, checksums=checksums,
                peak_rss_train=export_peak.get("before_export", peak_rss_bytes()), optimizer=export_peak.get("optimizer"))
     return out
@@ -701,23 +712,27 @@ def child_trainer(spec: dict) -> dict:
 # report (the throughput / memory rows are shared with bench_lora.py)
 
 
-def compare(runs: dict[str, list], warmup: int, last: int, threads: int, min_quiet: int) -> dict:
-    """ours vs baseline: steady figures per side, the ratios, and the basis the speed target is judged on."""
+def compare(runs: dict[str, list], warmup: int, last: int, threads: int, min_quiet: int, identical: bool | None = None) -> dict:
+    """ours vs baseline: steady figures per side, the ratios, and the basis the speed target is judged on.
+
+    Peak RSS is compared at the end of step `last` (the last timed step): both sides have then run the
+    same training steps, and ours has not yet validated, checkpointed or exported."""
     o = summarise_runs(runs["ours"], warmup, last, threads)
     b = summarise_runs(runs["baseline"], warmup, last, threads)
-    n = last
-    ref = runs["ours"][0]["checksums"][:n]
-    return {"ours": o, "baseline": b, "speed": speed_verdict(o, b, min_quiet),
+    if identical is None:  # checksums are dropped from the stored JSON once compared
+        ref = runs["ours"][0]["checksums"][:last]
+        identical = all(r["checksums"][:last] == ref for r in runs["ours"] + runs["baseline"])
+    return {"ours": o, "last": last, "baseline": b, "speed": speed_verdict(o, b, min_quiet),
             "speed_ratio_all_steps": o["tokens_per_s"] / b["tokens_per_s"],
             "pair_speed_ratios": [po["tokens_per_s"] / pb["tokens_per_s"] for po, pb in zip(o["runs"], b["runs"])],
             "memory_ratio": o["peak_rss_train"] / b["peak_rss_train"],
-            "identical_batches": all(r["checksums"][:n] == ref for r in runs["ours"] + runs["baseline"]),
+            "identical_batches": identical,
             "engine_reported_tokens_per_s": statistics.median(x for r in runs["ours"] for x in r["engine_tokens_per_s"][warmup:last])}
 
 
 def throughput_rows(c: dict, base_name: str) -> list[tuple[str, str]]:
     o, b, sp = c["ours"], c["baseline"], c["speed"]
-    q = lambda d: f"{fmt(d['quiet_tokens_per_s'], 0)} ({d['quiet_steps']} of {d['timed_steps']} steps)" if d["quiet_tokens_per_s"] else f"none of {d['timed_steps']} steps"  # noqa: E731
+    q = lambda d: f"{fmt(d['quiet_tokens_per_s'], 0)} ({d['quiet_steps']} of {d['timed_steps']} steps)" if d["quiet_tokens_per_s"] else f"none of {d['timed_steps']} steps"
     return [
         ("ours: tokens/s, uncontended steps pooled", q(o)),
         (f"{base_name}: tokens/s, uncontended steps pooled", q(b)),
@@ -730,17 +745,20 @@ def throughput_rows(c: dict, base_name: str) -> list[tuple[str, str]]:
         ("ours: the engine's own figure (median of metrics.jsonl tokens_per_s, same steps)", fmt(c["engine_reported_tokens_per_s"], 0)),
         ("other processes' load before each run (cores busy; waited s)", "; ".join(
             f"{k}: " + ", ".join(f"{w['other_load_cores']:.2f} ({w['waited_s']:.0f} s)" for w in d["quiet_waits"] if w)
-            for k, d in ((f"ours", o), (base_name, b)))),
+            for k, d in (("ours", o), (base_name, b)))),
     ]
 
 
 def memory_rows(c: dict, base_name: str, base_end: str) -> list[tuple[str, str]]:
     o, b = c["ours"], c["baseline"]
     return [
-        (f"peak RSS through the last step: ours / {base_name}", f"{fmt(o['peak_rss_train'] / MB)} MB / {fmt(b['peak_rss_train'] / MB)} MB (**{c['memory_ratio']:.2f}x**)"),
+        (f"peak RSS through step {c.get('last', '')} (the last timed step; both sides have run the same steps): ours / {base_name}",
+         f"{fmt(o['peak_rss_train'] / MB)} MB / {fmt(b['peak_rss_train'] / MB)} MB (**{c['memory_ratio']:.2f}x**)"),
         (f"RSS at the end of the timed steps, min-max: ours / {base_name}",
          f"{fmt(o['rss_step_end_min'] / MB)}-{fmt(o['rss_step_end_max'] / MB)} MB / {fmt(b['rss_step_end_min'] / MB)}-{fmt(b['rss_step_end_max'] / MB)} MB"),
         (f"RSS after imports: ours / {base_name}", f"{fmt(o['rss_after_imports'] / MB)} MB / {fmt(b['rss_after_imports'] / MB)} MB"),
+        (f"ours: peak RSS with the last step, its validation and the final checkpoint (before export) / {base_name}: after train()",
+         f"{fmt(o['peak_rss_before_export'] / MB)} MB / {fmt(b['peak_rss_before_export'] / MB)} MB"),
         ("ours: peak RSS of the whole run (final validation, checkpoint, export included)", f"{fmt(o['peak_rss_total'] / MB)} MB"),
         (f"start to end of step 1: ours / {base_name} (data, model, first step)", f"{o['first_step_end_s']:.1f} s / {b['first_step_end_s']:.1f} s"),
         (f"whole run: ours (incl. validation, checkpoint, export) / {base_name} ({base_end})", f"{o['wall_s']:.1f} s / {b['wall_s']:.1f} s"),
@@ -766,6 +784,7 @@ def report_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:
             ("runs per side (interleaved)", str(w["repeats"])),
             ("optimizer", f"AdamW betas (0.9, 0.95), wd {w['weight_decay']}, clip {w['grad_clip']}, lr {w['lr']}, warmup {w['warmup_steps']}, cosine to {w['min_lr_ratio']:g}x"),
             ("optimizer implementation: ours / Trainer", f"{ours_optimizer(res)} / {res['baseline_optim']}"),
+            ("loss: ours / Trainer", f"{ours_objective(res)} / model(**inputs) (output layer on every position)"),
             ("identical batches (checksums of every batch)", "yes" if c["identical_batches"] else "NO"),
             ("torch threads", str(w["threads"])),
         ]),
@@ -782,6 +801,16 @@ def ours_optimizer(res: dict) -> str:
         return "AdamW (fused=False on CPU: the single-tensor path)"
     path = "fused" if o["fused"] else ("foreach" if o["foreach"] else "single-tensor path")
     return f"{o['class']} (fused={o['fused']}, foreach={o['foreach']}: {path})"
+
+
+def ours_objective(res: dict) -> str:
+    """How our loss was computed (recorded; for older JSON, told by the profile: training/objective.py ran or not)."""
+    if res.get("ours_objective"):
+        return res["ours_objective"]
+    ran = [r["function"] for r in (res.get("profile") or {}).get("engine_by_cumulative_time", [])]
+    if any(f.startswith("training/objective.py") for f in ran):
+        return "NextTokenLoss: output layer and loss on supervised positions only"
+    return "model(**batch).loss: output layer on every position"
 
 
 def ours_fused(res: dict) -> bool:
@@ -820,10 +849,10 @@ def render_markdown(res: dict, json_path: Path) -> str:
         shown = json_path
     w = res["workload"]
     lines = [BEGIN, "", "## Training loop vs HF Trainer: pretraining from scratch (`bench/bench_train.py`)", "",
-             f"Generated by `bench/bench_train.py --size {w['size']} --steps {w['steps']} --warmup {w['warmup']} "
+             (f"Generated by `bench/bench_train.py --size {w['size']} --steps {w['steps']} --warmup {w['warmup']} "
              f"--repeats {w['repeats']} --threads {w['threads']}` from `{shown}`. Each run is a fresh subprocess (its own peak RSS); ours and the "
              "Trainer alternate. Tokens/s is steady state: the warm-up steps and the last step (ours validates after "
-             "it) are left out. MB are decimal (10^6 bytes).", "", CONTENTION_NOTE, ""]
+             "it) are left out. Peak RSS is compared at the end of the last timed step, when both sides have run the same steps. MB are decimal (10^6 bytes)."), "", CONTENTION_NOTE, ""]
     lines += render_tables(report_rows(res))
     lines += analysis_lines(res)
     lines += render_profile(res.get("profile"), "pretraining", res["workload"].get("threads"))
@@ -921,6 +950,7 @@ def main(argv=None) -> None:
         return
     if args.render_only:
         res = json.loads(args.out.read_text(encoding="utf-8"))
+        recompute(res)
         res["analysis"] = analyse(res)  # the wording follows the code; the figures come from the JSON
         update_markdown(args.results_md, render_markdown(res, args.out), BEGIN, END)
         print_report("bench_train: our loop vs HF Trainer (pretraining)", report_rows(res), res.get("profile"), "pretraining")
@@ -960,6 +990,7 @@ def main(argv=None) -> None:
     base = runs["baseline"][0]
     res["baseline_optim"] = f"{base['optim']} ({base['optimizer_class']}, fused={base['optimizer_fused']})"
     res["ours_optimizer"] = runs["ours"][0].get("optimizer")
+    res["ours_objective"] = runs["ours"][0].get("objective")
     res["loss_last_step"] = {k: [r["loss"][-1] for r in runs[k]] for k in ("ours",)}
     if not args.no_profile:
         start = max(2, min(args.warmup, 4))
@@ -971,6 +1002,14 @@ def main(argv=None) -> None:
     res["analysis"] = analyse(res)
     finish(res, runs, args, BEGIN, END, render_markdown, report_rows, "bench_train: our loop vs HF Trainer (pretraining)",
            "pretraining", console)
+
+
+def recompute(res: dict) -> None:
+    """Re-derive the comparison from the raw per-step figures kept in the JSON (after a change of definitions)."""
+    w = res["workload"]
+    last = w["steps"] - 1
+    res["comparison"] = compare(res["raw"], w["warmup"], last, w["threads"], min_quiet=max(3, (last - w["warmup"]) // 2),
+                                identical=res["comparison"]["identical_batches"])
 
 
 def finish(res, runs, args, begin, end, render, rows_fn, title, what, console) -> None:
