@@ -288,11 +288,24 @@ def test_next_token_loss_equals_the_models_own_loss(datasets, tiny_base, ws):
 
     from training.batches import build_examples, collate, read_split
     from training.data.store import datasets_dir
-    from training.objective import NextTokenLoss
+    from training.objective import NextTokenLoss, supervised_tokens
 
     model, tok = AutoModelForCausalLM.from_pretrained(str(tiny_base)), AutoTokenizer.from_pretrained(str(tiny_base))
     records = read_split(datasets_dir(ws) / datasets["pairs"], "train")[:6]
     batch = collate(build_examples(tok, records, "pairs", 128), tok.pad_token_id)
     assert (batch["labels"] == IGNORE).float().mean() > 0.3  # a real mask: prompts and padding are skipped
     with torch.no_grad():
-        assert float(NextTokenLoss(model)(**batch)) == pytest.approx(float(model(**batch).loss), abs=1e-5)
+        mean = float(NextTokenLoss(model)(**batch)) / supervised_tokens(batch)
+        assert mean == pytest.approx(float(model(**batch).loss), abs=1e-5)
+
+
+def test_gradient_accumulation_weighs_every_answer_token_the_same(ws, datasets, tiny_base):
+    # Pairs have answers of different lengths: 2 micro-batches of 4 must train exactly like 1 batch of 8.
+    common = dict(task="finetune", dataset=datasets["pairs"], base_model=str(tiny_base), method="full",
+                  budget=Budget(steps=3), **{**TINY, "seq_len": 128, "batch_size": 8, "eval_every": 100})
+    one = train(TrainPlan(**common, grad_accum=1), ws, "accum-1", show_progress=False)
+    two = train(TrainPlan(**common, grad_accum=2), ws, "accum-2", show_progress=False)
+    a, b = _losses(ws / "runs" / "accum-1"), _losses(ws / "runs" / "accum-2")
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-4
+    wa, wb = weights(Path(one.final_dir)), weights(Path(two.final_dir))
+    assert max(float((wa[n] - wb[n]).abs().max()) for n in wa) < 1e-4

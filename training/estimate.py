@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from training.batches import BatchStream
 from training.contracts import TrainPlan
 from training.errors import InputError
-from training.objective import NextTokenLoss
+from training.objective import NextTokenLoss, supervised_tokens
 from training.setup import Distributed, prepare_run
 
 GB = 1024**3
@@ -120,7 +120,7 @@ def _time_steps(plan: TrainPlan, run, steps: int) -> float:
         for _ in range(plan.grad_accum):
             batch = {k: v.to(run.device) for k, v in stream.next().items()}
             with autocast:
-                loss = objective(**batch) / plan.grad_accum
+                loss = objective(**batch) / max(supervised_tokens(batch), 1) / plan.grad_accum
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ from training.errors import ModelcrewError
 from training.estimate import check_memory
 from training.evaluate import mean_loss
 from training.export import export_model
-from training.objective import NextTokenLoss
+from training.objective import NextTokenLoss, supervised_tokens
 from training.setup import Distributed, prepare_run
 
 
@@ -90,16 +90,20 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
             lr = lr_at(step, plan, horizon)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # The loss is the mean over every supervised token of the step, on all processes: each
+            # micro-batch contributes its summed loss over the step's token count (DDP then averages
+            # gradients over processes, hence the factor world).
+            micro_batches = [{k: v.to(device) for k, v in train_stream.next().items()} for _ in range(plan.grad_accum)]
+            targets = dist.sum(sum(supervised_tokens(b) for b in micro_batches))
             step_loss, step_tokens = 0.0, 0
-            for micro in range(plan.grad_accum):
-                batch = {k: v.to(device) for k, v in train_stream.next().items()}
+            for micro, batch in enumerate(micro_batches):
                 sync = micro == plan.grad_accum - 1 or dist.world == 1
                 with (nullcontext() if sync else ddp_model.no_sync()), autocast:
-                    loss = step_fn(**batch) / plan.grad_accum
+                    loss = step_fn(**batch) * dist.world / targets
                 loss.backward()
-                step_loss += loss.detach().float().item()
+                step_loss += loss.detach().float().item() / dist.world
                 step_tokens += int(batch["attention_mask"].sum())
-            step_loss = dist.mean(step_loss)
+            step_loss = dist.sum(step_loss)
             if not math.isfinite(step_loss):
                 status = "diverged"
                 message = (f"loss became {step_loss} at step {step + 1} (lr {lr:.3g}); stopped and kept the last good "
@@ -159,7 +163,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     result = RunResult(
         run_id=run_id, status=status, message=message, steps=step, tokens=tokens, best_step=best_step,
         best_val_loss=best_loss, final_val_loss=last_val, wall_seconds=round(wall, 2),
-        tokens_per_second=round(tokens / max(wall, 1e-9), 1), peak_memory_mb=round(run.peak_memory_mb(), 1),
+        tokens_per_second=round(tokens / max(trained_seconds, 1e-9), 1), peak_memory_mb=round(run.peak_memory_mb(), 1),
         device=str(device), trainable_params=run.trainable_params, total_params=run.total_params,
         final_dir=str(final_dir), best_dir=str(best_dir) if best_dir else None)
     if dist.is_main:

@@ -26,10 +26,16 @@ class NextTokenLoss(torch.nn.Module):
         self.softcap = getattr(base.config, "final_logit_softcapping", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """The summed loss over supervised tokens: the caller divides by the step's token count, so
+        micro-batches and processes with different numbers of answer tokens weigh each token the same."""
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = self.head(hidden[:, :-1][keep]).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.cross_entropy(logits, targets[keep])
+        return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+
+def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
