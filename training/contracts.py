@@ -150,6 +150,12 @@ class TrainPlan(BaseModel):
             raise ValueError("budget: give at least one of steps, tokens or minutes")
         return self
 
+    def step_horizon(self) -> int | None:
+        """Steps the run is planned for (the cosine schedule's length): from the step or token budget."""
+        if self.budget.steps:
+            return self.budget.steps
+        return self.budget.tokens // (self.batch_size * self.seq_len) if self.budget.tokens else None
+
 
 class RunResult(BaseModel):
     """What a training run did (`runs/<run_id>/result.json`)."""

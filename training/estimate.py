@@ -10,7 +10,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from pydantic import BaseModel
 from training.batches import BatchStream
 from training.contracts import TrainPlan
 from training.errors import InputError
-from training.objective import NextTokenLoss, supervised_tokens
+from training.objective import NextTokenLoss, autocast, supervised_tokens
 from training.setup import Distributed, prepare_run
 
 GB = 1024**3
@@ -93,7 +92,7 @@ def estimate(plan: TrainPlan, workspace: Path, measure_steps: int = 5) -> Estima
         check_memory(plan, run)
         memory = memory_need(plan, run)
         seconds = _time_steps(plan, run, measure_steps)
-        horizon = plan.budget.steps or (plan.budget.tokens // (plan.batch_size * plan.seq_len) if plan.budget.tokens else None)
+        horizon = plan.step_horizon()
         minutes = seconds * horizon / 60 if horizon else plan.budget.minutes
         if plan.budget.minutes and minutes:
             minutes = min(minutes, plan.budget.minutes)
@@ -113,13 +112,12 @@ def _time_steps(plan: TrainPlan, run, steps: int) -> float:
     params = [p for p in run.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, fused=True)
     objective = NextTokenLoss(run.model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else nullcontext()
     durations = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
         for _ in range(plan.grad_accum):
             batch = {k: v.to(run.device) for k, v in stream.next().items()}
-            with autocast:
+            with autocast(run.device):
                 loss = objective(**batch) / max(supervised_tokens(batch), 1) / plan.grad_accum
             loss.backward()
         optimizer.step()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from training.batches import IGNORE, Example, build_examples, collate, read_split, render_chat, to_messages
 from training.contracts import Evaluation
+from training.objective import NextTokenLoss, autocast, supervised_tokens
 
 GENERAL_DOCS = 32  # BBC News articles in the general-text sample
 GENERAL_CHARS = 1500
@@ -31,27 +32,20 @@ MAX_NEW_TOKENS = 64  # greedy answers are cut here: enough to judge an FAQ answe
 
 @torch.no_grad()
 def mean_loss(model, examples: list[Example], batch_size: int, device, pad_id: int, max_batches: int | None = None) -> float:
-    """Mean cross-entropy per target token over `examples` (in order: deterministic)."""
+    """Mean cross-entropy per target token over `examples` (in order: deterministic); the training objective."""
     was_training = model.training
     model.eval()
+    objective = NextTokenLoss(model)
     total, count = 0.0, 0
     for b, start in enumerate(range(0, len(examples), batch_size)):
         if max_batches is not None and b >= max_batches:
             break
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-        with _autocast(device):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        targets = batch["labels"][:, 1:]
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
-        total += float(loss)
-        count += int((targets != IGNORE).sum())
+        with autocast(device):
+            total += float(objective(**batch))
+        count += supervised_tokens(batch)
     model.train(was_training)
     return total / max(count, 1)
-
-
-def _autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 def perplexity(loss: float) -> float:

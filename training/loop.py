@@ -22,7 +22,7 @@ from training.errors import ModelcrewError
 from training.estimate import check_memory
 from training.evaluate import mean_loss
 from training.export import export_model
-from training.objective import NextTokenLoss, supervised_tokens
+from training.objective import NextTokenLoss, autocast, supervised_tokens
 from training.setup import Distributed, prepare_run
 
 
@@ -49,12 +49,12 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for all parameters (CUDA and, since torch 2.4, CPU) instead of one per tensor
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.95), fused=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    mixed_precision = autocast(device)
     ddp_model = NextTokenLoss(model)
     if dist.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
     step_fn = torch.compile(ddp_model) if plan.compile else ddp_model
-    horizon = plan.budget.steps or (plan.budget.tokens // (plan.batch_size * plan.seq_len) if plan.budget.tokens else None)
+    horizon = plan.step_horizon()
 
     step, tokens, best_loss, best_step, bad_evals, trained_seconds = 0, 0, None, None, 0, 0.0
     last_val = None
@@ -98,7 +98,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
             step_loss, step_tokens = 0.0, 0
             for micro, batch in enumerate(micro_batches):
                 sync = micro == plan.grad_accum - 1 or dist.world == 1
-                with (nullcontext() if sync else ddp_model.no_sync()), autocast:
+                with (nullcontext() if sync else ddp_model.no_sync()), mixed_precision:
                     loss = step_fn(**batch) * dist.world / targets
                 loss.backward()
                 step_loss += loss.detach().float().item() / dist.world

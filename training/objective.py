@@ -10,6 +10,8 @@ those alone: the same loss as `model(**batch).loss`, for less compute and memory
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +37,11 @@ class NextTokenLoss(torch.nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return F.cross_entropy(logits, targets[keep], reduction="sum")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
