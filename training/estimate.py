@@ -111,7 +111,7 @@ def _time_steps(plan: TrainPlan, run, steps: int) -> float:
     stream = BatchStream(run.train_examples, micro, plan.seed, run.tokenizer.pad_token_id)
     params = [p for p in run.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=plan.lr, fused=True)
-    objective = NextTokenLoss(run.model)
+    objective = NextTokenLoss(run.model, packed=plan.task == "pretrain")
     durations = []
     for i in range(steps + 1):
         t0 = time.perf_counter()

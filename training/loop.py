@@ -50,7 +50,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     # fused: one kernel for all parameters (CUDA and, since torch 2.4, CPU) instead of one per tensor
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.95), fused=True)
     mixed_precision = autocast(device)
-    ddp_model = NextTokenLoss(model)
+    ddp_model = NextTokenLoss(model, packed=plan.task == "pretrain")  # pretraining windows are packed
     if dist.world > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
     step_fn = torch.compile(ddp_model) if plan.compile else ddp_model
@@ -93,17 +93,19 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
             # The loss is the mean over every supervised token of the step, on all processes: each
             # micro-batch contributes its summed loss over the step's token count (DDP then averages
             # gradients over processes, hence the factor world).
-            micro_batches = [{k: v.to(device) for k, v in train_stream.next().items()} for _ in range(plan.grad_accum)]
+            # Counts come from the host copies, and the loss is read once per step: no device sync per micro-batch.
+            micro_batches = [train_stream.next() for _ in range(plan.grad_accum)]
             targets = dist.sum(sum(supervised_tokens(b) for b in micro_batches))
-            step_loss, step_tokens = 0.0, 0
+            step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+            step_loss = torch.zeros((), device=device)
             for micro, batch in enumerate(micro_batches):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 sync = micro == plan.grad_accum - 1 or dist.world == 1
                 with (nullcontext() if sync else ddp_model.no_sync()), mixed_precision:
                     loss = step_fn(**batch) * dist.world / targets
                 loss.backward()
-                step_loss += loss.detach().float().item() / dist.world
-                step_tokens += int(batch["attention_mask"].sum())
-            step_loss = dist.sum(step_loss)
+                step_loss += loss.detach().float() / dist.world
+            step_loss = dist.sum(step_loss.item())
             if not math.isfinite(step_loss):
                 status = "diverged"
                 message = (f"loss became {step_loss} at step {step + 1} (lr {lr:.3g}); stopped and kept the last good "

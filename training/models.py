@@ -56,7 +56,7 @@ def build_scratch(spec: ModelSize, tokenizer, seq_len: int, dropout: float = 0.0
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=-(-len(tokenizer) // 64) * 64,  # a multiple of 64 keeps the output matmul on fast tensor-core tiles
         hidden_size=spec.n_embd,
         intermediate_size=spec.intermediate,
         num_hidden_layers=spec.n_layer,

@@ -6,6 +6,10 @@ position and then masking most of them away wastes that matmul and its backward.
 runs the decoder, keeps the hidden states of supervised positions, and applies the output layer to
 those alone: the same loss as `model(**batch).loss`, for less compute and memory. It is an
 `nn.Module`, so DDP and `torch.compile` wrap it like the model itself.
+
+Packed pretraining windows supervise every position and have no padding: there `packed=True` skips
+the selection (a data-dependent shape, which would force a host sync and a graph break under
+`torch.compile`) and the attention mask (so SDPA takes its causal flash kernel).
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from training.batches import IGNORE
 
 
 class NextTokenLoss(torch.nn.Module):
-    def __init__(self, model) -> None:
+    def __init__(self, model, packed: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.packed = model, packed
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
         self.decoder = base.get_decoder()
         self.head = base.get_output_embeddings()
@@ -30,13 +34,17 @@ class NextTokenLoss(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The summed loss over supervised tokens: the caller divides by the step's token count, so
         micro-batches and processes with different numbers of answer tokens weigh each token the same."""
-        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        logits = self.head(hidden[:, :-1][keep]).float()
+        if self.packed:
+            hidden = self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+            targets = labels[:, 1:].flatten()
+        else:
+            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            keep = labels[:, 1:] != IGNORE
+            hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+        logits = self.head(hidden).float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.cross_entropy(logits, targets[keep], reduction="sum")
+        return F.cross_entropy(logits.flatten(0, -2), targets, ignore_index=IGNORE, reduction="sum")
 
 
 def autocast(device: torch.device):

@@ -80,6 +80,8 @@ def pick_device(choice: str, dist: Distributed) -> torch.device:
         if not torch.cuda.is_available():
             raise InputError("device: cuda was asked for but no CUDA device is available")
         torch.cuda.set_device(dist.local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True  # what stays in float32 under bf16 autocast runs on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
 
