@@ -106,12 +106,43 @@ def child_ours(spec: dict) -> dict:
     plan = TrainPlan(task="pretrain", dataset=spec["dataset"], size="124m", seq_len=SEQ_LEN, batch_size=spec["micro"],
                      budget=Budget(steps=spec["steps"]), eval_every=10**6, eval_batches=2, checkpoint_every=10**6,
                      lr=6e-4, warmup_steps=10, device="cuda", compile=spec["compile"])
+    profile: dict = {}
+    if spec.get("profile"):
+        profile_steps(profile, start=20, n=5)
     result = train(plan, ws, spec["run_id"], show_progress=False)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     step_s = [spec["micro"] * SEQ_LEN / r["tokens_per_s"] for r in rows]
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"step_s": step_s, "loss": [r["loss"] for r in rows], "peak_mb": result.peak_memory_mb,
-            "params": result.total_params, "status": result.status, "torch": torch.__version__}
+            "params": result.total_params, "status": result.status, "torch": torch.__version__, **profile}
+
+
+def profile_steps(out: dict, start: int, n: int) -> None:
+    """Profile steps start+1 .. start+n of the loop (started and stopped from its metrics writer)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from training.setup import MetricsLog
+
+    write = MetricsLog.write
+    state: dict = {}
+
+    def profiled_write(self, row):
+        write(self, row)
+        if row["step"] == start:
+            state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            state["prof"].__enter__()
+        elif row["step"] == start + n and "prof" in state:
+            torch.cuda.synchronize()
+            state["prof"].__exit__(None, None, None)
+            events = state["prof"].key_averages()
+            total = sum(e.self_device_time_total for e in events)
+            top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
+            out["profile"] = {"steps": n, "device_ms_per_step": total / 1e3 / n, "top": [
+                {"name": e.key[:90], "ms_per_step": e.self_device_time_total / 1e3 / n, "share": e.self_device_time_total / total,
+                 "calls_per_step": e.count / n} for e in top]}
+
+    MetricsLog.write = profiled_write
 
 
 def child_trainer(spec: dict) -> dict:
@@ -140,14 +171,14 @@ def child_trainer(spec: dict) -> dict:
             return len(rows)
 
         def __getitem__(self, i):
-            return {k: torch.tensor(v) for k, v in rows[i].items()}
+            return {k: torch.tensor(v, dtype=torch.long) for k, v in rows[i].items()}
 
     args = TrainingArguments(
         output_dir=str(Path(spec["workspace"]) / "trainer-out"), per_device_train_batch_size=spec["micro"],
         max_steps=spec["steps"], learning_rate=6e-4, warmup_steps=10, lr_scheduler_type="cosine", weight_decay=0.1,
         adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, bf16=True, optim="adamw_torch_fused",
         torch_compile=spec["compile"], eval_strategy="no", save_strategy="no", logging_strategy="no", report_to=[],
-        dataloader_num_workers=2, dataloader_pin_memory=True, disable_tqdm=True, remove_unused_columns=False, seed=0)
+        dataloader_num_workers=2, dataloader_pin_memory=True, dataloader_drop_last=True, disable_tqdm=True, remove_unused_columns=False, seed=0)
     torch.cuda.synchronize()
     start = time.perf_counter()
     Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[Clock()]).train()
@@ -165,7 +196,8 @@ def summarise(res: dict, warmup: int, peak: float | None, ceiling: float) -> dic
             "of_ceiling": achieved / ceiling, "steady_steps": len(steady), "first_step_s": res["step_s"][0]}
 
 
-def run(work: Path, steps: int, warmup: int, micros: list[int], sides: list[str], compile_modes: list[bool]) -> None:
+def run(work: Path, steps: int, warmup: int, micros: list[int], sides: list[str], compile_modes: list[bool],
+        profile: bool = False) -> None:
     import torch
 
     name = torch.cuda.get_device_name()
@@ -177,7 +209,7 @@ def run(work: Path, steps: int, warmup: int, micros: list[int], sides: list[str]
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(),
            "results": []}
     for side, micro, comp in configs:
-        spec = {"side": side, "micro": micro, "compile": comp, "steps": steps, "workspace": str(work / "ws"),
+        spec = {"side": side, "micro": micro, "compile": comp, "steps": steps, "profile": profile and side == "ours", "workspace": str(work / "ws"),
                 "dataset": dataset, "tokenizer_dir": str(work / "tokenizer"), "run_id": f"gpu-{side}-{micro}-{int(comp)}"}
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "child", json.dumps(spec)], capture_output=True, text=True)
@@ -190,6 +222,8 @@ def run(work: Path, steps: int, warmup: int, micros: list[int], sides: list[str]
             print(f"{side:7s} micro {micro:3d} compile {comp!s:5s}: {res['tokens_per_s']:>10,.0f} tok/s  "
                   f"MFU {res['mfu'] or 0:.1%}  peak {res['peak_mb']:,.0f} MiB  wall {res['wall_s']:.0f}s", flush=True)
             out["results"].append(res)
+            for k in (res.get("profile") or {}).get("top", [])[:12]:
+                print(f"    {k['share']:6.1%} {k['ms_per_step']:7.2f} ms/step  {k['calls_per_step']:5.0f} calls  {k['name']}")
         save(out)  # after every configuration: a run cut short still leaves what it measured
     render(out)
 
@@ -249,6 +283,7 @@ def main() -> None:
     r.add_argument("--micro", default="16,32")
     r.add_argument("--sides", default="ours,trainer")
     r.add_argument("--compile", default="1", help="comma list of 1/0")
+    r.add_argument("--profile", action="store_true", help="profile 5 steady steps of ours (their kernels, by device time)")
     c = sub.add_parser("child")
     c.add_argument("spec")
     sub.add_parser("render")
@@ -257,7 +292,7 @@ def main() -> None:
         prepare(a.dir)
     elif a.cmd == "run":
         run(a.dir, a.steps, a.warmup, [int(m) for m in a.micro.split(",")], a.sides.split(","),
-            [c == "1" for c in a.compile.split(",")])
+            [c == "1" for c in a.compile.split(",")], a.profile)
     elif a.cmd == "render":
         render(json.loads(OUT.read_text()))
     else:

@@ -154,7 +154,7 @@ def child_baseline(spec: dict) -> dict:
     records = read_split(datasets_dir(Path(spec["workspace"])) / spec["dataset"], "train")
     examples = build_examples(tok, records, "pairs", spec["seq_len"])
     order = batch_order(len(examples), spec["batch_size"], spec["seed"], spec["steps"])
-    rows = [{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for b in order for i in b]
+    rows = [{"input_ids": examples[i].input_ids.tolist(), "labels": examples[i].labels.tolist()} for b in order for i in b]
     checksums: list = []
     with tempfile.TemporaryDirectory(prefix="bench_lora_trainer_") as out_dir:
         trainer = Trainer(model=model, args=trainer_args(spec, out_dir), train_dataset=ListDataset(rows),

@@ -692,7 +692,7 @@ def child_trainer(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     model = build_scratch(resolve_size(spec["size"]), tok, spec["seq_len"], 0.0)
     order = batch_order(len(examples), spec["batch_size"], spec["seed"], spec["steps"])
-    rows = [{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for b in order for i in b]
+    rows = [{"input_ids": examples[i].input_ids.tolist(), "labels": examples[i].labels.tolist()} for b in order for i in b]
     checksums: list = []
     with tempfile.TemporaryDirectory(prefix="bench_trainer_") as out_dir:
         trainer = Trainer(model=model, args=trainer_args(spec, out_dir), train_dataset=ListDataset(rows),

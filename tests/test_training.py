@@ -124,7 +124,7 @@ def test_chat_loss_mask_covers_only_assistant_tokens(tiny_base):
     assert [lab for lab in ex.labels if lab != IGNORE] == trained
     # the supervised tokens are exactly the two answers, each with the end-of-turn token
     assert tok.decode(trained) == "Hello!<|eos|>\nSee you.<|eos|>\n"
-    masked = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab == IGNORE])
+    masked = tok.decode([int(t) for t, lab in zip(ex.input_ids, ex.labels) if lab == IGNORE])
     assert "Hi there" in masked and "Be brief." in masked and "Hello" not in masked
 
 

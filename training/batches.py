@@ -24,8 +24,11 @@ IGNORE = -100
 
 @dataclass
 class Example:
-    input_ids: list[int]
-    labels: list[int]
+    """One training sequence as int32 arrays (packed windows are views into one token stream: no copies,
+    and a batch is assembled with a few numpy copies instead of a Python loop over tokens)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
 
 
 def read_split(dataset_dir: Path, split: str) -> list[dict]:
@@ -68,7 +71,7 @@ def supervised_example(tokenizer, messages: list[dict], seq_len: int) -> Example
         start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
         end = len(render_chat(tokenizer, messages[: i + 1]))
         labels[start:end] = ids[start:end]
-    return Example(ids[:seq_len], labels[:seq_len])
+    return Example(np.asarray(ids[:seq_len], dtype=np.int32), np.asarray(labels[:seq_len], dtype=np.int32))
 
 
 def packed_examples(tokenizer, texts: list[str], seq_len: int) -> list[Example]:
@@ -78,27 +81,27 @@ def packed_examples(tokenizer, texts: list[str], seq_len: int) -> list[Example]:
         stream.extend(ids)
         stream.append(tokenizer.eos_token_id)
     n = len(stream) // seq_len
-    return [Example(stream[i * seq_len : (i + 1) * seq_len], stream[i * seq_len : (i + 1) * seq_len]) for i in range(n)]
+    windows = np.asarray(stream[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
+    return [Example(w, w) for w in windows]
 
 
 def build_examples(tokenizer, records: list[dict], fmt: str, seq_len: int) -> list[Example]:
     if fmt == "text":
         return packed_examples(tokenizer, [r["text"] for r in records], seq_len)
     examples = [supervised_example(tokenizer, to_messages(r, fmt), seq_len) for r in records]
-    return [e for e in examples if any(t != IGNORE for t in e.labels)]  # truncation may cut the whole answer
+    return [e for e in examples if (e.labels != IGNORE).any()]  # truncation may cut the whole answer
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example; padded positions are masked out of attention and loss."""
     width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    labels = np.full((len(examples), width), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(examples), width), dtype=np.int64)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
+        ids[row, :n], labels[row, :n], mask[row, :n] = e.input_ids, e.labels, 1
+    ids, labels, mask = torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(mask)
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
