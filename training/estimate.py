@@ -42,12 +42,14 @@ def device_memory(device: torch.device) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
 
 
-def activation_bytes(config, micro_batch: int, seq_len: int, bytes_per_value: int) -> float:
+def activation_bytes(config, micro_batch: int, seq_len: int, bytes_per_value: int, fused_attention: bool) -> float:
     """Stored activations for backward, per the usual transformer accounting (~34·h + 5·heads·s per token
-    per layer, Korthikanti et al. 2022), plus the logits and their gradient in float32."""
+    per layer, Korthikanti et al. 2022), plus the logits and their gradient in float32. With fused
+    attention (SDPA's flash / cuDNN kernels on CUDA) the heads·s score matrix is never stored."""
     h, layers = config.hidden_size, config.num_hidden_layers
     heads = config.num_attention_heads
-    per_layer = seq_len * micro_batch * (34 * h + 5 * heads * seq_len) * bytes_per_value / 2
+    scores = 0 if fused_attention else 5 * heads * seq_len
+    per_layer = seq_len * micro_batch * (34 * h + scores) * bytes_per_value / 2
     logits = 2 * micro_batch * seq_len * config.vocab_size * 4
     return layers * per_layer + logits
 
@@ -62,7 +64,7 @@ def memory_need(plan: TrainPlan, run) -> dict[str, float]:
         "weights": run.total_params * 4 / GB,
         "gradients": run.trainable_params * 4 / GB,
         "optimizer": run.trainable_params * 8 / GB,  # AdamW: two float32 moments per trainable value
-        "activations": activation_bytes(config, micro, plan.seq_len, bytes_per_value) / GB,
+        "activations": activation_bytes(config, micro, plan.seq_len, bytes_per_value, run.device.type == "cuda") / GB,
     }
     memory["total"] = sum(memory.values())
     return memory
