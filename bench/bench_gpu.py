@@ -99,8 +99,6 @@ def child_ours(spec: dict) -> dict:
     from training.contracts import Budget, TrainPlan
     from training.loop import train
 
-    if spec.get("attention") == "flash":  # SDPA's flash-attention-2 kernels instead of its cuDNN ones
-        torch.backends.cuda.enable_cudnn_sdp(False)
     ws = Path(spec["workspace"])
     run_dir = ws / "runs" / spec["run_id"]
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -199,21 +197,20 @@ def summarise(res: dict, warmup: int, peak: float | None, ceiling: float) -> dic
 
 
 def run(work: Path, steps: int, warmup: int, micros: list[int], sides: list[str], compile_modes: list[bool],
-        profile: bool = False, attentions: tuple[str, ...] = ("default",)) -> None:
+        profile: bool = False) -> None:
     import torch
 
     name = torch.cuda.get_device_name()
     peak, ceiling = peak_flops(name), matmul_ceiling()
     dataset = (work / "dataset.txt").read_text().strip()
-    configs = [(side, micro, comp, att) for comp in compile_modes for micro in micros for att in attentions for side in sides
-               if side == "ours" or att == "default"]
+    configs = [(side, micro, comp) for comp in compile_modes for micro in micros for side in sides]
     out = {"device": name, "peak_bf16_flops": peak, "matmul_ceiling_flops": ceiling, "torch": torch.__version__,
            "steps": steps, "warmup": warmup, "seq_len": SEQ_LEN, "commit": os.environ.get("ENGINE_COMMIT") or git_commit(),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(),
            "results": []}
-    for side, micro, comp, attention in configs:
-        spec = {"side": side, "micro": micro, "compile": comp, "steps": steps, "profile": profile and side == "ours", "attention": attention, "workspace": str(work / "ws"),
-                "dataset": dataset, "tokenizer_dir": str(work / "tokenizer"), "run_id": f"gpu-{side}-{micro}-{int(comp)}-{attention}"}
+    for side, micro, comp in configs:
+        spec = {"side": side, "micro": micro, "compile": comp, "steps": steps, "profile": profile and side == "ours", "workspace": str(work / "ws"),
+                "dataset": dataset, "tokenizer_dir": str(work / "tokenizer"), "run_id": f"gpu-{side}-{micro}-{int(comp)}"}
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "child", json.dumps(spec)], capture_output=True, text=True)
         if proc.returncode:
@@ -222,7 +219,7 @@ def run(work: Path, steps: int, warmup: int, micros: list[int], sides: list[str]
         else:
             res = {**spec, **json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - t0}
             res.update(summarise(res, warmup, peak, ceiling))
-            print(f"{side:7s} micro {micro:3d} compile {comp!s:5s} {attention:7s}: {res['tokens_per_s']:>10,.0f} tok/s  "
+            print(f"{side:7s} micro {micro:3d} compile {comp!s:5s}: {res['tokens_per_s']:>10,.0f} tok/s  "
                   f"MFU {res['mfu'] or 0:.1%}  peak {res['peak_mb']:,.0f} MiB  wall {res['wall_s']:.0f}s", flush=True)
             out["results"].append(res)
             for k in (res.get("profile") or {}).get("top", [])[:12]:
@@ -251,22 +248,21 @@ def render(out: dict) -> None:
              f"| peak bf16 (datasheet, dense) | {(out['peak_bf16_flops'] or 0) / 1e12:.0f} TFLOP/s |",
              f"| measured 8192^3 bf16 matmul (same run) | {out['matmul_ceiling_flops'] / 1e12:.0f} TFLOP/s |",
              f"| engine commit | {out['commit']} |", f"| date (UTC) | {out['date']} |", "",
-             "| side | micro-batch | compile | attention | tokens/s | TFLOP/s | MFU (datasheet) | of measured matmul | peak GPU memory | first step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| side | micro-batch | compile | tokens/s | TFLOP/s | MFU (datasheet) | of measured matmul | peak GPU memory | first step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in ok:
-        lines.append(f"| {r['side']} | {r['micro']} | {r['compile']} | {r.get('attention', 'default')} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
+        lines.append(f"| {r['side']} | {r['micro']} | {r['compile']} | {r['tokens_per_s']:,.0f} | {r['tflops']:.0f} | "
                      f"{(r['mfu'] or 0):.1%} | {r['of_ceiling']:.1%} | {r['peak_mb']:,.0f} MiB | {r['first_step_s']:.1f} s |")
     for r in out["results"]:
         if "error" in r:
-            lines.append(f"| {r['side']} | {r['micro']} | {r['compile']} | {r.get('attention', 'default')} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||")
+            lines.append(f"| {r['side']} | {r['micro']} | {r['compile']} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||")
     best = max((r for r in ok if r["side"] == "ours"), key=lambda r: r["tokens_per_s"], default=None)
     if best:
         lines += ["", f"Target: MFU >= {TARGET_MFU:.0%} on an H100. Best of ours: {(best['mfu'] or 0):.1%} "
                   f"(micro-batch {best['micro']}, compile {best['compile']}) -> "
                   f"{'MET' if (best['mfu'] or 0) >= TARGET_MFU else 'MISSED by %.1f points' % (100 * (TARGET_MFU - (best['mfu'] or 0)))}."]
         for r in ok:
-            base = next((b for b in ok if b["side"] == "trainer" and b["micro"] == r["micro"] and b["compile"] == r["compile"]
-                         and r.get("attention", "default") == "default"), None)
+            base = next((b for b in ok if b["side"] == "trainer" and b["micro"] == r["micro"] and b["compile"] == r["compile"]), None)
             if r["side"] == "ours" and base:
                 lines.append(f"- micro-batch {r['micro']}, compile {r['compile']}: ours / Trainer tokens/s = "
                              f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x, peak memory {r['peak_mb'] / base['peak_mb']:.2f}x")
@@ -287,8 +283,6 @@ def main() -> None:
     r.add_argument("--micro", default="16,32")
     r.add_argument("--sides", default="ours,trainer")
     r.add_argument("--compile", default="1", help="comma list of 1/0")
-    r.add_argument("--attention", default="default",
-                   help="comma list of SDPA backends for ours: default (torch's choice, cuDNN on Hopper), flash (FA2)")
     r.add_argument("--profile", action="store_true", help="profile 5 steady steps of ours (their kernels, by device time)")
     c = sub.add_parser("child")
     c.add_argument("spec")
@@ -298,7 +292,7 @@ def main() -> None:
         prepare(a.dir)
     elif a.cmd == "run":
         run(a.dir, a.steps, a.warmup, [int(m) for m in a.micro.split(",")], a.sides.split(","),
-            [c == "1" for c in a.compile.split(",")], a.profile, tuple(a.attention.split(",")))
+            [c == "1" for c in a.compile.split(",")], a.profile)
     elif a.cmd == "render":
         render(json.loads(OUT.read_text()))
     else:

@@ -191,7 +191,8 @@ def test_two_process_ddp_matches_one_process(ws, datasets, tmp_path):
     ({"budget": {}}, "budget: give at least one of steps, tokens or minutes"),
     ({"size": "huge"}, None),
     ({"grad_accum": 3}, "grad_accum: 3 must divide batch_size 4"),
-    ({"method": "lora"}, "method: LoRA adapts a pretrained base"),
+    ({"method": "lora"}, "method: lora adapts a pretrained base"),
+    ({"method": "qlora"}, "method: qlora adapts a pretrained base"),
     ({"learning_rate": 1e-3}, "learning_rate: Extra inputs are not permitted"),
 ])
 def test_bad_plans_are_refused_before_training(ws, datasets, fields, message):
@@ -203,6 +204,14 @@ def test_bad_plans_are_refused_before_training(ws, datasets, fields, message):
         with pytest.raises(InputError, match="size: unknown model size 'huge'"):
             train(plan_from_dict({**base, **fields}), ws, "bad-size", show_progress=False)
         assert not (ws / "runs" / "bad-size").exists()
+
+
+def test_qlora_is_refused_clearly_without_cuda(ws, datasets, tiny_base):
+    plan = TrainPlan(task="finetune", dataset=datasets["pairs"], base_model=str(tiny_base), method="qlora",
+                     device="cpu", budget=Budget(steps=1), **{**TINY, "seq_len": 128})
+    with pytest.raises(InputError, match="method: qlora needs a CUDA GPU .* this run is on cpu; use method lora"):
+        train(plan, ws, "qlora-cpu", show_progress=False)
+    assert not (ws / "runs" / "qlora-cpu").exists()
 
 
 def test_unknown_base_model_and_missing_dataset(ws, datasets):

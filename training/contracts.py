@@ -64,7 +64,7 @@ class DatasetSummary(BaseModel):
 # ---- training -------------------------------------------------------------------------------------
 
 TaskKind = Literal["pretrain", "finetune"]
-Method = Literal["full", "lora"]
+Method = Literal["full", "lora", "qlora"]  # qlora: LoRA over a 4-bit NF4 base (CUDA + bitsandbytes)
 
 
 class LoraSettings(BaseModel):
@@ -137,8 +137,8 @@ class TrainPlan(BaseModel):
                 raise ValueError("base_model: a pretraining run starts from scratch; use task=finetune to start from a base")
             if self.size is None:
                 raise ValueError("size: pretraining needs a model size (tiny, small, 124m or explicit fields)")
-            if self.method == "lora":
-                raise ValueError("method: LoRA adapts a pretrained base; pretraining trains every weight (method=full)")
+            if self.method != "full":
+                raise ValueError(f"method: {self.method} adapts a pretrained base; pretraining trains every weight (method=full)")
         else:
             if not self.base_model:
                 raise ValueError("base_model: fine-tuning needs a base model (a name, a directory or a hub id)")

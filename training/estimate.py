@@ -61,7 +61,7 @@ def memory_need(plan: TrainPlan, run) -> dict[str, float]:
     bytes_per_value = 2 if run.device.type == "cuda" else 4
     micro = plan.batch_size // plan.grad_accum
     memory = {
-        "weights": run.total_params * 4 / GB,
+        "weights": run.total_params * (0.5 if plan.method == "qlora" else 4) / GB,  # qlora: NF4, ~4 bits a weight
         "gradients": run.trainable_params * 4 / GB,
         "optimizer": run.trainable_params * 8 / GB,  # AdamW: two float32 moments per trainable value
         "activations": activation_bytes(config, micro, plan.seq_len, bytes_per_value, run.device.type == "cuda") / GB,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 from training.atomic import atomic_dir
 from training.contracts import TrainPlan
+from training.models import merged_copy
 
 
 def export_model(model, tokenizer, target: Path, plan: TrainPlan, lineage: dict, step: int, metrics: dict) -> Path:
@@ -18,7 +18,7 @@ def export_model(model, tokenizer, target: Path, plan: TrainPlan, lineage: dict,
     with atomic_dir(Path(target)) as tmp:
         is_lora = hasattr(model, "peft_config")
         if is_lora and plan.lora.merge:
-            copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            merged_copy(model, lineage["base_dir"]).save_pretrained(tmp, safe_serialization=True)
         else:
             model.save_pretrained(tmp, safe_serialization=True)  # a peft model writes its adapter only
         tokenizer.save_pretrained(tmp)

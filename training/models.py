@@ -151,22 +151,57 @@ def convert_embedded(name: str, workspace: Path) -> Path:
     return target
 
 
-def load_base(path: Path, dtype=None):
-    """Model and tokenizer from a local safetensors checkpoint; refuses a tokenizer that does not fit."""
+def load_base(path: Path, dtype=None, quantize_on=None):
+    """Model and tokenizer from a local safetensors checkpoint; refuses a tokenizer that does not fit.
+
+    `quantize_on` (a CUDA device) loads the linear layers as 4-bit NF4 through bitsandbytes (QLoRA),
+    computing in bf16, with peft's preparation for training adapters over a quantized base.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with ours
+    extra = {}
+    if quantize_on is not None:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        extra = {"device_map": {"": quantize_on.index or 0}, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "float32", use_safetensors=True,
-                                                     trust_remote_code=False)
+                                                     trust_remote_code=False, **extra)
     except (OSError, ValueError, KeyError) as err:
         raise InputError(f"base_model: cannot load {path} ({str(err).splitlines()[0][:200]})") from None
     check_tokenizer_fits(tokenizer, model, str(path))
+    if quantize_on is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def check_qlora(device) -> None:
+    """QLoRA needs bitsandbytes' 4-bit CUDA kernels: refuse anything else before loading a model."""
+    if device.type != "cuda":
+        raise InputError(f"method: qlora needs a CUDA GPU (bitsandbytes 4-bit kernels) and this run is on {device}; "
+                         "use method lora")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("method: qlora needs the bitsandbytes package (pip install bitsandbytes)")
+
+
+def merged_copy(model, base_dir: Path):
+    """A LoRA model's adapters merged into a full-precision copy of its base, loaded afresh from disk
+    (exact even when training ran over a 4-bit base, and no second copy of the trained model in memory)."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    base, _ = load_base(Path(base_dir))
+    fresh = get_peft_model(base, model.peft_config["default"])
+    set_peft_model_state_dict(fresh, get_peft_model_state_dict(model))
+    return fresh.merge_and_unload()
 
 
 def check_tokenizer_fits(tokenizer, model, where: str) -> None:

@@ -20,7 +20,7 @@ from training.batches import Example, build_examples, read_split
 from training.contracts import TrainPlan
 from training.data.store import datasets_dir, load_summary
 from training.errors import InputError
-from training.models import (apply_lora, base_dir, build_scratch, count_params, load_base, resolve_size)
+from training.models import apply_lora, base_dir, build_scratch, check_qlora, count_params, load_base, resolve_size
 from training.tokenizer import train_bpe
 
 
@@ -210,11 +210,14 @@ def prepare_run(plan: TrainPlan, workspace: Path, run_id: str, resume: bool, dis
         model = build_scratch(spec, tokenizer, plan.seq_len, plan.dropout)
         base = None
     else:
+        if plan.method == "qlora":
+            check_qlora(device)
         base = base_dir(plan.base_model, workspace)
-        model, tokenizer = load_base(base)
-        if plan.method == "lora":
+        model, tokenizer = load_base(base, quantize_on=device if plan.method == "qlora" else None)
+        if plan.method in ("lora", "qlora"):
             model = apply_lora(model, plan.lora)
-    model.to(device)
+    if plan.method != "qlora":  # a 4-bit model is placed on its device while loading and cannot move
+        model.to(device)
     if summary.format != "text" and not getattr(tokenizer, "chat_template", None):
         raise InputError(f"base_model: {plan.base_model} has no chat template, so it cannot learn {summary.format} data; "
                          "use an instruct model or curate the data with --format text")
