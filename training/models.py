@@ -236,6 +236,8 @@ def count_params(model) -> tuple[int, int]:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        quant_state = getattr(p, "quant_state", None)  # bitsandbytes 4-bit: two weights packed per stored byte
+        n = quant_state.shape.numel() if quant_state is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
     return trainable, total

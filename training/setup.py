@@ -82,6 +82,7 @@ def pick_device(choice: str, dist: Distributed) -> torch.device:
         torch.cuda.set_device(dist.local_rank)
         torch.backends.cuda.matmul.allow_tf32 = True  # what stays in float32 under bf16 autocast runs on tensor cores
         torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(dist.local_rank)  # a run's peak is its own, also when a process runs several
         return torch.device("cuda", dist.local_rank)
     return torch.device("cpu")
 
@@ -175,7 +176,7 @@ class RunContext:
     def peak_memory_mb(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (KiB on Linux)
 
 
 def prepare_run(plan: TrainPlan, workspace: Path, run_id: str, resume: bool, dist: Distributed,
