@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Curate datasets and list the curated ones.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+memory_app = typer.Typer(help="Search and maintain the agents' memory (a Chroma index of the workspace).", no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
 
 Workspace = Annotated[
     Path,
@@ -126,6 +128,7 @@ def data_inspect(
     chunk_chars: Annotated[int, typer.Option("--chunk-chars", min=100, help=_setting_help("chunk_chars"))] = 2_000,
     scrub_pii: Annotated[bool, typer.Option("--scrub-pii/--keep-pii", help="Replace e-mails, phones, cards and IPs with placeholders.")] = True,
     tokenizer: Annotated[str, typer.Option("--tokenizer", help=_setting_help("tokenizer"))] = "bytes",
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Record the dataset in memory; report similar datasets and overlap with earlier evaluation sets.")] = True,
     workspace: Workspace = DEFAULT_WORKSPACE,
     as_json: Json = False,
     debug: Debug = False,
@@ -141,14 +144,37 @@ def data_inspect(
         result = curate_to_workspace(path, _check_workspace(workspace), settings=settings, format=format, columns=_parse_columns(columns),
                                      encoding=encoding, show_progress=True)
         console = _console(as_json)
+        recalled = _remember_dataset(workspace, result.summary, console) if memory else None
         if as_json:
-            _emit_json({**result.summary.model_dump(mode="json", by_alias=True), "path": str(result.path)})
+            _emit_json({**result.summary.model_dump(mode="json", by_alias=True), "path": str(result.path),
+                        **({"memory": recalled} if recalled is not None else {})})
         from crews.render import removed_table, summary_table
 
         console.print(summary_table(result.summary))
         if result.removed:
             console.print(removed_table(result.removed, result.summary.source))
         console.print(f"stored in {result.path}")
+        if recalled is not None:
+            from crews.render import recall_lines
+
+            for line in recall_lines(recalled):
+                console.print(line)
+
+
+def _remember_dataset(workspace: Path, summary, console) -> dict:
+    """Index the dataset; what memory knows about it: similar earlier datasets, overlap with their eval sets."""
+    from memory.store import MemoryStore
+    from training.batches import read_split
+    from training.data.store import datasets_dir
+
+    with console.status("recording the dataset in memory ..."):
+        store = MemoryStore(workspace)
+        store.add_dataset(summary)
+        similar = store.similar_datasets(summary, k=3)
+        train = read_split(datasets_dir(workspace) / summary.fingerprint, "train")
+        overlaps = store.contamination(train, exclude_dataset=summary.fingerprint)
+    return {"similar": [s.model_dump() for s in similar], "contaminated": [o.model_dump() for o in overlaps],
+            "train_records": len(train)}
 
 
 @data_app.command("list")
@@ -233,11 +259,113 @@ def eval_command(
         from training.evaluate import evaluate_run
 
         ev = evaluate_run(_check_workspace(workspace), run_id, max_examples=max_examples)
+        from memory.store import MemoryStore, load_run_artefacts
+
+        MemoryStore(workspace).add_evaluation(*load_run_artefacts(workspace / "runs" / run_id))
         if as_json:
             _emit_json(ev.model_dump())
         from crews.render import evaluation_table
 
         _console(as_json).print(evaluation_table(ev))
+
+
+Kind = Annotated[str, typer.Option("--kind", help="datasets, evaluations, lessons or eval_records.")]
+Embedding = Annotated[Optional[str], typer.Option("--embedding", envvar="MODELCREW_EMBEDDING",
+                                                  help="all-minilm-l6-v2 (default), a sentence-transformers directory, or a Chroma embedding function name.")]
+
+
+@memory_app.command("search")
+def memory_search(
+    text: Annotated[str, typer.Argument(help="What to look for, in plain words.")],
+    kind: Kind = "datasets",
+    k: Annotated[int, typer.Option("--k", help="How many hits (1-100).")] = 5,
+    embedding: Embedding = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Search memory by meaning; each hit shows its id (fingerprint or run_id), distance and a summary."""
+    with reported(debug):
+        from memory.store import MemoryStore
+
+        hits = MemoryStore(_check_workspace(workspace), embedding).search(text, kind, k=k)
+        if as_json:
+            _emit_json([h.model_dump() for h in hits])
+        from crews.render import hits_table
+
+        _console(as_json).print(hits_table(hits) if hits else f"nothing in memory's {kind} yet")
+
+
+@memory_app.command("show")
+def memory_show(
+    entry_id: Annotated[str, typer.Argument(help="A dataset fingerprint, a run_id, a lesson or eval record id.")],
+    embedding: Embedding = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Show one memory entry: its collection, document and metadata."""
+    with reported(debug):
+        from memory.store import MemoryStore
+
+        entry = MemoryStore(_check_workspace(workspace), embedding).show(entry_id)
+        if entry is None:
+            raise InputError(f"{entry_id}: not in memory (try `modelcrew memory search`)")
+        if as_json:
+            _emit_json(entry)
+        console = _console(as_json)
+        console.print(f"[bold]{entry['kind']}[/bold] {entry['id']}")
+        console.print(entry["document"], markup=False)
+        for key, value in sorted(entry["metadata"].items()):
+            if key != "plan_json":
+                console.print(f"  {key}: {value}", markup=False)
+
+
+@memory_app.command("stats")
+def memory_stats(embedding: Embedding = None, workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False,
+                 debug: Debug = False) -> None:
+    """Entries per collection, disk size and the embedding function of the index."""
+    with reported(debug):
+        from memory.store import MemoryStore
+
+        stats = MemoryStore(_check_workspace(workspace), embedding).stats()
+        if as_json:
+            _emit_json(stats)
+        counts = ", ".join(f"{k} {v}" for k, v in stats["counts"].items())
+        _console(as_json).print(f"{stats['path']}: {counts}; {stats['disk_bytes'] / 1e6:.1f} MB; embedding {stats['embedding']}")
+
+
+@memory_app.command("doctor")
+def memory_doctor(embedding: Embedding = None, workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False,
+                  debug: Debug = False) -> None:
+    """Check that the index opens, matches the workspace's files and its embedding; say what to run. Exit 1 if not."""
+    with reported(debug):
+        from memory.store import MemoryStore
+
+        report = MemoryStore(_check_workspace(workspace), embedding).doctor()
+        if as_json:
+            _emit_json(report.model_dump())
+        console = _console(as_json)
+        for check in report.checks:
+            console.print(f"{'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}", markup=False)
+        console.print(report.advice, markup=False)
+        if not report.ok:
+            raise typer.Exit(1)
+
+
+@memory_app.command("rebuild")
+def memory_rebuild(embedding: Embedding = None, workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False,
+                   debug: Debug = False) -> None:
+    """Delete the index and re-create it from the workspace's datasets, evaluations and lessons."""
+    with reported(debug):
+        from memory.store import MemoryStore
+
+        console = _console(as_json)
+        with console.status("rebuilding memory ...") as status:
+            stats = MemoryStore(_check_workspace(workspace), embedding).rebuild(progress=lambda what: status.update(f"indexed {what}"))
+        if as_json:
+            _emit_json(stats)
+        console.print("rebuilt: " + ", ".join(f"{k} {v}" for k, v in stats["counts"].items()))
 
 
 def main() -> None:

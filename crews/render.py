@@ -92,3 +92,31 @@ def evaluation_table(e: Evaluation) -> Table:
         change = "" if base in (None, 0) else f"{(value - base) / abs(base):+.1%}"
         table.add_row(name, f"{value:.4g}", "-" if base is None else f"{base:.4g}", change)
     return table
+
+
+def hits_table(hits) -> Table:
+    table = Table(title=f"memory: {hits[0].kind}")
+    table.add_column("id")
+    table.add_column("distance", justify="right")
+    table.add_column("summary")
+    for h in hits:
+        table.add_row(h.id, f"{h.distance:.3f}", h.summary)
+    return table
+
+
+def recall_lines(recalled: dict) -> list[str]:
+    """What memory said about a newly curated dataset, in a few lines."""
+    lines = []
+    similar = [s for s in recalled["similar"] if s["similarity"] >= 0.5]
+    if similar:
+        lines.append("similar datasets in memory: " + ", ".join(f"{s['fingerprint']} ({s['similarity']:.2f}, {s['source']})" for s in similar))
+    else:
+        lines.append("memory: no similar dataset seen before")
+    bad = recalled["contaminated"]
+    if bad:
+        datasets = sorted({o["dataset"] for o in bad})
+        lines.append(f"[yellow]warning[/yellow]: {len(bad)} of {recalled['train_records']} training records restate "
+                     f"evaluation records of {', '.join(datasets)} (contamination; see --json for which)")
+    else:
+        lines.append(f"contamination: none of {recalled['train_records']} training records restates an earlier evaluation record")
+    return lines

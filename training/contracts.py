@@ -191,3 +191,14 @@ class Evaluation(BaseModel):
     samples: list[dict] = Field(description="validation prompts: reference, base answer, candidate answer")
     general_corpus: str
     seconds: float
+    created_at: str | None = None
+
+
+class GateVerdict(BaseModel):
+    """Whether a candidate may be deployed, computed by code from an Evaluation and the goal's target."""
+
+    passed: bool
+    metric: str
+    value: float | None = None
+    threshold: float | None = None
+    reasons: list[str] = Field(default_factory=list, description="one line per check, failing ones first")

