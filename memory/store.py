@@ -245,14 +245,25 @@ class MemoryStore:
 
     def add_evaluation(self, evaluation: Evaluation, plan: TrainPlan | None = None, gate: GateVerdict | None = None,
                        deployed: bool = False) -> None:
-        description = ""
-        try:
-            description = json.loads((datasets_dir(self.workspace) / evaluation.dataset / "summary.json").read_text())["description"]
-        except (OSError, ValueError, KeyError):
-            pass
-        doc, meta = docs.evaluation_document(evaluation, plan, gate, deployed, description)
+        self.add_evaluations([(evaluation, plan, gate, deployed)])
+
+    def add_evaluations(self, items: list[tuple[Evaluation, TrainPlan | None, GateVerdict | None, bool]]) -> None:
+        """Index several evaluations in one locked write (rebuilds and imports)."""
+        descriptions: dict[str, str] = {}
+        ids, documents, metadatas = [], [], []
+        for evaluation, plan, gate, deployed in items:
+            if evaluation.dataset not in descriptions:
+                try:
+                    path = datasets_dir(self.workspace) / evaluation.dataset / "summary.json"
+                    descriptions[evaluation.dataset] = json.loads(path.read_text(encoding="utf-8"))["description"]
+                except (OSError, ValueError, KeyError):
+                    descriptions[evaluation.dataset] = ""
+            doc, meta = docs.evaluation_document(evaluation, plan, gate, deployed, descriptions[evaluation.dataset])
+            ids.append(evaluation.run_id)
+            documents.append(doc)
+            metadatas.append(meta)
         with self._writing():
-            self._upsert("evaluations", [evaluation.run_id], [doc], [meta])
+            self._upsert("evaluations", ids, documents, metadatas)
 
     def add_lesson(self, text: str, run_id: str, dataset: str, record: bool = True) -> str:
         """Store a lesson (and, with `record`, append it to `runs/<run_id>/lessons.jsonl`, its source of truth)."""
@@ -415,15 +426,15 @@ class MemoryStore:
         for summary in summaries:
             self.add_dataset(summary)
             progress and progress(f"dataset {summary.fingerprint}")
-        for path in sorted((self.workspace / "runs").glob("*/evaluation.json")):
-            evaluation, plan, gate, deployed = load_run_artefacts(path.parent)
-            self.add_evaluation(evaluation, plan, gate, deployed)
-            progress and progress(f"evaluation {evaluation.run_id}")
-            lessons = path.parent / "lessons.jsonl"
-            for line in (lessons.read_text(encoding="utf-8").splitlines() if lessons.exists() else []):
+        run_dirs = [path.parent for path in sorted((self.workspace / "runs").glob("*/evaluation.json"))]
+        if run_dirs:
+            self.add_evaluations([load_run_artefacts(d) for d in run_dirs])
+            progress and progress(f"{len(run_dirs)} evaluations")
+        for lessons in sorted((self.workspace / "runs").glob("*/lessons.jsonl")):
+            for line in lessons.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     row = json.loads(line)
-                    self.add_lesson(row["text"], path.parent.name, row.get("dataset", evaluation.dataset), record=False)
+                    self.add_lesson(row["text"], lessons.parent.name, row.get("dataset", ""), record=False)
         return self.stats()
 
     def doctor(self) -> Doctor:
