@@ -37,14 +37,18 @@ def _load(path: str, device: str):
 def _encode(model, texts: list[str], normalize: bool) -> list:
     import torch
 
-    # Queries on one thread: on a shared 2-core machine two threads make a single query ~40x slower
-    # under load, and a query is too small to gain from a second one. Bulk indexing keeps every thread.
+    # A single query is bound by reading the model's 88 MB of weights: 20-30 ms here. On a machine
+    # shared with other busy processes, two threads can make it ~40x slower (they wait on each other);
+    # MODELCREW_EMBED_THREADS=1 pins it there. By default torch's own thread count is used.
+    pinned = int(os.environ.get("MODELCREW_EMBED_THREADS", "0") or 0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1 if len(texts) <= 8 else threads)
+    if pinned:
+        torch.set_num_threads(pinned)
     try:
         vectors = model.encode(list(texts), normalize_embeddings=normalize, convert_to_numpy=True, batch_size=64)
     finally:
-        torch.set_num_threads(threads)
+        if pinned:
+            torch.set_num_threads(threads)
     return [v for v in vectors]
 
 

@@ -121,6 +121,8 @@ class MemoryStore:
         self.lock = WriterLock(self.root / "write.lock", timeout)
         self._client = None
         self._opened_at: float | None = None
+        self._handles: dict = {}  # collection handles of the current client
+        self._handles_of = None
 
     # ---- opening ----------------------------------------------------------------------------------
 
@@ -172,12 +174,19 @@ class MemoryStore:
 
     def _collection(self, kind: str, create: bool = False):
         client = self._open()
+        if client is not self._handles_of:  # handles belong to one client
+            self._handles, self._handles_of = {}, client
+        if kind in self._handles:
+            return self._handles[kind]
         if create:
-            return client.get_or_create_collection(kind, embedding_function=self.ef, configuration={"hnsw": {"space": "cosine"}})
-        try:
-            return client.get_collection(kind, embedding_function=self.ef)
-        except Exception:  # not created yet: nothing stored of this kind
-            return None
+            col = client.get_or_create_collection(kind, embedding_function=self.ef, configuration={"hnsw": {"space": "cosine"}})
+        else:
+            try:
+                col = client.get_collection(kind, embedding_function=self.ef)
+            except Exception:  # not created yet: nothing stored of this kind
+                return None
+        self._handles[kind] = col
+        return col
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -296,10 +305,9 @@ class MemoryStore:
         kind, k = check_kind(kind), check_k(k)
         query = {"query_embeddings": [vector]} if vector is not None else {"query_texts": [check_query(text)]}
         col = self._collection(kind)
-        if col is None or col.count() == 0:
+        if col is None:
             return []
-        res = col.query(**query, n_results=min(k, col.count()), where=where or None,
-                        include=["documents", "metadatas", "distances"])
+        res = col.query(**query, n_results=k, where=where or None, include=["documents", "metadatas", "distances"])
         hits = []
         for id_, doc, meta, dist in zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0]):
             summary = (meta or {}).get("summary") or docs._clip(doc or "", 160)

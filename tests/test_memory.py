@@ -166,6 +166,24 @@ def test_rebuild_restores_the_same_search_results(world):
     assert store.doctor().ok
 
 
+def test_a_corrupted_index_is_diagnosed_and_rebuilt(tmp_path):
+    faq = curate_to_workspace(str(FAQ), tmp_path).summary
+    store = MemoryStore(tmp_path)
+    store.add_dataset(faq)
+    expected = [h.id for h in store.search("descaling", "eval_records", k=3)]
+    store.close()
+    db = tmp_path / "memory" / "chroma" / "chroma.sqlite3"
+    db.write_bytes(b"this is not a database" * 100)
+    fresh = MemoryStore(tmp_path)
+    report = fresh.doctor()
+    assert not report.ok and any("cannot" in c.detail for c in report.checks if not c.ok), report
+    with pytest.raises(ModelcrewError, match="memory: cannot open the index .* run `modelcrew memory doctor`"):
+        fresh.search("descaling", "eval_records")
+    fresh.rebuild()
+    assert fresh.doctor().ok
+    assert [h.id for h in fresh.search("descaling", "eval_records", k=3)] == expected
+
+
 def test_a_fresh_process_reopens_with_the_same_embedding_and_refuses_another(world):
     ws, store, _, _ = world
     expected = [h.id for h in store.search("coffee machine support", "datasets", k=3)]
