@@ -287,3 +287,20 @@ class Registry:
                 if (path / extra).exists() and not (tmp / extra).exists():
                     shutil.copy(path / extra, tmp / extra)
         return target
+
+
+def register_run(workspace: Path, name: str, run_id: str, which: str = "best") -> Version:
+    """Register a run's export with the evaluation and gate verdict found beside it."""
+    if which not in ("best", "final"):
+        raise InputError(f"--which: best or final, not {which!r}")
+    run_dir = Path(workspace) / "runs" / run_id
+    if not run_dir.is_dir():
+        raise InputError(f"run {run_id!r}: no such run in {Path(workspace) / 'runs'}")
+    model_dir = run_dir / which
+    if not model_dir.is_dir():
+        raise InputError(f"run {run_id}: no {which}/ export (the run has {', '.join(p.name for p in run_dir.iterdir() if p.is_dir())})")
+    evaluation = Evaluation.model_validate_json((run_dir / "evaluation.json").read_text(encoding="utf-8")) \
+        if (run_dir / "evaluation.json").exists() else None
+    gate = GateVerdict.model_validate_json((run_dir / "gate.json").read_text(encoding="utf-8")) \
+        if (run_dir / "gate.json").exists() else None
+    return Registry(workspace).register(name, model_dir, evaluation, gate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import shutil
 import json
 import socket
 import subprocess
@@ -289,3 +290,69 @@ def test_a_running_server_follows_promotion_and_rollback(served):
     reg.rollback("bot")
     assert httpx.get(server.url + "/health").json()["version"] == "bot@v1"
     assert client.completions.create(**prompt).choices[0].text == first
+
+
+# ---- the deployer's tools and the CLI --------------------------------------------------------------
+
+
+def test_deployer_tools_use_the_registry_and_cannot_force(ws, tmp_path):
+    from tools.deploy import ModelStatusTool, PromoteModelTool, RegisterModelTool, RollbackModelTool
+
+    home = tmp_path / "home"
+    for run, ppl, passed in (("good", 20.0, True), ("better", 18.0, True), ("worse", 30.0, True), ("failed", 10.0, False)):
+        run_dir = home / "runs" / run
+        shutil.copytree(ws / "runs" / "tiny-a" / "final", run_dir / "best")
+        (run_dir / "evaluation.json").write_text(_evaluation(run, ppl).model_dump_json())
+        (run_dir / "gate.json").write_text(_gate(passed).model_dump_json())
+    register, promote = RegisterModelTool(workspace=home), PromoteModelTool(workspace=home)
+    rollback, status = RollbackModelTool(workspace=home), ModelStatusTool(workspace=home)
+    assert register.run(model_name="support-bot", run_id="good") == "registered support-bot v1 from run good (gate passed)"
+    for run in ("better", "worse", "failed"):
+        register.run(model_name="support-bot", run_id=run)
+    assert promote.run(model_name="support-bot", version="v1").startswith("support-bot@production is now v1")
+    assert promote.run(model_name="support-bot", version="v2").startswith("support-bot@production is now v2")
+    assert promote.run(model_name="support-bot", version="v3").startswith("refused to promote support-bot v3")
+    assert "failed its gate" in promote.run(model_name="support-bot", version="v4")
+    assert rollback.run(model_name="support-bot", reason="v2 regressed on new tickets") == \
+        "support-bot@production is v1 again (v2 regressed on new tickets)"
+    assert "aliases production=v1" in status.run(model_name="support-bot")
+    # untrusted arguments: bounded by the schemas, no force, paths confined
+    with pytest.raises(ValueError, match="arguments validation failed"):
+        register.run(model_name="support-bot", run_id="../../etc")
+    with pytest.raises(ValueError, match="arguments validation failed"):
+        promote.run(model_name="support-bot", version="v1", force=True)
+    assert register.run(model_name="support-bot", run_id="nope").startswith("error: run 'nope': no such run")
+    assert "force" not in PromoteModelTool.model_fields and "force" not in promote.args_schema.model_fields
+
+
+def test_cli_register_and_serve_on_localhost(ws, tmp_path, cli):
+    home = tmp_path / "home"
+    shutil.copytree(ws / "runs" / "tiny-a", home / "runs" / "tiny-a")
+    (home / "runs" / "tiny-a" / "gate.json").write_text(_gate(True).model_dump_json())
+    reg = cli("models", "register", "support-bot", "tiny-a", "--which", "final", "--workspace", str(home), "--json")
+    assert reg.exit_code == 0, reg.stderr
+    assert cli("models", "promote", "support-bot", "v1", "--workspace", str(home)).exit_code == 0
+    listed = cli("models", "list", "--workspace", str(home), "--json").json()
+    assert listed == [{"name": "support-bot", "versions": ["v1"], "aliases": {"production": "v1"}}]
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "crews.cli", "serve", "support-bot@production", "--port", str(port),
+                             "--workspace", str(home)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read()[-2000:]
+                time.sleep(0.1)
+        assert health["version"] == "support-bot@v1"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(model="support-bot", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        bound = {c.laddr.ip for c in __import__("psutil").Process(proc.pid).net_connections() if c.status == "LISTEN"}
+        assert bound == {"127.0.0.1"}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    bad = cli("models", "promote", "support-bot", "v9", "--workspace", str(home))
+    assert bad.exit_code == 2 and "no version v9" in bad.stderr
