@@ -37,8 +37,14 @@ test: setup
 	@# pytest exits 5 when it collected no tests: a broken suite, reported as such, never a pass.
 	$(VENV)/bin/pytest || { rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$rc; }
 
+# The CPU benchmarks (each writes its section of bench/RESULTS.md); run them on a quiet machine.
+# bench_serve needs the converted SmolLM2 (make demo makes it); bench_gpu.py and gpu_check.py need a GPU.
 bench: setup
 	$(PY) bench/bench_data.py
+	$(PY) bench/bench_train.py
+	$(PY) bench/bench_lora.py
+	$(PY) bench/bench_memory.py
+	$(PY) bench/bench_serve.py
 
 clean:
 	rm -rf .modelcrew .pytest_cache

@@ -9,6 +9,7 @@ tokens as events as soon as they are decoded (streaming), ending with exactly on
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
@@ -53,6 +54,8 @@ class LoadedModel:
         else:
             self.model, self.tokenizer = load_base(self.dir, dtype=self._dtype())
         self.model.to(self.device).eval()
+        # transformers >= 5.2x names the KV cache `cache`; earlier versions `past_key_values`
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         config = self.model.config
         self.context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
@@ -126,7 +129,7 @@ def generate(loaded: LoadedModel, batch: list[Request]) -> None:
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1, :].float()
+    past, logits = _cache_of(out), out.logits[:, -1, :].float()
 
     for i, r in enumerate(batch):
         if r.echo_logprobs:
@@ -178,8 +181,13 @@ def generate(loaded: LoadedModel, batch: list[Request]) -> None:
         step = torch.tensor(next_ids, dtype=torch.long, device=device).unsqueeze(1)
         mask = torch.cat([mask, torch.ones_like(step)], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=step, attention_mask=mask, position_ids=last_pos, past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1, :].float()
+        out = model(input_ids=step, attention_mask=mask, position_ids=last_pos, use_cache=True, **{loaded.cache_arg: past})
+        past, logits = _cache_of(out), out.logits[:, -1, :].float()
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _sample(logits: torch.Tensor, r: Request, generator: torch.Generator) -> int:
