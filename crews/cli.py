@@ -271,6 +271,31 @@ def eval_command(
         _console(as_json).print(evaluation_table(ev))
 
 
+@app.command("plan")
+def plan_command(
+    goal: Annotated[str, typer.Argument(help="The goal in plain words, quoted.")],
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Parse a goal and print it with the training plan it leads to; trains nothing and writes nothing."""
+    with reported(debug):
+        from crews.goals import parse_goal
+        from crews.planning import plan_for
+        from training.data.curate import curate
+
+        parsed = parse_goal(goal, _check_workspace(workspace))
+        plan = None
+        if parsed.task != "evaluate":
+            summary = curate(parsed.data, format=parsed.format).summary  # in memory: the fingerprint and format
+            plan, _ = plan_for(parsed, summary)
+        payload = {"goal": parsed.model_dump(mode="json"), "plan": plan.model_dump(mode="json") if plan else None}
+        if as_json:
+            _emit_json(payload)
+        console = _console(as_json)
+        console.print_json(json.dumps(payload))
+
+
 Kind = Annotated[str, typer.Option("--kind", help="datasets, evaluations, lessons or eval_records.")]
 Embedding = Annotated[Optional[str], typer.Option("--embedding", envvar="MODELCREW_EMBEDDING",
                                                   help="all-minilm-l6-v2 (default), a sentence-transformers directory, or a Chroma embedding function name.")]

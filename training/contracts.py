@@ -202,3 +202,73 @@ class GateVerdict(BaseModel):
     value: float | None = None
     threshold: float | None = None
     reasons: list[str] = Field(default_factory=list, description="one line per check, failing ones first")
+
+
+# ---- goals (what a user asked for, parsed) --------------------------------------------------------
+
+Metric = Literal["perplexity", "accuracy", "exact_match", "f1", "rougeL"]
+
+
+class Target(BaseModel):
+    """What counts as success: e.g. perplexity 20% below the base (relative), or accuracy >= 0.85 (absolute)."""
+
+    model_config = {"extra": "forbid"}
+
+    metric: Metric
+    direction: Literal["lower", "higher"]
+    kind: Literal["absolute", "relative"]
+    value: float = Field(ge=0)
+    baseline: Literal["none", "base", "production"] = "none"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Target":
+        if self.kind == "relative" and self.baseline == "none":
+            raise ValueError("target: a relative target needs a baseline (base or production)")
+        if self.kind == "absolute" and self.baseline != "none":
+            raise ValueError("target: an absolute target has no baseline")
+        if self.kind == "relative" and self.direction == "lower" and self.value >= 1:
+            raise ValueError(f"target: {self.value:.0%} below the baseline is impossible (it would be zero or negative)")
+        if self.kind == "absolute" and self.metric != "perplexity" and self.value > 1:
+            raise ValueError(f"target: {self.metric} is a fraction between 0 and 1; {self.value:g} cannot be reached")
+        return self
+
+
+class GoalBudget(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    minutes: float | None = Field(None, gt=0, le=7 * 24 * 60)
+    steps: int | None = Field(None, gt=0, le=10_000_000)
+
+
+class Goal(BaseModel):
+    """A training goal in plain words, made exact. Filled by the offline parser or by an LLM (structured output)."""
+
+    model_config = {"extra": "forbid"}
+
+    task: Literal["pretrain", "finetune", "evaluate"]
+    data: str = Field(min_length=1, description="a path, a directory, or a named corpus (bbc-news), as written")
+    base_model: str = Field("", description="a name, a path or a hub id; empty for pretrain")
+    method: Literal["full", "lora"]
+    format: DataFormat | None = Field(None, description="None: detected from the data")
+    metric: Metric
+    target: Target | None = None
+    budget: GoalBudget = Field(default_factory=GoalBudget)
+    deploy: Literal["never", "if_passed", "always"] = "never"
+    model_name: str | None = None
+    lora: LoraSettings | None = None
+    size: str | None = Field(None, description="pretrain: tiny, small or 124m")
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Goal":
+        if self.task == "pretrain" and self.base_model:
+            raise ValueError("base_model: pretraining starts from scratch; fine-tune to start from a base model")
+        if self.task != "pretrain" and not self.base_model:
+            raise ValueError("base_model: name the model to fine-tune or evaluate (e.g. smollm2-135m-instruct)")
+        if self.task == "pretrain" and self.method != "full":
+            raise ValueError("method: pretraining trains every weight (full)")
+        if self.target and self.target.metric != self.metric:
+            raise ValueError(f"target: measures {self.target.metric} but the goal's metric is {self.metric}")
+        if self.deploy != "never" and not self.model_name:
+            raise ValueError("model_name: deploying needs a name for the registry (e.g. 'deploy it as support-bot')")
+        return self

@@ -1,0 +1,52 @@
+"""From a `Goal` (and what memory knows) to a `TrainPlan`: defaults chosen by code, never by an LLM.
+
+The defaults are the ones measured on this project's machines (see training/recipes/): LoRA at lr
+2e-4 with validation every 10 steps and keep-best, because at 1e-3 a 135M model peaks early and then
+overfits. When memory holds a run on similar data, its learning rate, batch, sequence length and LoRA
+settings are the starting point instead, and the plan says which run it came from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from training.contracts import Budget, DatasetSummary, Goal, LoraSettings, TrainPlan
+
+CPU_DEFAULT = Budget(steps=60, minutes=12)  # what a 2-core machine finishes in minutes
+GPU_DEFAULT = Budget(steps=500, minutes=30)
+PRETRAIN_LR = {"tiny": 3e-3, "small": 1e-3, "124m": 6e-4}
+
+
+def budget_for(goal: Goal) -> Budget:
+    default = GPU_DEFAULT if torch.cuda.is_available() else CPU_DEFAULT
+    if goal.budget.steps or goal.budget.minutes:
+        return Budget(steps=goal.budget.steps, minutes=goal.budget.minutes)
+    return default
+
+
+def plan_for(goal: Goal, summary: DatasetSummary, best=None) -> tuple[TrainPlan, str | None]:
+    """The plan for `goal` on the curated `summary`; `best` is memory's BestConfig (or None).
+
+    Returns (plan, reused) where `reused` names the earlier run whose settings were taken, if any.
+    """
+    if goal.task == "evaluate":
+        raise ValueError("an evaluate goal has no training plan")
+    texty = summary.format == "text"
+    seq_len = 512 if texty else 256
+    if goal.task == "pretrain":
+        size = goal.size or "tiny"
+        fields = dict(task="pretrain", size=size, method="full", lr=PRETRAIN_LR.get(size, 1e-3), batch_size=8,
+                      seq_len=64 if size == "tiny" else 256, warmup_steps=10)
+    else:
+        lora = goal.lora or LoraSettings(rank=8, alpha=16)
+        fields = dict(task="finetune", base_model=goal.base_model, method=goal.method, lora=lora,
+                      lr=2e-4 if goal.method == "lora" else 5e-5, batch_size=8, seq_len=seq_len, warmup_steps=5)
+    reused = None
+    if best is not None and goal.task == "finetune" and best.plan.task == "finetune" and best.plan.method == goal.method:
+        fields.update(lr=best.plan.lr, batch_size=best.plan.batch_size, seq_len=best.plan.seq_len,
+                      grad_accum=best.plan.grad_accum)
+        if goal.lora is None and goal.method == "lora":
+            fields["lora"] = best.plan.lora
+        reused = best.run_id
+    return TrainPlan(dataset=summary.fingerprint, budget=budget_for(goal), eval_every=10, eval_batches=4,
+                     checkpoint_every=10, patience=3, **fields), reused
