@@ -1,0 +1,88 @@
+"""The gate: may this candidate be deployed? Computed from numbers by code; an LLM never decides it.
+
+Checks, each giving one line of reasons (failing ones first):
+1. the goal's target, on the held-out test split when it was measured (the validation split chose the
+   best checkpoint, so it flatters): absolute ("accuracy >= 0.85"), relative to the base model
+   ("perplexity 20% below the base") or to production (production's score on the same evaluation set;
+   with no production yet, the base stands in and the reason says so); with no target, the candidate
+   must not be worse than its base;
+2. forgetting: general-text perplexity may not rise more than `max_forgetting` (10%) over the base's;
+3. contamination: no training record may restate an earlier evaluation record (from memory).
+"""
+
+from __future__ import annotations
+
+from training.contracts import Evaluation, GateVerdict, Goal, Target
+
+MAX_FORGETTING = 0.10
+
+
+def metric_key(metric: str, metrics: dict[str, float]) -> str:
+    """The evaluation key a goal metric is judged on: the test split's perplexity when there is one."""
+    if metric == "perplexity":
+        return "test_perplexity" if "test_perplexity" in metrics else "val_perplexity"
+    return metric
+
+
+def gate(goal: Goal, evaluation: Evaluation, production: dict[str, float] | None = None, contaminated: int = 0,
+         max_forgetting: float = MAX_FORGETTING) -> GateVerdict:
+    m = evaluation.metrics
+    key = metric_key(goal.metric, m)
+    value = m.get(key)
+    failed: list[str] = []
+    passed: list[str] = []
+    if value is None:
+        failed.append(f"{key} was not measured on this data, so the goal's {goal.metric} cannot be judged")
+    else:
+        target = goal.target or Target(metric=goal.metric, direction="lower" if goal.metric == "perplexity" else "higher",
+                                       kind="relative", value=0.0, baseline="base")
+        ok, line = _judge(target, key, value, m, production)
+        (passed if ok else failed).append(line)
+    general, base_general = m.get("general_perplexity"), m.get("base_general_perplexity")
+    if general is not None and base_general:
+        rise = general / base_general - 1
+        line = (f"forgetting: general-text perplexity {general:.4g} vs the base's {base_general:.4g} "
+                f"({rise:+.1%}; at most +{max_forgetting:.0%})")
+        (passed if rise <= max_forgetting else failed).append(line)
+    if contaminated:
+        failed.append(f"contamination: {contaminated} training records restate earlier evaluation records")
+    else:
+        passed.append("contamination: none found in memory")
+    return GateVerdict(passed=not failed, metric=key, value=value, threshold=_threshold(goal, key, m, production),
+                       reasons=failed + passed)
+
+
+def _baseline(target: Target, key: str, metrics: dict[str, float], production: dict[str, float] | None) -> tuple[float | None, str]:
+    if target.baseline == "production" and production and production.get(key) is not None:
+        return production[key], "production"
+    label = "the base (no production version yet)" if target.baseline == "production" else "the base"
+    return metrics.get(f"base_{key}"), label
+
+
+def _threshold(goal: Goal, key: str, metrics: dict[str, float], production: dict[str, float] | None) -> float | None:
+    target = goal.target
+    if target is None:
+        return metrics.get(f"base_{key}")
+    if target.kind == "absolute":
+        return target.value
+    base, _ = _baseline(target, key, metrics, production)
+    if base is None:
+        return None
+    return base * (1 - target.value) if target.direction == "lower" else base * (1 + target.value)
+
+
+def _judge(target: Target, key: str, value: float, metrics: dict[str, float], production) -> tuple[bool, str]:
+    lower = target.direction == "lower"
+    if target.kind == "absolute":
+        ok = value <= target.value if lower else value >= target.value
+        return ok, f"{key} {value:.4g} {'<=' if lower else '>='} {target.value:.4g} {'met' if ok else 'NOT met'}"
+    base, label = _baseline(target, key, metrics, production)
+    if base is None:
+        return False, f"{key}: no {label} score to compare with"
+    needed = base * (1 - target.value) if lower else base * (1 + target.value)
+    change = value / base - 1 if base else 0.0
+    ok = value <= needed if lower else value >= needed
+    op = "<=" if lower else ">="
+    need = (f"{target.value:.0%} {'below' if lower else 'above'} {label}" if target.value else f"no worse than {label}")
+    return ok, (f"{key} {value:.4g} vs {label} {base:.4g} ({change:+.1%}); needed {need}, {op} {needed:.4g}: "
+                f"{'met' if ok else 'NOT met'}")

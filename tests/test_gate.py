@@ -1,0 +1,57 @@
+"""The gate is code: the verdict follows from the numbers, whatever anyone says."""
+
+from __future__ import annotations
+
+import pytest
+
+from crews.gate import gate
+from training.contracts import Evaluation, Goal, Target
+
+
+def evaluation(**metrics) -> Evaluation:
+    base = {"val_perplexity": 20.0, "test_perplexity": 21.0, "base_val_perplexity": 30.0, "base_test_perplexity": 30.0,
+            "general_perplexity": 40.0, "base_general_perplexity": 39.0, "f1": 0.5, "base_f1": 0.4}
+    return Evaluation(run_id="r", dataset="fp", format="pairs", base_model="smollm2-135m-instruct", model_dir="x",
+                      metrics={**base, **metrics}, examples={}, samples=[], general_corpus="", seconds=0)
+
+
+def goal(target: dict | None, metric: str = "perplexity") -> Goal:
+    return Goal(task="finetune", data="d.jsonl", base_model="smollm2-135m-instruct", method="lora", metric=metric,
+                target=Target(**target) if target else None)
+
+
+REL = {"metric": "perplexity", "direction": "lower", "kind": "relative", "baseline": "base"}
+
+
+@pytest.mark.parametrize("target,metrics,production,passed,first", [
+    ({**REL, "value": 0.2}, {}, None, True, "test_perplexity 21 vs the base 30 (-30.0%); needed 20% below the base, <= 24: met"),
+    ({**REL, "value": 0.4}, {}, None, False, "test_perplexity 21 vs the base 30 (-30.0%); needed 40% below the base"),
+    ({**REL, "value": 0.2}, {"general_perplexity": 45.0}, None, False, "forgetting: general-text perplexity 45 vs the base's 39"),
+    ({**REL, "value": 0.1, "baseline": "production"}, {}, {"test_perplexity": 22.0}, False, "test_perplexity 21 vs production 22"),
+    ({**REL, "value": 0.0, "baseline": "production"}, {}, {"test_perplexity": 22.0}, True, None),
+    ({**REL, "value": 0.2, "baseline": "production"}, {}, None, True, None),   # no production yet: the base stands in
+    ({"metric": "perplexity", "direction": "lower", "kind": "absolute", "value": 20.0}, {}, None, False, "test_perplexity 21 <= 20 NOT met"),
+    ({"metric": "perplexity", "direction": "lower", "kind": "absolute", "value": 25.0}, {}, None, True, None),
+    (None, {"test_perplexity": 31.0}, None, False, "test_perplexity 31 vs the base 30 (+3.3%); needed no worse than the base"),
+    (None, {}, None, True, None),
+])
+def test_perplexity_targets(target, metrics, production, passed, first):
+    verdict = gate(goal(target), evaluation(**metrics), production)
+    assert verdict.passed is passed
+    assert verdict.metric == "test_perplexity" and verdict.value == evaluation(**metrics).metrics["test_perplexity"]
+    if first:
+        assert verdict.reasons[0].startswith(first), verdict.reasons
+    assert all(r.strip() for r in verdict.reasons)
+
+
+def test_task_metrics_and_contamination():
+    f1 = {"metric": "f1", "direction": "higher", "kind": "absolute", "value": 0.45}
+    assert gate(goal(f1, "f1"), evaluation()).passed
+    assert not gate(goal({**f1, "value": 0.6}, "f1"), evaluation()).passed
+    rel = {"metric": "f1", "direction": "higher", "kind": "relative", "value": 0.2, "baseline": "base"}
+    verdict = gate(goal(rel, "f1"), evaluation())  # 0.5 >= 0.4 * 1.2 = 0.48
+    assert verdict.passed and verdict.threshold == pytest.approx(0.48)
+    dirty = gate(goal(f1, "f1"), evaluation(), contaminated=3)
+    assert not dirty.passed and dirty.reasons[0] == "contamination: 3 training records restate earlier evaluation records"
+    missing = gate(goal({"metric": "accuracy", "direction": "higher", "kind": "absolute", "value": 0.8}, "accuracy"), evaluation())
+    assert not missing.passed and missing.reasons[0].startswith("accuracy was not measured")
