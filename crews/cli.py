@@ -271,6 +271,45 @@ def eval_command(
         _console(as_json).print(evaluation_table(ev))
 
 
+@app.command("run")
+def run_command(
+    goal: Annotated[str, typer.Argument(help="The goal in plain words, quoted.")],
+    llm: Annotated[Optional[str], typer.Option("--llm", envvar="MODELCREW_LLM", help="offline (default, a rule-based policy), or a CrewAI model string such as openai/gpt-4o-mini.")] = None,
+    llm_base_url: Annotated[Optional[str], typer.Option("--llm-base-url", envvar="MODELCREW_LLM_BASE_URL", help="An OpenAI-compatible server for the agents' LLM.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask before starting (never asked without a terminal).")] = False,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Run the crew on a goal: curate, train, evaluate and gate, report, deploy as the goal says."""
+    with reported(debug):
+        from crews.goals import parse_goal
+        from crews.run import run_goal
+
+        console = _console(as_json)
+        parsed = parse_goal(goal, _check_workspace(workspace))
+        console.print(f"goal: {parsed.task} {parsed.base_model or parsed.size or ''} on {parsed.data}, metric "
+                      f"{parsed.metric}, deploy {parsed.deploy}", markup=False)
+        if sys.stdin.isatty() and not yes and not typer.confirm("start the crew?", default=True):
+            raise typer.Exit(1)
+
+        def show(event: dict) -> None:
+            if event["kind"] == "tool":
+                console.print(f"[dim]{event['t']:7.1f}s[/dim] [bold]{event['tool']}[/bold]({json.dumps(event['args'])}) "
+                              f"{event['seconds']:.1f}s -> {event['result'][:160]}", highlight=False)
+            elif event["kind"] == "task":
+                console.print(f"[dim]{event['t']:7.1f}s[/dim] [green]{event['agent']}[/green] done: {event['output'][:200]}",
+                              highlight=False)
+
+        result = run_goal(goal, workspace, llm, llm_base_url, echo=show)
+        if as_json:
+            _emit_json(result)
+        gate = result["gate"]
+        console.print(f"run {result['run_id']}: {result['metric']} {result['base_value']} -> {result['value']}; gate "
+                      f"{'PASSED' if gate['passed'] else 'FAILED'}; deployment "
+                      f"{result['deployment'] or 'none'}; report {result['report']}", markup=False)
+
+
 @app.command("plan")
 def plan_command(
     goal: Annotated[str, typer.Argument(help="The goal in plain words, quoted.")],
@@ -281,7 +320,7 @@ def plan_command(
     """Parse a goal and print it with the training plan it leads to; trains nothing and writes nothing."""
     with reported(debug):
         from crews.goals import parse_goal
-        from crews.planning import plan_for
+        from training.planning import plan_for
         from training.data.curate import curate
 
         parsed = parse_goal(goal, _check_workspace(workspace))

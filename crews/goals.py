@@ -129,9 +129,13 @@ def _find_data(original: str, low: str) -> str | None:
     for pattern, name in CORPORA.items():
         if re.search(rf"\b{pattern}\b", low):
             return name
-    for token in re.findall(r"[\w./~:-]+", original):
-        clean = token.rstrip(".,;:")
-        if clean.lower().endswith(DATA_EXT) or (("/" in clean or clean.startswith(("~", "."))) and Path(clean).expanduser().is_dir()):
+    tokens = [t.rstrip(".,;:") for t in re.findall(r"[\w./~:-]+", original)]
+    for clean in tokens:  # a data file first ...
+        if clean.lower().endswith(DATA_EXT):
+            return clean
+    for clean in tokens:  # ... else a directory of data (a model directory is not data)
+        path = Path(clean).expanduser()
+        if ("/" in clean or clean.startswith(("~", "."))) and path.is_dir() and not (path / "config.json").exists():
             return clean
     return None
 

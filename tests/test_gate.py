@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from crews.gate import gate
+from training.gate import gate
 from training.contracts import Evaluation, Goal, Target
 
 

@@ -7,6 +7,9 @@ pattern-check every name, paths must resolve inside the workspace, and an engine
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 from crewai.tools import BaseTool
@@ -25,15 +28,42 @@ class ToolArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Trace:
+    """`trace.jsonl`: every agent step and tool call with its timing, appended and flushed as it happens."""
+
+    def __init__(self, path: Path | None = None, echo=None) -> None:
+        self.path, self.echo, self.started = path, echo, time.perf_counter()
+        self.lock = threading.Lock()
+        self.events: list[dict] = []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, kind: str, **fields) -> None:
+        event = {"t": round(time.perf_counter() - self.started, 3), "kind": kind, **fields}
+        with self.lock:
+            self.events.append(event)
+            if self.path is not None:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(event, ensure_ascii=False, default=str) + "\n")
+        if self.echo is not None:
+            self.echo(event)
+
+
 class WorkspaceTool(BaseTool):
     model_config = ConfigDict(arbitrary_types_allowed=True)
     workspace: Path = Field(description="the workspace this tool may touch (never chosen by the LLM)")
+    trace: Trace | None = Field(None, description="where tool calls are recorded")
 
     def _run(self, **kwargs) -> str:
+        started = time.perf_counter()
         try:
-            return self.act(**kwargs)
+            result = self.act(**kwargs)
         except ModelcrewError as err:
-            return f"error: {err}"
+            result = f"error: {err}"
+        if self.trace is not None:
+            self.trace.write("tool", tool=self.name, args=kwargs, seconds=round(time.perf_counter() - started, 3),
+                             result=result[:2000])
+        return result
 
     def act(self, **kwargs) -> str:  # pragma: no cover - each tool defines it
         raise NotImplementedError

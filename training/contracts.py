@@ -272,3 +272,13 @@ class Goal(BaseModel):
         if self.deploy != "never" and not self.model_name:
             raise ValueError("model_name: deploying needs a name for the registry (e.g. 'deploy it as support-bot')")
         return self
+
+
+class Deployment(BaseModel):
+    """What the deployer did (`runs/<run_id>/deployment.json`)."""
+
+    deployed: bool
+    model_name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    reason: str = ""

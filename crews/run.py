@@ -1,0 +1,86 @@
+"""`modelcrew run GOAL`: parse the goal, run the crew, collect what it did into one result."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from datetime import datetime
+from pathlib import Path
+
+from training.errors import InputError, ModelcrewError
+
+CREWAI_QUIET = {"CREWAI_DISABLE_TELEMETRY": "true", "CREWAI_TRACING_ENABLED": "false", "CREWAI_DISABLE_VERSION_CHECK": "true"}
+
+
+def quiet_crewai(workspace: Path) -> None:
+    """No telemetry, tracing or version checks (each stalls 5-20 s offline); CrewAI's files in the workspace."""
+    for key, value in CREWAI_QUIET.items():
+        os.environ.setdefault(key, value)
+    storage = Path(workspace).resolve() / "crewai"
+    storage.mkdir(parents=True, exist_ok=True)
+    os.environ["CREWAI_STORAGE_DIR"] = str(storage)  # two workspaces never share CrewAI's databases
+
+
+def new_run_id(task: str) -> str:
+    return f"{task}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def run_goal(goal_text: str, workspace: Path, llm: str | None = None, base_url: str | None = None, echo=None,
+             run_id: str | None = None) -> dict:
+    from crews.goals import parse_goal
+
+    workspace = Path(workspace)
+    goal = parse_goal(goal_text, workspace)
+    if goal.task == "evaluate":
+        raise InputError("task: evaluate-only goals are not run by the crew yet; use `modelcrew eval RUN_ID`")
+    quiet_crewai(workspace)
+    from agents.llm import make_llm
+    from crews.crew import ModelCrew
+    from tools.base import Trace
+
+    run_id = run_id or new_run_id(goal.task)
+    run_dir = workspace / "runs" / run_id
+    trace = Trace(run_dir / "trace.jsonl", echo=echo)
+    trace.write("goal", text=goal_text, goal=goal.model_dump(mode="json"), llm=llm or "offline")
+    started = time.perf_counter()
+    crew = ModelCrew(workspace, goal, goal_text, run_id, make_llm(llm, base_url), trace).crew()
+    try:
+        out = crew.kickoff(inputs={"goal_json": goal.model_dump_json(), "run_id": run_id})
+    except ModelcrewError:
+        raise
+    except Exception as err:  # the LLM or a tool gave up after its retries: stop cleanly, say why
+        trace.write("error", message=str(err))
+        raise ModelcrewError(f"the crew stopped: {type(err).__name__}: {str(err).splitlines()[0][:300]} "
+                             f"(trace: {run_dir / 'trace.jsonl'})") from None
+    wall = time.perf_counter() - started
+    return collect(workspace, run_id, goal, goal_text, out, wall, trace)
+
+
+def collect(workspace: Path, run_id: str, goal, goal_text: str, out, wall: float, trace) -> dict:
+    from memory.store import MemoryStore, load_run_artefacts
+    from training.contracts import Deployment, Evaluation, GateVerdict, TrainPlan
+    from training.gate import metric_key
+
+    run_dir = workspace / "runs" / run_id
+    outputs = [t.pydantic for t in out.tasks_output]
+    deployment = outputs[-1] if isinstance(outputs[-1], Deployment) else Deployment(deployed=False, reason="no answer")
+    (run_dir / "deployment.json").write_text(deployment.model_dump_json(indent=2), encoding="utf-8")
+    ev = Evaluation.model_validate_json((run_dir / "evaluation.json").read_text(encoding="utf-8"))
+    gate = GateVerdict.model_validate_json((run_dir / "gate.json").read_text(encoding="utf-8"))
+    plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
+    MemoryStore(workspace).add_evaluation(*load_run_artefacts(run_dir))  # now with whether it was deployed
+    key = metric_key(goal.metric, ev.metrics)
+    tool_seconds = sum(e.get("seconds", 0) for e in trace.events if e["kind"] == "tool")
+    result = {
+        "run_id": run_id, "goal": goal_text, "parsed_goal": goal.model_dump(mode="json"), "fingerprint": plan.dataset,
+        "base_val_perplexity": ev.metrics.get("base_val_perplexity"), "val_perplexity": ev.metrics.get("val_perplexity"),
+        "metric": key, "base_value": ev.metrics.get(f"base_{key}"), "value": ev.metrics.get(key),
+        "gate": {"passed": gate.passed, "reasons": gate.reasons},
+        "deployment": ({"model_name": deployment.model_name, "version": deployment.version, "alias": deployment.alias}
+                       if deployment.version else None),
+        "report": str(run_dir / "report.md"), "wall_seconds": round(wall, 2), "tool_seconds": round(tool_seconds, 2),
+    }
+    (run_dir / "crew_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
