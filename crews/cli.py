@@ -294,7 +294,10 @@ def run_command(
             raise typer.Exit(1)
 
         def show(event: dict) -> None:
-            if event["kind"] == "tool":
+            if event["kind"] == "tool_start":
+                console.print(f"[dim]{event['t']:7.1f}s[/dim] [bold]{event['tool']}[/bold]({json.dumps(event['args'])}) ...",
+                              highlight=False)
+            elif event["kind"] == "tool":
                 console.print(f"[dim]{event['t']:7.1f}s[/dim] [bold]{event['tool']}[/bold]({json.dumps(event['args'])}) "
                               f"{event['seconds']:.1f}s -> {event['result'][:160]}", highlight=False)
             elif event["kind"] == "task":

@@ -164,3 +164,16 @@ def test_tools_refuse_escapes_bounds_and_unknown_arguments(base, tmp_path):
         with pytest.raises(ValueError, match="arguments validation failed"):
             trainer.run(**bad)
     assert trainer.run(fingerprint="0" * 16).startswith("error: 0000000000000000: no such dataset")
+
+
+def test_cli_run_prints_one_json_object(base, cli):
+    ws, base_dir = base
+    out = cli("run", _goal(base_dir, "and never deploy"), "--json", "--workspace", str(ws))
+    assert out.exit_code == 0, out.stderr
+    body = out.json()
+    assert {"run_id", "goal", "fingerprint", "base_val_perplexity", "val_perplexity", "metric", "base_value", "value",
+            "gate", "deployment", "report"} <= set(body)
+    assert body["deployment"] is None and set(body["gate"]) == {"passed", "reasons"}
+    assert Path(body["report"]).exists() and "curate_dataset" in out.stderr  # live steps go to stderr with --json
+    refused = cli("run", "fine-tune smollm2 to be better", "--json", "--workspace", str(ws))
+    assert refused.exit_code == 2 and refused.stderr.strip().startswith("error: data: the goal names no data")

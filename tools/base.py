@@ -56,6 +56,8 @@ class WorkspaceTool(BaseTool):
 
     def _run(self, **kwargs) -> str:
         started = time.perf_counter()
+        if self.trace is not None:
+            self.trace.write("tool_start", tool=self.name, args=kwargs)
         try:
             result = self.act(**kwargs)
         except ModelcrewError as err:

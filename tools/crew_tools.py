@@ -165,7 +165,7 @@ class TrainModelTool(GoalTool):
             from training.contracts import TrainPlan
 
             plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
-        result = train(plan, Path(self.workspace), self.run_id, resume=resume, show_progress=False)
+        result = train(plan, Path(self.workspace), self.run_id, resume=resume, show_progress=True)  # a bar on stderr
         (run_dir / "memory_used.json").write_text(json.dumps({"reused_from": reused}), encoding="utf-8")
         return short({"run_id": result.run_id, "status": result.status, "message": result.message, "steps": result.steps,
                       "best_step": result.best_step, "best_val_loss": result.best_val_loss,
