@@ -316,22 +316,32 @@ def run_command(
 @app.command("plan")
 def plan_command(
     goal: Annotated[str, typer.Argument(help="The goal in plain words, quoted.")],
+    with_estimate: Annotated[bool, typer.Option("--estimate", help="Also estimate parameters, memory and time from 2 measured steps (curates the data into the workspace).")] = False,
     workspace: Workspace = DEFAULT_WORKSPACE,
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
-    """Parse a goal and print it with the training plan it leads to; trains nothing and writes nothing."""
+    """Parse a goal and print it with the training plan it leads to; trains nothing (and writes nothing without --estimate)."""
     with reported(debug):
         from crews.goals import parse_goal
         from training.planning import plan_for
         from training.data.curate import curate
 
         parsed = parse_goal(goal, _check_workspace(workspace))
-        plan = None
+        plan, estimated = None, None
         if parsed.task != "evaluate":
-            summary = curate(parsed.data, format=parsed.format).summary  # in memory: the fingerprint and format
-            plan, _ = plan_for(parsed, summary)
-        payload = {"goal": parsed.model_dump(mode="json"), "plan": plan.model_dump(mode="json") if plan else None}
+            if with_estimate:
+                from training.data import curate_to_workspace
+                from training.estimate import estimate
+
+                summary = curate_to_workspace(parsed.data, workspace, format=parsed.format).summary
+                plan, _ = plan_for(parsed, summary)
+                estimated = estimate(plan, workspace, measure_steps=2).model_dump()
+            else:
+                summary = curate(parsed.data, format=parsed.format).summary  # in memory: the fingerprint and format
+                plan, _ = plan_for(parsed, summary)
+        payload = {"goal": parsed.model_dump(mode="json"), "plan": plan.model_dump(mode="json") if plan else None,
+                   "estimate": estimated}
         if as_json:
             _emit_json(payload)
         console = _console(as_json)

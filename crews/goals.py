@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from training.contracts import Goal, GoalBudget, LoraSettings, Target
 from training.errors import InputError
@@ -340,3 +340,51 @@ def _check_labelled(data: str, fmt: str | None, workspace: Path | None) -> None:
 def _notes(original: str) -> str:
     m = re.search(r"\b(?:note|notes|nb)\s*[:-]\s*(.+)$", original, re.I)
     return m.group(1).strip() if m else ""
+
+
+GOAL_PROMPT = """[parse goal] Turn the user's training goal into JSON matching this schema exactly. Use only what the
+user said: leave a field at its default when they did not say it; never invent data paths or model names.
+Embedded base models: smollm2-135m-instruct, gemma3-270m. Percentages are fractions (20% -> 0.2).
+"at least 20% below the base model" -> target {metric, direction: lower, kind: relative, value: 0.2, baseline: base}.
+Schema: """
+
+
+def check_goal(goal: Goal, workspace: Path | None = None) -> Goal:
+    """The refusals that apply to a Goal however it was parsed (an LLM's structured output too)."""
+    if goal.task != "pretrain":
+        base = goal.base_model
+        known = (base in BASE_PARAMS or (Path(base).expanduser() / "config.json").is_file()
+                 or re.fullmatch(r"[\w.-]+/[\w.-]+", base) or re.fullmatch(r"[a-z0-9-]+@(?:production|staging|previous|v\d+)", base))
+        if not known:
+            raise InputError(f"base_model: unknown model {base!r}; use smollm2-135m-instruct, gemma3-270m, a local "
+                             "model directory or a hub id like org/name")
+    if goal.data != "bbc-news" and not Path(goal.data).expanduser().exists():
+        raise InputError(f"data: {goal.data} does not exist")
+    if goal.metric == "accuracy":
+        _check_labelled(goal.data, goal.format, workspace)
+    return goal
+
+
+def parse_goal_with_llm(text: str, llm, workspace: Path | None = None) -> Goal:
+    """The same `Goal`, filled by the agents' LLM with structured output, then held to the same refusals."""
+    original = " ".join(str(text or "").split())
+    if not original:
+        raise InputError("goal: empty; say what to train, on which data, and what counts as success")
+    messages = [{"role": "system", "content": GOAL_PROMPT + json.dumps(Goal.model_json_schema())},
+                {"role": "user", "content": original}]
+    try:
+        raw = llm.call(messages, response_model=Goal)
+    except Exception as err:  # the model's answer did not fit the schema, or the call failed
+        raise InputError(f"goal: the LLM could not turn it into a Goal ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    try:
+        if isinstance(raw, Goal):
+            goal = raw
+        elif isinstance(raw, BaseModel):
+            goal = Goal.model_validate(raw.model_dump())
+        else:
+            start, end = str(raw).find("{"), str(raw).rfind("}")
+            goal = Goal.model_validate_json(str(raw)[start:end + 1])
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise InputError(f"{'.'.join(str(x) for x in first['loc']) or 'goal'}: {first['msg'].removeprefix('Value error, ')}") from None
+    return check_goal(goal, workspace)

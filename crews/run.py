@@ -29,23 +29,27 @@ def new_run_id(task: str) -> str:
 
 def run_goal(goal_text: str, workspace: Path, llm: str | None = None, base_url: str | None = None, echo=None,
              run_id: str | None = None) -> dict:
-    from crews.goals import parse_goal
+    from crews.goals import parse_goal, parse_goal_with_llm
 
     workspace = Path(workspace)
-    goal = parse_goal(goal_text, workspace)
-    if goal.task == "evaluate":
-        raise InputError("task: evaluate-only goals are not run by the crew yet; use `modelcrew eval RUN_ID`")
     quiet_crewai(workspace)
-    from agents.llm import make_llm
+    from agents.llm import OFFLINE, make_llm
     from crews.crew import ModelCrew
     from tools.base import Trace
+
+    agents_llm = make_llm(llm, base_url)
+    offline = (llm or os.environ.get("MODELCREW_LLM") or OFFLINE) == OFFLINE and not (base_url or os.environ.get("MODELCREW_LLM_BASE_URL"))
+    # the offline policy cannot read language: its goals come from the deterministic parser; a real LLM parses its own
+    goal = parse_goal(goal_text, workspace) if offline else parse_goal_with_llm(goal_text, agents_llm, workspace)
+    if goal.task == "evaluate":
+        raise InputError("task: evaluate-only goals are not run by the crew yet; use `modelcrew eval RUN_ID`")
 
     run_id = run_id or new_run_id(goal.task)
     run_dir = workspace / "runs" / run_id
     trace = Trace(run_dir / "trace.jsonl", echo=echo)
     trace.write("goal", text=goal_text, goal=goal.model_dump(mode="json"), llm=llm or "offline")
     started = time.perf_counter()
-    crew = ModelCrew(workspace, goal, goal_text, run_id, make_llm(llm, base_url), trace).crew()
+    crew = ModelCrew(workspace, goal, goal_text, run_id, agents_llm, trace).crew()
     try:
         out = crew.kickoff(inputs={"goal_json": goal.model_dump_json(), "run_id": run_id})
     except ModelcrewError:
