@@ -161,6 +161,13 @@ def _deploy(goal, run_id, context, calls, results, done) -> Step:
         raise PolicyError(registered.removeprefix("error:").strip())
     version = re.search(r"\b(v\d+)\b", registered).group(1)
     promotions = [text for tool, text in done if tool == "promote_model"]
+    if goal.get("approval") == "required":
+        if not promotions:
+            return Step("The goal wants a person's approval: I stage it.", "promote_model",
+                        {"model_name": name, "version": version, "to": "staging"})
+        return Step("Staged for approval.", final={
+            "deployed": False, "model_name": name, "version": version, "alias": "staging",
+            "reason": f"waiting for approval: modelcrew models approve {name} {version}"})
     if not promotions:
         return Step("I promote it to production; the registry checks its policy.", "promote_model",
                     {"model_name": name, "version": version, "to": "production"})

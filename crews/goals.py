@@ -108,6 +108,8 @@ def parse_goal(text: str, workspace: Path | None = None) -> Goal:
         raise InputError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
     budget = _find_budget(low)
     deploy, name = _find_deploy(original, low, data)
+    approval = "required" if re.search(r"\b(?:human|manual|my|a person'?s?|someone'?s?)\s+approv|\bafter (?:i|we) approve|"
+                                       r"\b(?:needs?|requires?|wait for|with|after|pending) approval\b", low) else "none"
     lora = _find_lora(low)
     method = "full" if task == "pretrain" else _find_method(low, base, lora)
     if method == "full" and lora is not None and task != "pretrain":
@@ -117,7 +119,7 @@ def parse_goal(text: str, workspace: Path | None = None) -> Goal:
         _check_labelled(data, fmt, workspace)
     try:
         return Goal(task=task, data=data, base_model=base or "", method=method, format=fmt, metric=metric, target=target,
-                    budget=budget, deploy=deploy, model_name=name, lora=lora,
+                    budget=budget, deploy=deploy, approval=approval, model_name=name, lora=lora,
                     size=size or ("tiny" if task == "pretrain" else None), notes=_notes(original))
     except ValidationError as err:
         first = err.errors()[0]

@@ -83,7 +83,7 @@ def collect(workspace: Path, run_id: str, goal, goal_text: str, out, wall: float
         "metric": key, "base_value": ev.metrics.get(f"base_{key}"), "value": ev.metrics.get(key),
         "gate": {"passed": gate.passed, "reasons": gate.reasons},
         "deployment": ({"model_name": deployment.model_name, "version": deployment.version, "alias": deployment.alias}
-                       if deployment.version else None),
+                       if deployment.version and deployment.alias else None),
         "report": str(run_dir / "report.md"), "wall_seconds": round(wall, 2), "tool_seconds": round(tool_seconds, 2),
     }
     (run_dir / "crew_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -204,3 +204,13 @@ def test_cli_run_prints_one_json_object(base, cli):
     assert Path(body["report"]).exists() and "curate_dataset" in out.stderr  # live steps go to stderr with --json
     refused = cli("run", "fine-tune smollm2 to be better", "--json", "--workspace", str(ws))
     assert refused.exit_code == 2 and refused.stderr.strip().startswith("error: data: the goal names no data")
+
+
+def test_approval_stops_at_staging_until_a_person_approves(base, cli):
+    ws, base_dir = base
+    result = run_goal(_goal(base_dir, "so that perplexity is at most 100000, deploy as help-bot after human approval"), ws)
+    assert result["gate"]["passed"] and result["deployment"] == {"model_name": "help-bot", "version": "v1", "alias": "staging"}
+    assert Registry(ws).state("help-bot").aliases == {"staging": "v1"}
+    approved = cli("models", "approve", "help-bot", "v1", "--workspace", str(ws))
+    assert approved.exit_code == 0, approved.stderr
+    assert Registry(ws).state("help-bot").aliases == {"production": "v1"}

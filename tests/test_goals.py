@@ -111,13 +111,15 @@ CASES = [
      goal()),
     (f"fine-tune smollm2 on {FAQ} and call it helpdesk-v2; deploy if it passes",
      goal(deploy="if_passed", model_name="helpdesk-v2")),
+    (f"fine-tune smollm2 on {FAQ} and deploy it as faq-bot after human approval",
+     goal(deploy="if_passed", model_name="faq-bot", approval="required")),
     # hub ids and local directories
     (f"Fine-tune HuggingFaceTB/SmolLM2-360M on {FAQ} with exact match above 40%",
      goal(base_model="HuggingFaceTB/SmolLM2-360M", target=ab("exact_match", 0.4))),
     (f"fine-tune Qwen/Qwen2.5-0.5B-Instruct on {FAQ} for a couple of hours, note: keep answers short",
      goal(base_model="Qwen/Qwen2.5-0.5B-Instruct", budget={"minutes": 120}, notes="keep answers short")),
 ]
-CASES[20] = (CASES[20][0], goal(target=rel(0.2, "production")))
+CASES[20] = (CASES[20][0], goal(target=rel(0.2, "production")))  # accuracy named, perplexity targeted
 
 
 @pytest.mark.parametrize("text,expected", CASES, ids=[f"goal{i}" for i in range(len(CASES))])

@@ -254,6 +254,7 @@ class Goal(BaseModel):
     target: Target | None = None
     budget: GoalBudget = Field(default_factory=GoalBudget)
     deploy: Literal["never", "if_passed", "always"] = "never"
+    approval: Literal["none", "required"] = Field("none", description="required: the deployer stops at staging for a person")
     model_name: str | None = None
     lora: LoraSettings | None = None
     size: str | None = Field(None, description="pretrain: tiny, small or 124m")
