@@ -29,6 +29,8 @@ data_app = typer.Typer(help="Curate datasets and list the curated ones.", no_arg
 app.add_typer(data_app, name="data")
 memory_app = typer.Typer(help="Search and maintain the agents' memory (a Chroma index of the workspace).", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
+runs_app = typer.Typer(help="Evaluated runs: list them, compare two.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 models_app = typer.Typer(help="The model registry: versions, aliases, promotion, rollback, export.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
@@ -311,6 +313,58 @@ def run_command(
         console.print(f"run {result['run_id']}: {result['metric']} {result['base_value']} -> {result['value']}; gate "
                       f"{'PASSED' if gate['passed'] else 'FAILED'}; deployment "
                       f"{result['deployment'] or 'none'}; report {result['report']}", markup=False)
+
+
+@app.command("report")
+def report_command(
+    run_id: Annotated[str, typer.Argument(help="The run to report on (runs/<run_id>/).")],
+    open_it: Annotated[bool, typer.Option("--open", help="Open the HTML report in a browser.")] = False,
+    workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False, debug: Debug = False,
+) -> None:
+    """Re-render runs/<run_id>/report.md and report.html from the run's artefacts."""
+    with reported(debug):
+        from tools.report import render
+
+        md, html = render(_check_workspace(workspace), run_id)
+        if as_json:
+            _emit_json({"markdown": str(md), "html": str(html)})
+        _console(as_json).print(f"wrote {md} and {html}")
+        if open_it:
+            import webbrowser
+
+            webbrowser.open(html.resolve().as_uri())
+
+
+@runs_app.command("list")
+def runs_list(workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False, debug: Debug = False) -> None:
+    """Evaluated runs: run, goal, metric, verdict, deployed, time."""
+    with reported(debug):
+        from rich.table import Table
+
+        from tools.report import fmt, list_runs
+
+        rows = list_runs(_check_workspace(workspace))
+        if as_json:
+            _emit_json(rows)
+        table = Table(title=f"runs in {workspace}")
+        for col in ("run", "goal", "metric", "verdict", "deployed", "time"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["run_id"], (r["goal"] or "")[:60], f"{r['metric']} {fmt(r['value'])}", r["verdict"], r["deployed"], r["time"])
+        _console(as_json).print(table if rows else f"no evaluated runs in {workspace}")
+
+
+@runs_app.command("compare")
+def runs_compare(run_a: Annotated[str, typer.Argument()], run_b: Annotated[str, typer.Argument()],
+                 workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False, debug: Debug = False) -> None:
+    """A side-by-side report of two runs (reports/compare-A-vs-B.md and .html)."""
+    with reported(debug):
+        from tools.report import render_compare
+
+        md, html = render_compare(_check_workspace(workspace), run_a, run_b)
+        if as_json:
+            _emit_json({"markdown": str(md), "html": str(html)})
+        _console(as_json).print(f"wrote {md} and {html}")
 
 
 @app.command("plan")
