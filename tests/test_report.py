@@ -119,3 +119,25 @@ def test_runs_list_and_compare(runs, cli):
 def test_long_runs_are_downsampled_before_plotting():
     xs, ys = _downsample(list(range(10_000)), [float(i) for i in range(10_000)])
     assert len(xs) <= MAX_POINTS + 1 and xs[0] == 0 and xs[-1] == 9_999 and xs == [int(y) for y in ys]
+
+
+def test_the_narrative_gets_its_numbers_from_code_and_cannot_contradict_the_verdict(runs):
+    from training.errors import InputError
+
+    ws, results = runs
+    failed = results["failed"]["run_id"]
+    for text, message in [("Perplexity fell to 12.3, a fine result.", "write numbers only as placeholders"),
+                          ("The run passed: {metric} reached {value}.", "it says the run passed, but the gate failed it"),
+                          ("Good: {vibes}.", "unknown placeholder")]:
+        with pytest.raises(InputError, match=message):
+            render(ws, failed, narrative=text)
+    assert not (ws / "runs" / failed / "narrative.json").exists()  # a refused narrative leaves nothing behind
+    md, html = render(ws, failed, narrative="The run failed its gate: {metric} ended at {value} against {threshold}.")
+    ev = Evaluation.model_validate_json((ws / "runs" / failed / "evaluation.json").read_text())
+    key = results["failed"]["metric"]
+    expected = f"The run failed its gate: {key} ended at {ev.metrics[key]:.4g} against 1.5."
+    assert expected in md.read_text() and expected in html.read_text()
+    assert expected in render(ws, failed)[0].read_text()  # kept across re-renders
+    passed = results["passed"]["run_id"]
+    with pytest.raises(InputError, match="it says the run failed, but the gate passed it"):
+        render(ws, passed, narrative="It failed to improve on {base}.")

@@ -256,6 +256,9 @@ class CompareWithHistoryTool(GoalTool):
 class ReportArgs(ToolArgs):
     run_id: str = Field(pattern=RUN_ID)
     lesson: str | None = Field(None, max_length=300, description="one sentence learned from this run, for memory")
+    narrative: str | None = Field(None, max_length=1500, description=(
+        "optional account of the run in plain words; write numbers only as placeholders {metric} {value} {base} "
+        "{threshold} {verdict} {steps} (code inserts them); it may not contradict the gate's verdict"))
 
 
 class WriteReportTool(GoalTool):
@@ -265,10 +268,10 @@ class WriteReportTool(GoalTool):
     args_schema: type[BaseModel] = ReportArgs
     goal_text: str = ""
 
-    def act(self, run_id: str, lesson: str | None = None) -> str:
+    def act(self, run_id: str, lesson: str | None = None, narrative: str | None = None) -> str:
         from tools.report import write_markdown_report
 
-        path = write_markdown_report(Path(self.workspace), run_id, self.goal, self.goal_text)
+        path = write_markdown_report(Path(self.workspace), run_id, self.goal, self.goal_text, narrative)
         if lesson:
             from training.contracts import TrainPlan
 

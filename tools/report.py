@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -140,7 +141,7 @@ def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
             "rows": rows, "history": history, "lengths": lengths, "memory_used": memory_used.get("reused_from"),
             "recommendations": recommendations(rows, m, summary, gate), "fmt": fmt,
             "general": (fmt(m.get("base_general_perplexity")), fmt(m.get("general_perplexity"))),
-            "code_version": _code_version()}
+            "code_version": _code_version(), "narrative": None}
 
 
 def _code_version() -> str:
@@ -177,6 +178,32 @@ def recommendations(rows: list[dict], m: dict, summary: DatasetSummary, gate: Ga
     if gate is not None and not gate.passed:
         out.append("The gate failed: " + gate.reasons[0] + ".")
     return out or ["No warning signs in the numbers."]
+
+
+PLACEHOLDERS = ("metric", "value", "base", "threshold", "verdict", "steps", "run_id")
+
+
+def narrative_text(template: str, data: dict) -> str:
+    """The evaluator's narrative with every number inserted by code; refused if it carries its own numbers
+    or contradicts the verdict (the gate decides, the words only explain)."""
+    bare = re.sub(r"\{(?:%s)\}" % "|".join(PLACEHOLDERS), "", template)
+    if re.search(r"\d", bare):
+        raise InputError("narrative: write numbers only as placeholders ({value}, {base}, {threshold}, {steps}), never digits")
+    if re.search(r"[{}]", bare):
+        raise InputError(f"narrative: unknown placeholder; use {', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
+    low = bare.lower()
+    says_failed = re.search(r"\bfail(?:ed|s|ure)?\b|did not (?:pass|meet|reach)|missed|not good enough", low)
+    says_passed = re.search(r"(?<!not )\b(?:passed|passes|succeeded|met the target|reached the target|meets the target)\b", low)
+    if data["passed"] and says_failed:
+        raise InputError("narrative: it says the run failed, but the gate passed it")
+    if data["passed"] is False and says_passed:
+        raise InputError("narrative: it says the run passed, but the gate failed it")
+    m = data["ev"].metrics
+    values = {"metric": data["metric"], "value": fmt(m.get(data["metric"])), "base": fmt(m.get(f"base_{data['metric']}")),
+              "threshold": next((r["target"] for r in data["metrics"] if r["name"] == data["metric"]), "—") or "—",
+              "verdict": "passed" if data["passed"] else ("failed" if data["passed"] is False else "not gated"),
+              "steps": fmt(data["result"].steps), "run_id": data["run_id"]}
+    return template.format_map(values)
 
 
 def plots(data: dict) -> list[tuple[str, str]]:
@@ -238,9 +265,15 @@ def plots(data: dict) -> list[tuple[str, str]]:
     return figures
 
 
-def render(workspace: Path, run_id: str, goal_text: str | None = None) -> tuple[Path, Path]:
+def render(workspace: Path, run_id: str, goal_text: str | None = None, narrative: str | None = None) -> tuple[Path, Path]:
     """Write report.md and report.html for `run_id`; returns their paths."""
     data = gather(workspace, run_id, goal_text)
+    saved = Path(workspace) / "runs" / run_id / "narrative.json"
+    if narrative is not None:
+        narrative_text(narrative, data)  # refuse before anything is written
+        saved.write_text(json.dumps({"template": narrative}), encoding="utf-8")
+    if saved.exists():
+        data["narrative"] = narrative_text(json.loads(saved.read_text(encoding="utf-8"))["template"], data)
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]), keep_trailing_newline=True)
     run_dir = Path(workspace) / "runs" / run_id
     md = run_dir / "report.md"
@@ -250,9 +283,9 @@ def render(workspace: Path, run_id: str, goal_text: str | None = None) -> tuple[
     return md, html
 
 
-def write_markdown_report(workspace: Path, run_id: str, goal, goal_text: str) -> Path:
+def write_markdown_report(workspace: Path, run_id: str, goal, goal_text: str, narrative: str | None = None) -> Path:
     """The evaluator's tool entry point: both files; returns the Markdown path."""
-    md, _ = render(Path(workspace), run_id, goal_text or None)
+    md, _ = render(Path(workspace), run_id, goal_text or None, narrative)
     return md
 
 
