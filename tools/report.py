@@ -118,8 +118,12 @@ def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
     try:
         from memory.store import MemoryStore
 
+        if not (workspace / "memory" / "chroma").exists():
+            raise FileNotFoundError("no memory index in this workspace")  # a report never creates one
         store = MemoryStore(workspace)
-        fingerprints = [plan.dataset] + [s.fingerprint for s in store.similar_datasets(summary, k=5) if s.similarity >= 0.5]
+        fingerprints = [plan.dataset]
+        if store.show(plan.dataset) is not None:  # indexed: its stored vector finds neighbours without loading a model
+            fingerprints += [s.fingerprint for s in store.similar_datasets(summary, k=5) if s.similarity >= 0.5]
         for fp in fingerprints:
             for past in store.history(fingerprint=fp):
                 if key in past.metrics:
