@@ -75,6 +75,9 @@ def collect(workspace: Path, run_id: str, goal, goal_text: str, out, wall: float
     gate = GateVerdict.model_validate_json((run_dir / "gate.json").read_text(encoding="utf-8"))
     plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
     MemoryStore(workspace).add_evaluation(*load_run_artefacts(run_dir))  # now with whether it was deployed
+    from tools.report import render
+
+    render(workspace, run_id, goal_text)  # the evaluator wrote it before the deployer acted: now with the deployment
     key = metric_key(goal.metric, ev.metrics)
     tool_seconds = sum(e.get("seconds", 0) for e in trace.events if e["kind"] == "tool")
     result = {

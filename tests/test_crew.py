@@ -78,6 +78,8 @@ def test_offline_crew_runs_every_agent_through_tools_and_the_deployed_model_is_s
     past = MemoryStore(ws).history(fingerprint=result["fingerprint"])
     assert [r.run_id for r in past] == [result["run_id"]] and past[0].deployed is True and past[0].gate == "passed"
     assert list((ws / "crewai").glob("*.db"))  # CrewAI's own storage lives in the workspace
+    report = (ws / "runs" / result["run_id"] / "report.md").read_text()
+    assert "Deployed as faq-bot@production (v1)." in report and "| deploy |" in report  # re-rendered after deploying
     # ... and `modelcrew serve faq-bot@production` serves what the crew deployed
     from serving.server import create_app
 
