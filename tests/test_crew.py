@@ -17,7 +17,7 @@ from crews.goals import parse_goal
 from crews.run import run_goal
 from memory.store import MemoryStore
 from serving.registry import Registry
-from tools.crew_tools import CurateDatasetTool, TrainModelTool
+from tools.crew_tools import CurateDatasetTool, EstimatePlanTool, SearchMemoryTool, TrainModelTool
 from training.contracts import Budget, Evaluation, GateVerdict, TrainPlan
 from training.data import curate_to_workspace
 from training.gate import gate
@@ -216,3 +216,17 @@ def test_approval_stops_at_staging_until_a_person_approves(base, cli):
     approved = cli("models", "approve", "help-bot", "v1", "--workspace", str(ws))
     assert approved.exit_code == 0, approved.stderr
     assert Registry(ws).state("help-bot").aliases == {"production": "v1"}
+
+
+def test_estimate_and_search_tools_answer_in_short_json(base):
+    ws, base_dir = base
+    goal = parse_goal(_goal(base_dir, ""))
+    summary = curate_to_workspace(str(ROOT / FAQ), ws).summary
+    MemoryStore(ws).add_dataset(summary)  # as curate_dataset does
+    fp = summary.fingerprint
+    est = json.loads(EstimatePlanTool(workspace=ws, goal=goal, run_id="r-est").run(fingerprint=fp, lr=1e-3, lora_rank=2))
+    assert est["plan"]["lr"] == 1e-3 and est["plan"]["lora"]["rank"] == 2 and est["plan"]["base_model"] == str(base_dir)
+    assert est["trainable_params"] < est["total_params"] and est["memory_gb"]["total"] > 0
+    assert not (ws / "runs" / "r-est").exists()  # estimating trains nothing and leaves no run
+    hits = json.loads(SearchMemoryTool(workspace=ws).run(query="support questions", kind="datasets", k=2))["hits"]
+    assert hits and hits[0]["id"] == fp and len(json.dumps(hits)) < 2000
