@@ -56,7 +56,7 @@ def _downsample(xs: list, ys: list) -> tuple[list, list]:
 
 def _png(fig) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})  # no version stamp: same input, same bytes
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})  # no version stamp: same bytes
     import matplotlib.pyplot as plt
 
     plt.close(fig)
