@@ -109,7 +109,7 @@ def test_a_second_run_reuses_memory_and_an_impossible_target_is_not_deployed(bas
     assert result["gate"]["reasons"][0].startswith(f"{result['metric']} ") and "NOT met" in result["gate"]["reasons"][0]
     used = json.loads((ws / "runs" / result["run_id"] / "memory_used.json").read_text())
     assert used["reused_from"] is not None  # the first test's run on the same data
-    assert "memory suggested: the settings of run" in (ws / "runs" / result["run_id"] / "report.md").read_text()
+    assert "Memory suggested: the settings of run" in (ws / "runs" / result["run_id"] / "report.md").read_text()
 
 
 def _free_port() -> int:
