@@ -6,10 +6,8 @@ Pure functions of the contracts (no Chroma here), so `rebuild` makes exactly wha
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 
-from pydantic import BaseModel
 
 from training.contracts import DatasetSummary, Evaluation, GateVerdict, TrainPlan
 
@@ -78,7 +76,3 @@ def evaluation_document(evaluation: Evaluation, plan: TrainPlan | None, gate: Ga
 
 def lesson_id(run_id: str, text: str) -> str:
     return f"{run_id}:{content_hash(text)}"
-
-
-def to_json(model: BaseModel) -> str:
-    return json.dumps(model.model_dump(mode="json"), ensure_ascii=False)

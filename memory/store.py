@@ -32,6 +32,7 @@ from training.batches import read_split
 from training.contracts import DatasetSummary, Evaluation, GateVerdict, TrainPlan
 from training.data.store import datasets_dir, list_datasets
 from training.errors import InputError, ModelcrewError
+from training.gate import lower_is_better
 
 Kind = Literal["datasets", "evaluations", "lessons", "eval_records"]
 KINDS: tuple[str, ...] = ("datasets", "evaluations", "lessons", "eval_records")
@@ -39,7 +40,6 @@ MAX_K = 100
 BATCH = 500  # entries per upsert (Chroma caps a batch; embedding in chunks also bounds memory)
 CENTROID_MIN, CENTROID_MAX = 32, 512  # records behind a dataset's vector
 CONTAMINATION_THRESHOLD = 0.85  # cosine similarity above which a training record restates an eval record
-LOWER_IS_BETTER = ("perplexity", "loss")
 
 
 class Hit(BaseModel):
@@ -103,10 +103,6 @@ class Doctor(BaseModel):
     ok: bool
     checks: list[Check]
     advice: str
-
-
-def higher_is_better(metric: str) -> bool:
-    return not any(word in metric for word in LOWER_IS_BETTER)
 
 
 class MemoryStore:
@@ -370,7 +366,7 @@ class MemoryStore:
                 break
             runs = [r for r in self.history(cand.fingerprint) if r.plan is not None and metric in r.metrics]
             if runs:
-                pick = (max if higher_is_better(metric) else min)(runs, key=lambda r: r.metrics[metric])
+                pick = (min if lower_is_better(metric) else max)(runs, key=lambda r: r.metrics[metric])
                 return BestConfig(run_id=pick.run_id, dataset=cand.fingerprint, similarity=round(cand.similarity, 4),
                                   metric=metric, value=pick.metrics[metric], plan=pick.plan)
         return None

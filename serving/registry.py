@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from memory.lock import WriterLock
 from training.contracts import Evaluation, GateVerdict
 from training.errors import InputError
+from training.gate import lower_is_better
 
 ALIASES = ("production", "staging", "previous")
 NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -87,10 +88,6 @@ def parse_ref(ref: str) -> tuple[str, str]:
     if which not in ALIASES and not re.fullmatch(r"v[1-9][0-9]*", which):
         raise InputError(f"{ref}: after @ give an alias ({', '.join(ALIASES)}) or a version like v3")
     return check_name(name), which
-
-
-def lower_is_better(metric: str) -> bool:
-    return "perplexity" in metric or "loss" in metric
 
 
 def policy(candidate: Version, production: Version | None, metric: str | None = None) -> Decision:

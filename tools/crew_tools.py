@@ -234,7 +234,7 @@ class CompareWithHistoryTool(GoalTool):
 
     def act(self, run_id: str) -> str:
         from training.contracts import Evaluation
-        from training.gate import metric_key
+        from training.gate import lower_is_better, metric_key
 
         run_dir = Path(self.workspace) / "runs" / run_id
         if not (run_dir / "evaluation.json").exists():
@@ -243,7 +243,7 @@ class CompareWithHistoryTool(GoalTool):
         key = metric_key(self.goal.metric, ev.metrics)
         store = MemoryStore(self.workspace)
         runs = [r for r in store.history(fingerprint=ev.dataset) if key in r.metrics]
-        lower = "perplexity" in key
+        lower = lower_is_better(key)
         ranked = sorted(runs, key=lambda r: r.metrics[key], reverse=not lower)
         rank = next((i + 1 for i, r in enumerate(ranked) if r.run_id == run_id), None)
         best = next((r for r in ranked if r.run_id != run_id), None)

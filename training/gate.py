@@ -17,6 +17,11 @@ from training.contracts import Evaluation, GateVerdict, Goal, Target
 MAX_FORGETTING = 0.10
 
 
+def lower_is_better(metric: str) -> bool:
+    """Perplexities and losses improve downwards; accuracy, exact match, F1 and ROUGE-L upwards."""
+    return "perplexity" in metric or "loss" in metric
+
+
 def metric_key(metric: str, metrics: dict[str, float]) -> str:
     """The evaluation key a goal metric is judged on: the test split's perplexity when there is one."""
     if metric == "perplexity":
