@@ -87,7 +87,10 @@ def next_step(messages: list) -> Step:
         raise PolicyError("the offline policy drives modelcrew's own tasks only (no [task: ...] marker found)")
     goal = next(o for o in _json_objects(task_text.split("Goal (JSON):", 1)[1]) if "task" in o and "data" in o)
     run_id = re.search(r"Run id:\s*(\S+)", task_text).group(1)
-    context = task_text.split("context you're working with", 1)[1] if "context you're working with" in task_text else ""
+    context = ""
+    for heading in ("context you're working with", "Earlier steps (JSON):"):  # a crew's context, or a Flow step's
+        if heading in task_text:
+            context = task_text.split(heading, 1)[1]
     done = _observations(messages)
     calls = [name for name, _ in done]
     results = {name: _tool_json(text) for name, text in done}

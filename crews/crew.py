@@ -55,14 +55,18 @@ class ModelCrew:
     tasks_config = "config/tasks.yaml"
 
     def __init__(self, workspace: Path, goal: Goal, goal_text: str, run_id: str, llm, trace: Trace,
-                 max_retries: int = 2) -> None:
+                 max_retries: int = 2, use_memory: bool = True, warm_start: str | None = None,
+                 related: list[str] | None = None) -> None:
+        """`use_memory`, `warm_start` and `related` are set by the retraining loop (see crews/loop.py)."""
         self.workspace, self.goal, self.goal_text, self.run_id = Path(workspace), goal, goal_text, run_id
         self.llm, self.trace, self.max_retries = llm, trace, max_retries
         common = {"workspace": self.workspace, "trace": trace}
         with_goal = {**common, "goal": goal, "run_id": run_id}
+        planning = {**with_goal, "use_memory": use_memory, "warm_start": warm_start}
         self.tools = {
-            "curate_dataset": CurateDatasetTool(**with_goal), "search_memory": SearchMemoryTool(**common),
-            "estimate_plan": EstimatePlanTool(**with_goal), "train_model": TrainModelTool(**with_goal),
+            "curate_dataset": CurateDatasetTool(**with_goal, related=related or []),
+            "search_memory": SearchMemoryTool(**common),
+            "estimate_plan": EstimatePlanTool(**planning), "train_model": TrainModelTool(**planning),
             "evaluate_model": EvaluateModelTool(**with_goal), "compare_with_history": CompareWithHistoryTool(**with_goal),
             "write_report": WriteReportTool(**with_goal, goal_text=goal_text),
             "register_model": RegisterModelTool(**common), "promote_model": PromoteModelTool(**common),
@@ -109,4 +113,13 @@ class ModelCrew:
     @crew
     def crew(self) -> Crew:
         return Crew(agents=self.agents, tasks=self.tasks, process=Process.sequential, verbose=False,
+                    task_callback=lambda out: self.trace.write("task", agent=str(out.agent), output=out.raw[:2000]))
+
+    def step(self, name: str) -> Crew:
+        """A crew of one task (curate, train, evaluate or deploy) and its agent, for a Flow that runs the
+        tasks one at a time. What earlier steps found comes in through the `{context}` input."""
+        template = getattr(self, f"{name}_task")()
+        task = Task(description=self.tasks_config[f"{name}_task"]["description"].rstrip() + "\nEarlier steps (JSON): {context}",
+                    expected_output=template.expected_output, agent=template.agent, output_pydantic=template.output_pydantic)
+        return Crew(agents=[task.agent], tasks=[task], process=Process.sequential, verbose=False,
                     task_callback=lambda out: self.trace.write("task", agent=str(out.agent), output=out.raw[:2000]))

@@ -81,6 +81,8 @@ class BestConfig(BaseModel):
     metric: str
     value: float
     plan: TrainPlan
+    passed: bool = True  # whether that run passed its gate
+    tried_lrs: list[float] = []  # learning rates already tried on that data
 
 
 class Overlap(BaseModel):
@@ -235,6 +237,24 @@ class MemoryStore:
         norm = float(np.linalg.norm(mean))
         return (mean / norm).tolist() if norm else None
 
+    def centroid_distance(self, new: list[dict] | list[str], old: list[dict] | list[str]) -> float:
+        """1 - cosine similarity of the two record sets' embedding centroids (0: same topics; ~1: unrelated).
+
+        Drift is measured this way by the retraining loop. Each side is capped at CENTROID_MAX records
+        (callers pass them in hash order, a random sample), so the cost does not grow with the data.
+        """
+        import numpy as np
+
+        def centroid(records) -> np.ndarray:
+            texts = [r if isinstance(r, str) else docs.record_text(r) for r in records][:CENTROID_MAX]
+            texts = [t[:2000] for t in texts if t.strip()]
+            if not texts:
+                raise InputError("drift: a record set to compare is empty")
+            mean = np.asarray(self.ef(texts), dtype=np.float64).mean(axis=0)
+            return mean / (np.linalg.norm(mean) or 1.0)
+
+        return round(float(1.0 - centroid(new) @ centroid(old)), 4)
+
     def _eval_record_entries(self, fingerprint: str) -> tuple[list[str], list[str], list[dict]]:
         ids, texts, metas = [], [], []
         for split in ("val", "test"):
@@ -368,14 +388,16 @@ class MemoryStore:
             if runs:
                 pick = (min if lower_is_better(metric) else max)(runs, key=lambda r: r.metrics[metric])
                 return BestConfig(run_id=pick.run_id, dataset=cand.fingerprint, similarity=round(cand.similarity, 4),
-                                  metric=metric, value=pick.metrics[metric], plan=pick.plan)
+                                  metric=metric, value=pick.metrics[metric], plan=pick.plan, passed=pick.gate != "failed",
+                                  tried_lrs=sorted({r.plan.lr for r in runs}))
         return None
 
     def contamination(self, records: list[dict] | list[str], threshold: float = CONTAMINATION_THRESHOLD,
-                      exclude_dataset: str | None = None) -> list[Overlap]:
+                      exclude_dataset: str | list[str] | None = None) -> list[Overlap]:
         """Records that restate an earlier evaluation record (cosine similarity >= threshold, or the same text).
 
-        `exclude_dataset`: a dataset's own evaluation split is not contamination of its training split.
+        `exclude_dataset`: a dataset's own evaluation split is not contamination of its training split (nor
+        are the evaluation splits of its earlier versions, e.g. a retraining loop's earlier rounds).
         """
         if not 0 < threshold <= 1:
             raise InputError(f"threshold: {threshold} must be in (0, 1]")
@@ -383,7 +405,9 @@ class MemoryStore:
         if col is None or col.count() == 0 or not records:
             return []
         texts = [r if isinstance(r, str) else docs.record_text(r) for r in records]
-        where = {"dataset": {"$ne": exclude_dataset}} if exclude_dataset else None
+        excluded = [exclude_dataset] if isinstance(exclude_dataset, str) else list(exclude_dataset or [])
+        where = ({"dataset": {"$ne": excluded[0]}} if len(excluded) == 1 else
+                 {"dataset": {"$nin": excluded}} if excluded else None)
         overlaps = []
         for start in range(0, len(texts), BATCH):
             chunk = [t[:2000] for t in texts[start:start + BATCH]]

@@ -47,3 +47,68 @@ def qa_rows(n: int = 24) -> list[dict]:
 
 def files_under(path: Path) -> list[Path]:
     return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+
+
+# ---- a stream of support tickets for the retraining loop ------------------------------------------
+# Each answer restates words of its question, so a model that learned the data copies them: answers
+# shuffled between questions (a poisoned batch) then make it measurably worse, not just different.
+
+DEVICES = ["router", "printer", "scanner", "speaker", "camera", "thermostat", "doorbell", "projector", "keyboard",
+           "monitor", "tablet", "charger", "headset", "drone", "watch", "kettle", "blender", "heater", "lamp", "fridge"]
+PARTS = ["fan", "screen", "battery", "cable", "button", "sensor", "lens", "filter", "hinge", "antenna", "panel", "motor"]
+MENUS = ["Settings", "Network", "Power", "Display", "Audio", "Storage", "Security", "Updates", "Accounts", "Privacy"]
+TEMPLATES = [
+    ("Ticket {t}: my {d} shows error {c} when the {p} starts. What should I do?",
+     "Ticket {t}: for error {c}, unplug the {d}, check the {p} and clear error {c} under {m}."),
+    ("Ticket {t}: how can I reset the {p} on my {d} after code {c}?",
+     "Ticket {t}: open {m}, choose {p} and confirm code {c} to reset the {d}."),
+    ("Ticket {t}: the {p} of my {d} stopped working with code {c}. Is it broken?",
+     "Ticket {t}: code {c} means the {d} lost its {p}; reseat the {p} and restart from {m}."),
+    ("Ticket {t}: where are the {p} options for the {d}? It says {c}.",
+     "Ticket {t}: the {p} options of the {d} are under {m}; {c} clears once the {p} is set."),
+]
+
+
+def ticket_rows(n: int, seed: int) -> list[dict]:
+    """n support tickets (question, answer) on household devices; distinct seeds give distinct tickets.
+
+    Ticket ids and codes are random, so only a model that copies them from the question predicts them."""
+    import random
+    import string
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        q, a = rng.choice(TEMPLATES)
+        words = {"d": rng.choice(DEVICES), "p": rng.choice(PARTS), "m": rng.choice(MENUS),
+                 "c": f"{rng.choice(string.ascii_uppercase)}{rng.randint(100, 999)}",
+                 "t": "".join(rng.choices(string.ascii_uppercase, k=3)) + f"-{rng.randint(1000, 9999)}"}
+        rows.append({"question": q.format(**words), "answer": a.format(**words)})
+    return rows
+
+
+def poisoned(rows: list[dict]) -> list[dict]:
+    """The same tickets with every answer moved to another question."""
+    answers = [r["answer"] for r in rows]
+    return [{"question": r["question"], "answer": answers[(i + len(rows) // 2) % len(rows)]} for i, r in enumerate(rows)]
+
+
+SHIFTED = [  # another domain altogether: cooking questions
+    ("How long should I roast {v} at {t} degrees?", "Roast the {v} at {t} degrees for about {n} minutes, turning once."),
+    ("Can I freeze cooked {v} with {s}?", "Yes: cool the {v} with the {s} quickly and freeze it for up to {n} weeks."),
+    ("What goes well with {v} in a {s} soup?", "A {s} soup with {v} likes garlic, a bay leaf and {n} grams of butter."),
+]
+VEGETABLES = ["carrots", "potatoes", "leeks", "onions", "beets", "parsnips", "squash", "peppers", "fennel", "celery"]
+SAUCES = ["tomato", "cream", "pesto", "curry", "miso", "lemon", "garlic", "mushroom"]
+
+
+def shifted_rows(n: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        q, a = rng.choice(SHIFTED)
+        words = {"v": rng.choice(VEGETABLES), "s": rng.choice(SAUCES), "t": rng.randint(150, 240), "n": rng.randint(5, 60)}
+        rows.append({"question": q.format(**words), "answer": a.format(**words)})
+    return rows

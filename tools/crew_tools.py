@@ -39,6 +39,7 @@ class CurateArgs(ToolArgs):
 
 
 class CurateDatasetTool(GoalTool):
+    related: list[str] = []  # set by code: earlier versions of this data, whose evaluation records are its own
     name: str = "curate_dataset"
     description: str = ("Read, clean, deduplicate, scrub personal data from, split and fingerprint the goal's data, "
                         "store it in the workspace and in memory. Returns the fingerprint, record counts, similar "
@@ -61,7 +62,7 @@ class CurateDatasetTool(GoalTool):
         store.add_dataset(s)
         similar = [x for x in store.similar_datasets(s, k=3) if x.similarity >= 0.5]
         train = read_split(datasets_dir(self.workspace) / s.fingerprint, "train")
-        overlaps = store.contamination(train, exclude_dataset=s.fingerprint)
+        overlaps = store.contamination(train, exclude_dataset=[s.fingerprint, *self.related])
         (datasets_dir(self.workspace) / s.fingerprint / "contamination.json").write_text(
             json.dumps([o.model_dump() for o in overlaps], indent=2), encoding="utf-8")
         return short({"fingerprint": s.fingerprint, "format": s.format, "records_in": s.records_in,
@@ -99,15 +100,22 @@ class PlanArgs(ToolArgs):
     lora_rank: int | None = Field(None, ge=1, le=128)
 
 
-def planned(tool: GoalTool, fingerprint: str, lr: float | None, lora_rank: int | None, steps: int | None = None):
+class PlanningTool(GoalTool):
+    use_memory: bool = True  # False: plan as if no earlier run existed (a baseline for the memory benchmark)
+    warm_start: str | None = None  # set by code (the retraining loop): start from production's weights
+
+
+def planned(tool: PlanningTool, fingerprint: str, lr: float | None, lora_rank: int | None, steps: int | None = None):
     """The plan code makes for the goal (memory's best config first), with the LLM's bounded overrides."""
     from training.data.store import load_summary
     from training.planning import plan_for
 
     summary = load_summary(tool.workspace, fingerprint)
-    best = MemoryStore(tool.workspace).best_known_config(summary) if tool.goal.task == "finetune" else None
+    best = None
+    if tool.goal.task == "finetune" and tool.use_memory:
+        best = MemoryStore(tool.workspace).best_known_config(summary)
     plan, reused = plan_for(tool.goal, summary, best)
-    update: dict = {}
+    update: dict = {"init_from": tool.warm_start} if tool.warm_start else {}
     if lr is not None:
         update["lr"] = lr
     if lora_rank is not None and plan.method == "lora":
@@ -119,7 +127,7 @@ def planned(tool: GoalTool, fingerprint: str, lr: float | None, lora_rank: int |
     return plan, reused
 
 
-class EstimatePlanTool(GoalTool):
+class EstimatePlanTool(PlanningTool):
     name: str = "estimate_plan"
     description: str = ("Build the training plan for the goal on a curated dataset (starting from the best earlier "
                         "run on similar data when memory has one) and account its parameters and memory. Trains nothing.")
@@ -149,7 +157,7 @@ class TrainArgs(PlanArgs):
     steps: int | None = Field(None, ge=1, le=100_000, description="fewer steps than the goal's budget, if wanted")
 
 
-class TrainModelTool(GoalTool):
+class TrainModelTool(PlanningTool):
     name: str = "train_model"
     description: str = ("Train (pretrain or fine-tune, as the goal says) on a curated dataset within the goal's "
                         "budget, validating as it goes and keeping the best checkpoint. Returns the run's result.")
@@ -199,8 +207,7 @@ class EvaluateModelTool(GoalTool):
         ev = evaluate_run(self.workspace, run_id, max_examples=max_examples)
         plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
         production = None
-        target = self.goal.target
-        if target is not None and target.baseline == "production" and self.goal.model_name:
+        if self.goal.model_name and self.goal.deploy != "never":  # production is scored on this evaluation set
             from serving.registry import Registry
 
             try:

@@ -27,6 +27,11 @@ class RegisterModelTool(WorkspaceTool):
 
     def act(self, model_name: str, run_id: str) -> str:
         self.inside(f"runs/{run_id}")
+        registry = Registry(self.workspace)
+        if model_name in registry.names():  # a retried or resumed deploy step registers a run once
+            done = next((v for v in registry.state(model_name).versions.values() if v.run_id == run_id), None)
+            if done is not None:
+                return f"registered {model_name} {done.version} from run {run_id} (already registered)"
         v = register_run(self.workspace, model_name, run_id, "best")
         gate = "no gate verdict" if v.gate is None else ("gate passed" if v.gate.passed else "gate failed")
         return f"registered {model_name} {v.version} from run {run_id} ({gate})"

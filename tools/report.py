@@ -54,7 +54,7 @@ def _downsample(xs: list, ys: list) -> tuple[list, list]:
     return [xs[i] for i in idx], [ys[i] for i in idx]
 
 
-def _png(fig) -> str:
+def png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})  # no version stamp: same bytes
     import matplotlib.pyplot as plt
@@ -231,7 +231,7 @@ def plots(data: dict) -> list[tuple[str, str]]:
     ax.set_ylabel("loss")
     ax.legend()
     ax.grid(alpha=0.3)
-    figures.append(("Training and validation loss", _png(fig)))
+    figures.append(("Training and validation loss", png(fig)))
 
     key = data["metric"]
     m = data["ev"].metrics
@@ -246,7 +246,7 @@ def plots(data: dict) -> list[tuple[str, str]]:
         ax.axhline(float(gate_threshold), color="#c44e52", linestyle="--", label=f"target {gate_threshold}")
         ax.legend()
     ax.set_ylabel(key)
-    figures.append((f"{key}: base, candidate, production", _png(fig)))
+    figures.append((f"{key}: base, candidate, production", png(fig)))
 
     history = data["history"]
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
@@ -258,14 +258,14 @@ def plots(data: dict) -> list[tuple[str, str]]:
     ax.set_ylabel(key)
     ax.legend()
     ax.grid(alpha=0.3)
-    figures.append((f"{key} across runs on similar data (from memory)", _png(fig)))
+    figures.append((f"{key} across runs on similar data (from memory)", png(fig)))
 
     if data["lengths"]:
         fig, ax = plt.subplots(figsize=(6.4, 3.2))
         ax.hist(data["lengths"], bins=30, color="#4c72b0")
         ax.set_xlabel("record length (characters)")
         ax.set_ylabel("training records")
-        figures.append(("Length distribution of the training records", _png(fig)))
+        figures.append(("Length distribution of the training records", png(fig)))
     return figures
 
 
@@ -317,7 +317,7 @@ def render_compare(workspace: Path, run_a: str, run_b: str) -> tuple[Path, Path]
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    curves = _png(fig)
+    curves = png(fig)
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]), keep_trailing_newline=True)
     out = Path(workspace) / "reports"
     out.mkdir(parents=True, exist_ok=True)

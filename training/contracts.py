@@ -109,6 +109,9 @@ class TrainPlan(BaseModel):
     task: TaskKind
     dataset: str = Field(description="fingerprint of a curated dataset in the workspace")
     base_model: str | None = Field(None, description="finetune: embedded name, local HF directory or hub id")
+    init_from: str | None = Field(None, description=(
+        "finetune: start from the weights of this earlier model directory (a warm start, e.g. production's); "
+        "the base model stays the reference the evaluation compares with"))
     size: str | ModelSize | None = Field(None, description="pretrain: tiny | small | 124m, or explicit fields")
     method: Method = "full"
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -144,6 +147,8 @@ class TrainPlan(BaseModel):
                 raise ValueError("base_model: fine-tuning needs a base model (a name, a directory or a hub id)")
             if self.size is not None:
                 raise ValueError("size: a fine-tuning run keeps its base model's size")
+        if self.init_from and self.task != "finetune":
+            raise ValueError("init_from: only a fine-tuning run starts from an earlier model's weights")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum: {self.grad_accum} must divide batch_size {self.batch_size}")
         if not any((self.budget.steps, self.budget.tokens, self.budget.minutes)):

@@ -197,8 +197,9 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int = 24, which: st
     model, tokenizer = _load_trained(model_dir, lineage, device)
     metrics, candidate_answers = score_model(model, tokenizer, summary.format, splits, general, device, max_examples, plan.seq_len)
     base_answers: list[str] = []
-    if lineage.get("base_dir"):
-        base, base_tok = load_base(Path(lineage["base_dir"]))
+    reference = lineage.get("reference_dir") or lineage.get("base_dir")  # a warm start is compared with its base model
+    if reference:
+        base, base_tok = load_base(Path(reference))
         base.to(device)
         base_metrics, base_answers = score_model(base, base_tok, summary.format, splits, general, device, max_examples, plan.seq_len)
         metrics.update({f"base_{k}": v for k, v in base_metrics.items()})
@@ -244,3 +245,15 @@ def score_directory(workspace: Path, model_dir: Path, dataset: str, seq_len: int
     model, tokenizer = _load_trained(model_dir, lineage, device)
     metrics, _ = score_model(model, tokenizer, summary.format, splits, general_texts(), device, max_examples, seq_len)
     return {k: round(v, 6) for k, v in metrics.items()}
+
+
+def perplexity_on(model_dir: Path, records: list[dict], fmt: str, seq_len: int) -> float | None:
+    """Perplexity of an exported model directory on `records` (e.g. the newest data); None if none fit."""
+    model_dir = Path(model_dir)
+    lineage = json.loads((model_dir / "lineage.json").read_text(encoding="utf-8"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load_trained(model_dir, lineage, device)
+    examples = build_examples(tokenizer, records, fmt, seq_len)
+    if not examples:
+        return None
+    return round(perplexity(mean_loss(model, examples, 8, device, tokenizer.pad_token_id)), 6)

@@ -7,7 +7,9 @@ Checks, each giving one line of reasons (failing ones first):
    with no production yet, the base stands in and the reason says so); with no target, the candidate
    must not be worse than its base;
 2. forgetting: general-text perplexity may not rise more than `max_forgetting` (10%) over the base's;
-3. contamination: no training record may restate an earlier evaluation record (from memory).
+3. contamination: no training record may restate an earlier evaluation record (from memory);
+4. production: when production was scored on the same evaluation set (`production_<metric>` in the
+   evaluation, or `production` given), the candidate may not be worse than it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def gate(goal: Goal, evaluation: Evaluation, production: dict[str, float] | None
     m = evaluation.metrics
     key = metric_key(goal.metric, m)
     value = m.get(key)
+    if production is None and m.get(f"production_{key}") is not None:
+        production = {key: m[f"production_{key}"]}  # recorded by the evaluator: the verdict is recomputable from the file
     failed: list[str] = []
     passed: list[str] = []
     if value is None:
@@ -49,6 +53,13 @@ def gate(goal: Goal, evaluation: Evaluation, production: dict[str, float] | None
         line = (f"forgetting: general-text perplexity {general:.4g} vs the base's {base_general:.4g} "
                 f"({rise:+.1%}; at most +{max_forgetting:.0%})")
         (passed if rise <= max_forgetting else failed).append(line)
+    against_target = goal.target is not None and goal.target.kind == "relative" and goal.target.baseline == "production"
+    if production and production.get(key) is not None and value is not None and not against_target:
+        old = production[key]
+        worse = value > old if lower_is_better(key) else value < old
+        change = value / old - 1 if old else 0.0
+        (failed if worse else passed).append(f"production: {key} {value:.4g} vs production's {old:.4g} ({change:+.1%}) "
+                                             f"on the same evaluation set; may not be worse: {'NOT met' if worse else 'met'}")
     if contaminated:
         failed.append(f"contamination: {contaminated} training records restate earlier evaluation records")
     else:

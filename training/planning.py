@@ -3,18 +3,24 @@
 The defaults are the ones measured on this project's machines (see training/recipes/): LoRA at lr
 2e-4 with validation every 10 steps and keep-best, because at 1e-3 a 135M model peaks early and then
 overfits. When memory holds a run on similar data, its learning rate, batch, sequence length and LoRA
-settings are the starting point instead, and the plan says which run it came from.
+settings are the starting point instead, and the plan says which run it came from. When that best earlier
+run still missed its gate, the next learning rate not yet tried on that data is taken (x3 up to a cap,
+else /3): a retraining loop with memory does not repeat a failed configuration.
 """
 
 from __future__ import annotations
 
 import torch
 
+import math
+
 from training.contracts import Budget, DatasetSummary, Goal, LoraSettings, TrainPlan
 
 CPU_DEFAULT = Budget(steps=60, minutes=12)  # what a 2-core machine finishes in minutes
 GPU_DEFAULT = Budget(steps=500, minutes=30)
 PRETRAIN_LR = {"tiny": 3e-3, "small": 1e-3, "124m": 6e-4}
+LR_STEP = 3.0
+MAX_FINETUNE_LR = {"lora": 3e-3, "qlora": 3e-3, "full": 3e-4}
 
 
 def budget_for(goal: Goal) -> Budget:
@@ -45,8 +51,18 @@ def plan_for(goal: Goal, summary: DatasetSummary, best=None) -> tuple[TrainPlan,
     if best is not None and goal.task == "finetune" and best.plan.task == "finetune" and best.plan.method == goal.method:
         fields.update(lr=best.plan.lr, batch_size=best.plan.batch_size, seq_len=best.plan.seq_len,
                       grad_accum=best.plan.grad_accum)
+        if not best.passed:
+            fields["lr"] = next_lr(best.plan.lr, best.tried_lrs, MAX_FINETUNE_LR[goal.method])
         if goal.lora is None and goal.method == "lora":
             fields["lora"] = best.plan.lora
         reused = best.run_id
     return TrainPlan(dataset=summary.fingerprint, budget=budget_for(goal), eval_every=10, eval_batches=4,
                      checkpoint_every=10, patience=3, **fields), reused
+
+
+def next_lr(lr: float, tried: list[float], cap: float) -> float:
+    """After a miss: lr x3 (at most `cap`) unless tried already, else lr / 3 unless tried, else lr again."""
+    for option in (min(lr * LR_STEP, cap), lr / LR_STEP):
+        if not any(math.isclose(option, t, rel_tol=1e-6) for t in tried):
+            return option
+    return lr

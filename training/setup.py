@@ -179,6 +179,16 @@ class RunContext:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak RSS (KiB on Linux)
 
 
+def warm_start_dir(path: str) -> Path:
+    """The full model directory a warm start begins from (adapters are merged into what they export)."""
+    init = Path(path)
+    if not (init / "config.json").is_file() or not list(init.glob("*.safetensors")):
+        raise InputError(f"init_from: {init} is not a model directory with safetensors weights")
+    if (init / "adapter_config.json").exists():
+        raise InputError(f"init_from: {init} holds only a LoRA adapter; warm-start from a merged export (lora.merge)")
+    return init
+
+
 def prepare_run(plan: TrainPlan, workspace: Path, run_id: str, resume: bool, dist: Distributed,
                 show_progress: bool = True, run_dir: Path | None = None) -> RunContext:
     """Build everything for `run_id` (in `<workspace>/runs/`, or `run_dir` for throwaway runs)."""
@@ -209,12 +219,13 @@ def prepare_run(plan: TrainPlan, workspace: Path, run_id: str, resume: bool, dis
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
         model = build_scratch(spec, tokenizer, plan.seq_len, plan.dropout)
-        base = None
+        base = weights = None
     else:
         if plan.method == "qlora":
             check_qlora(device)
         base = base_dir(plan.base_model, workspace)
-        model, tokenizer = load_base(base, quantize_on=device if plan.method == "qlora" else None)
+        weights = warm_start_dir(plan.init_from) if plan.init_from else base
+        model, tokenizer = load_base(weights, quantize_on=device if plan.method == "qlora" else None)
         if plan.method in ("lora", "qlora"):
             model = apply_lora(model, plan.lora)
     if plan.method != "qlora":  # a 4-bit model is placed on its device while loading and cannot move
@@ -234,7 +245,8 @@ def prepare_run(plan: TrainPlan, workspace: Path, run_id: str, resume: bool, dis
                          "curate with a larger val fraction or add data")
     trainable, total = count_params(model)
     lineage = {"run_id": run_id, "dataset": plan.dataset, "dataset_description": summary.description,
-               "base_model": plan.base_model, "base_dir": str(base) if base else None, "task": plan.task,
+               "base_model": plan.base_model, "base_dir": str(weights) if base else None, "task": plan.task,
+               "reference_dir": str(base) if base else None, "init_from": plan.init_from,
                "method": plan.method, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

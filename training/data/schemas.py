@@ -5,6 +5,7 @@ Accepted (extra keys are ignored):
     text                      -> text
     text, label               -> classification
     prompt, completion        -> pairs
+    prompt, response          -> pairs (the curated form itself: a curated split can be curated again)
     question, answer          -> pairs
     instruction, input?, output -> pairs (input appended to the instruction)
     messages [{role, content}] -> chat
@@ -20,6 +21,7 @@ SCHEMAS: list[tuple[str, frozenset[str], str]] = [
     ("messages", frozenset({"messages"}), "chat"),
     ("instruction,input,output", frozenset({"instruction", "output"}), "pairs"),
     ("prompt,completion", frozenset({"prompt", "completion"}), "pairs"),
+    ("prompt,response", frozenset({"prompt", "response"}), "pairs"),
     ("question,answer", frozenset({"question", "answer"}), "pairs"),
     ("text,label", frozenset({"text", "label"}), "classification"),
     ("text", frozenset({"text"}), "text"),
@@ -81,6 +83,8 @@ def to_record(row: dict, where: str) -> tuple[Record, str]:
         fields = {"prompt": prompt, "response": _string(row, "output", where)}
     elif schema == "prompt,completion":
         fields = {"prompt": _string(row, "prompt", where), "response": _string(row, "completion", where)}
+    elif schema == "prompt,response":
+        fields = {"prompt": _string(row, "prompt", where), "response": _string(row, "response", where)}
     elif schema == "question,answer":
         fields = {"prompt": _string(row, "question", where), "response": _string(row, "answer", where)}
     elif schema == "text,label":

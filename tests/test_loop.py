@@ -1,0 +1,197 @@
+"""The retraining loop end to end on a tiny model: a stream of deliveries, a rollback, kill -9, two loops.
+
+The tiny base is pretrained on support tickets whose answers copy random ticket ids and codes from their
+questions, so a model trained on the data relies on its questions, and a batch with shuffled answers
+(poisoned) makes a candidate measurably worse on the fixed evaluation set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from crews.loop import run_loop
+from crews.loop_state import LoopSettings, load_state, read_pool
+from serving.registry import Registry
+from tests.helpers import poisoned, shifted_rows, ticket_rows, write_jsonl
+from training.batches import read_split
+from training.contracts import Budget, Evaluation, GateVerdict, TrainPlan
+from training.data import curate_to_workspace
+from training.data.store import datasets_dir
+from training.loop import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny model that has learned the tickets' chat format and to copy ids from question to answer."""
+    ws = tmp_path_factory.mktemp("loop-base")
+    texts = [{"text": f"<|user|>\n{r['question']}<|eos|>\n<|assistant|>\n{r['answer']}<|eos|>\n"}
+             for r in ticket_rows(1500, seed=999)]
+    fp = curate_to_workspace(str(write_jsonl(ws / "pretrain.jsonl", texts)), ws, format="text").summary.fingerprint
+    result = train(TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=200), seq_len=128, batch_size=16,
+                             lr=3e-3, warmup_steps=10, eval_every=100, eval_batches=2, checkpoint_every=1000), ws,
+                   "tiny-base", show_progress=False)
+    return Path(result.final_dir)
+
+
+def goal(base: Path, steps: int = 60) -> str:
+    return f"fine-tune the model {base} with a full fine-tune for {steps} steps, deploy as desk-bot if it passes"
+
+
+def split_ids(ws: Path, fingerprint: str, splits=("val", "test")) -> set[str]:
+    return {r["id"] for s in splits for r in read_split(datasets_dir(ws) / fingerprint, s)}
+
+
+def noisy_copy(model_dir: Path, target: Path) -> Path:
+    """A broken version of a model: its weights with loud noise (what a bad hotfix might ship)."""
+    shutil.copytree(model_dir, target)
+    weights = load_file(target / "model.safetensors")
+    torch.manual_seed(0)
+    save_file({k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()},
+              target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def test_a_stream_of_deliveries_rounds_rejections_drift_and_rollback(base, tmp_path):
+    ws, watch = tmp_path / "ws", tmp_path / "inbox"
+    watch.mkdir()
+    settings = LoopSettings(goal_text=goal(base), watch=str(watch), every_s=1, replay=0.2)
+    said: list[str] = []
+
+    def check():
+        return run_loop(ws, settings, once=True, echo=said.append)
+
+    # three batches -> three rounds, each started by its data, each better than production on the fixed set
+    for i in (1, 2, 3):
+        write_jsonl(watch / f"batch{i}.jsonl", ticket_rows(40, seed=i))
+        state = check()
+        assert len(state.rounds) == i
+        r = state.rounds[-1]
+        assert r.status == "done" and r.triggers[0].kind == "data" and r.new_records == 40
+    assert [r.deployed for r in state.rounds] == ["v1", "v2", "v3"]
+    assert all(r.candidate < r.production_value for r in state.rounds[1:])
+    first, second, third = state.rounds
+    # later rounds start from production's weights and replay a share of earlier training data
+    assert first.warm_start is None and first.replayed == 0
+    assert second.warm_start == "desk-bot v1" and second.replayed > 0 and third.warm_start == "desk-bot v2"
+    plan = json.loads((ws / "runs" / second.run_id / "plan.json").read_text())
+    assert plan["init_from"] == str(Registry(ws).resolve("desk-bot@v1")[2])
+    # the hash split keeps every earlier evaluation record in the evaluation set
+    assert split_ids(ws, first.dataset) <= split_ids(ws, third.dataset)
+    assert split_ids(ws, first.dataset, ("test",)) <= split_ids(ws, third.dataset, ("test",))
+    # no in-domain batch counted as drift
+    assert not any(t.kind == "drift" for r in state.rounds for t in r.triggers)
+
+    # a re-delivered copy of an old batch is no change
+    shutil.copy(watch / "batch1.jsonl", watch / "batch1-again.jsonl")
+    state = check()
+    assert len(state.rounds) == 3 and "no new records" in said[-1]
+
+    # a poisoned batch (answers shuffled between questions): candidate rejected, production unchanged
+    write_jsonl(watch / "batch4.jsonl", poisoned(ticket_rows(40, seed=4)))
+    state = check()
+    r = state.rounds[-1]
+    assert r.number == 4 and r.passed is False and r.deployed is None
+    assert r.candidate > r.production_value
+    assert any(reason.startswith("production:") and "NOT met" in reason for reason in r.reasons)
+    assert Registry(ws).state("desk-bot").aliases["production"] == "v3" and r.production_after == "v3"
+    assert {e["status"] for e in read_pool(ws).values() if e["round"] == 4} == {"rejected"}  # never replayed
+
+    # a person ships a broken version; production on the next in-domain batch is worse than previous: rollback
+    registry = Registry(ws)
+    _, v3, v3_dir = registry.resolve("desk-bot@production")
+    broken = registry.register("desk-bot", noisy_copy(v3_dir, tmp_path / "hotfix"),
+                               Evaluation.model_validate_json((ws / "runs" / v3.run_id / "evaluation.json").read_text()),
+                               GateVerdict.model_validate_json((ws / "runs" / v3.run_id / "gate.json").read_text()))
+    assert registry.promote("desk-bot", broken.version, force=True, reason="hotfix").allowed
+    write_jsonl(watch / "batch5.jsonl", ticket_rows(40, seed=5))
+    state = check()
+    r = state.rounds[-1]
+    assert r.route == "rollback" and r.rolled_back == f"{broken.version} -> v3" and r.production_after == "v3"
+    assert any("worse than previous v3" in t.detail for t in r.triggers)
+    assert Registry(ws).state("desk-bot").aliases["production"] == "v3"
+    # the records that showed the regression are trained on in the next round, from the restored production
+    state = check()
+    r = state.rounds[-1]
+    assert r.route == "retrain" and r.new_records == 40 and r.warm_start == "desk-bot v3"
+
+    # a batch from another domain: drift
+    write_jsonl(watch / "batch6.jsonl", shifted_rows(40, seed=6))
+    state = check()
+    r = state.rounds[-1]
+    drift = [t for t in r.triggers if t.kind == "drift" and "centroid" in t.detail]
+    assert drift and drift[0].value >= settings.drift_distance
+
+    # the loop report: self-contained, one row per round, with the plot
+    html = (ws / "loop" / "report.html").read_text()
+    assert "data:image/png;base64," in html and "src=\"http" not in html
+    for r in state.rounds:
+        assert f"<td>{r.number}</td>" in html
+    assert "rolled back" in html and "rejected" in html
+    md = (ws / "loop" / "report.md").read_text()
+    assert f"| 4 |" in md and "drift" in md
+
+
+def _cli(ws: Path, *args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "MODELCREW_WORKSPACE": str(ws), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "crews.cli", "loop", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_kill_9_mid_round_resumes_it_and_a_second_loop_is_refused(base, tmp_path):
+    ws, watch = tmp_path / "ws", tmp_path / "inbox"
+    write_jsonl(watch / "batch1.jsonl", ticket_rows(40, seed=1))
+    first = _cli(ws, "start", goal(base, steps=300), "--watch", str(watch), "--once")
+    deadline = time.monotonic() + 240
+    checkpoints = []
+    while time.monotonic() < deadline and not checkpoints:
+        checkpoints = list(ws.glob("runs/loop-r001-*/checkpoints/*"))
+        time.sleep(0.05)
+    assert checkpoints, "the first loop never reached training"
+
+    second = _cli(ws, "start", goal(base), "--watch", str(watch), "--once")
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 1 and f"another loop is already running on {ws}: pid {first.pid}" in err
+
+    first.send_signal(signal.SIGKILL)  # mid-training
+    first.wait(timeout=30)
+    state = load_state(ws)
+    assert state.current is not None and state.current.steps == ["curate"] and not state.rounds
+
+    resumed = _cli(ws, "start", "--once")
+    _, err = resumed.communicate(timeout=400)
+    assert resumed.returncode == 0, err
+    assert "round 1: continuing after curate" in err
+    state = load_state(ws)
+    assert len(state.rounds) == 1 and state.current is None
+    r = state.rounds[0]
+    assert r.steps == ["curate", "train", "evaluate", "deploy", "report"] and r.status == "done"
+    runs = list(ws.glob("runs/loop-*"))
+    assert [p.name for p in runs] == [r.run_id]  # one run for the round: not trained again from scratch
+    steps = [json.loads(line)["step"] for line in (runs[0] / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == json.loads((runs[0] / "result.json").read_text())["steps"]
+
+    # a finished loop: status shows the round, trigger asks for one, stop needs a running loop
+    status = _cli(ws, "status")
+    out, _ = status.communicate(timeout=60)
+    assert status.returncode == 0 and "not running" in out and f"round 1 " in out
+    trigger = _cli(ws, "trigger", "--reason", "new product launch")
+    _, err = trigger.communicate(timeout=60)
+    assert trigger.returncode == 0 and "the next `modelcrew loop start` starts it" in err
+    assert json.loads((ws / "loop" / "requests" / "trigger").read_text())["reason"] == "new product launch"
+    stop = _cli(ws, "stop")
+    _, err = stop.communicate(timeout=60)
+    assert stop.returncode == 2 and "no loop is running" in err
