@@ -12,7 +12,9 @@ export CREWAI_DISABLE_VERSION_CHECK=true
 # The main job on the embedded defaults: the crew fine-tunes SmolLM2 on the example FAQ and deploys it if it passes.
 DEMO_GOAL ?= Fine-tune smollm2-135m-instruct on examples/data/support_faq.jsonl with LoRA rank 8 for 60 steps or 6 minutes, so that perplexity ends at least 15% below the base model, and deploy it as support-bot if it passes.
 
-.PHONY: setup demo test bench clean
+LOOP_GOAL ?= Fine-tune smollm2-135m-instruct with LoRA rank 8 for 60 steps or 6 minutes, so that perplexity ends at least 15% below the base model, and deploy it as support-bot if it passes.
+
+.PHONY: setup demo loop test bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +33,12 @@ $(STAMP): pyproject.toml
 # evaluates and gates it, writes the report and deploys it to the registry if it passed.
 demo: setup
 	$(VENV)/bin/modelcrew run "$(DEMO_GOAL)" --yes --workspace .modelcrew
+	@echo "next: 'make loop' keeps support-bot fresh: the retraining loop watches examples/data/ (drop new .jsonl files there)"
+
+# The retraining loop on the example data, continuing from the demo's support-bot; Ctrl-C or
+# '.venv/bin/modelcrew loop stop --workspace .modelcrew' stops it, 'loop status' shows its rounds.
+loop: setup
+	$(VENV)/bin/modelcrew loop start "$(LOOP_GOAL)" --watch examples/data --every 10m --workspace .modelcrew
 
 test: setup
 	@# pytest exits 5 when it collected no tests: a broken suite, reported as such, never a pass.

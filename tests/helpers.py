@@ -112,3 +112,18 @@ def shifted_rows(n: int, seed: int) -> list[dict]:
         words = {"v": rng.choice(VEGETABLES), "s": rng.choice(SAUCES), "t": rng.randint(150, 240), "n": rng.randint(5, 60)}
         rows.append({"question": q.format(**words), "answer": a.format(**words)})
     return rows
+
+
+def ticket_base(workspace: Path, steps: int = 200) -> Path:
+    """A tiny model pretrained on tickets in the chat format: it has learned to copy ids from question to answer."""
+    from training.contracts import Budget, TrainPlan
+    from training.data import curate_to_workspace
+    from training.loop import train
+
+    texts = [{"text": f"<|user|>\n{r['question']}<|eos|>\n<|assistant|>\n{r['answer']}<|eos|>\n"}
+             for r in ticket_rows(1500, seed=999)]
+    fp = curate_to_workspace(str(write_jsonl(workspace / "pretrain.jsonl", texts)), workspace, format="text").summary.fingerprint
+    result = train(TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=steps), seq_len=128, batch_size=16,
+                             lr=3e-3, warmup_steps=10, eval_every=100, eval_batches=2, checkpoint_every=1000), workspace,
+                   "tiny-base", show_progress=False)
+    return Path(result.final_dir)

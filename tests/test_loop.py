@@ -23,12 +23,10 @@ from safetensors.torch import load_file, save_file
 from crews.loop import run_loop
 from crews.loop_state import LoopSettings, load_state, read_pool
 from serving.registry import Registry
-from tests.helpers import poisoned, shifted_rows, ticket_rows, write_jsonl
+from tests.helpers import poisoned, shifted_rows, ticket_base, ticket_rows, write_jsonl
 from training.batches import read_split
-from training.contracts import Budget, Evaluation, GateVerdict, TrainPlan
-from training.data import curate_to_workspace
+from training.contracts import Evaluation, GateVerdict
 from training.data.store import datasets_dir
-from training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,14 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A tiny model that has learned the tickets' chat format and to copy ids from question to answer."""
-    ws = tmp_path_factory.mktemp("loop-base")
-    texts = [{"text": f"<|user|>\n{r['question']}<|eos|>\n<|assistant|>\n{r['answer']}<|eos|>\n"}
-             for r in ticket_rows(1500, seed=999)]
-    fp = curate_to_workspace(str(write_jsonl(ws / "pretrain.jsonl", texts)), ws, format="text").summary.fingerprint
-    result = train(TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=200), seq_len=128, batch_size=16,
-                             lr=3e-3, warmup_steps=10, eval_every=100, eval_batches=2, checkpoint_every=1000), ws,
-                   "tiny-base", show_progress=False)
-    return Path(result.final_dir)
+    return ticket_base(tmp_path_factory.mktemp("loop-base"))
 
 
 def goal(base: Path, steps: int = 60) -> str:
@@ -141,7 +132,7 @@ def test_a_stream_of_deliveries_rounds_rejections_drift_and_rollback(base, tmp_p
         assert f"<td>{r.number}</td>" in html
     assert "rolled back" in html and "rejected" in html
     md = (ws / "loop" / "report.md").read_text()
-    assert f"| 4 |" in md and "drift" in md
+    assert "| 4 |" in md and "drift" in md
 
 
 def _cli(ws: Path, *args: str, **kwargs) -> subprocess.Popen:
@@ -187,7 +178,7 @@ def test_kill_9_mid_round_resumes_it_and_a_second_loop_is_refused(base, tmp_path
     # a finished loop: status shows the round, trigger asks for one, stop needs a running loop
     status = _cli(ws, "status")
     out, _ = status.communicate(timeout=60)
-    assert status.returncode == 0 and "not running" in out and f"round 1 " in out
+    assert status.returncode == 0 and "not running" in out and "round 1 " in out
     trigger = _cli(ws, "trigger", "--reason", "new product launch")
     _, err = trigger.communicate(timeout=60)
     assert trigger.returncode == 0 and "the next `modelcrew loop start` starts it" in err
