@@ -430,14 +430,18 @@ class RetrainingLoop(Flow[LoopState]):
             return "stop"
         if st.recheck:
             return "continue"  # after a rollback the new records that showed the regression are still to be trained on
-        deadline = time.monotonic() + s.every_s
-        while time.monotonic() < deadline:
-            if pending(self._ws, "stop") is not None:
-                return "stop"
-            if pending(self._ws, "trigger") is not None:
-                break
-            time.sleep(POLL_SECONDS)
-        return "continue"
+        return "continue" if sleep_until(self._ws, time.monotonic() + s.every_s) else "stop"
+
+
+def sleep_until(workspace: Path, deadline: float) -> bool:
+    """Wait until `deadline` (monotonic) or a `loop trigger`; False when `loop stop` was asked for."""
+    while time.monotonic() < deadline:
+        if pending(workspace, "stop") is not None:
+            return False
+        if pending(workspace, "trigger") is not None:
+            return True
+        time.sleep(POLL_SECONDS)
+    return pending(workspace, "stop") is None
 
 
 # ---- the driver ----------------------------------------------------------------------------------
@@ -477,6 +481,7 @@ def start_state(workspace: Path, settings: LoopSettings | None) -> LoopState:
 def run_loop(workspace: Path, settings: LoopSettings | None = None, once: bool = False, echo=None) -> LoopState:
     """`modelcrew loop start`: check, run rounds, wait; until --once, --max-rounds or `loop stop`."""
     workspace = Path(workspace)
+    say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     quiet_crewai(workspace)
     state = start_state(workspace, settings)
     lock = LoopLock(workspace)
@@ -490,15 +495,23 @@ def run_loop(workspace: Path, settings: LoopSettings | None = None, once: bool =
             try:
                 outcome = flow.kickoff()
             except LoopStopped as err:
-                (echo or (lambda line: print(line, file=sys.stderr)))(f"[loop] {err}")
+                say(f"[loop] {err}")
                 state = load_state(workspace)
                 break
             except StepFailed as err:
-                (echo or (lambda line: print(line, file=sys.stderr)))(f"[loop] {err}")
+                say(f"[loop] {err}")
                 state = load_state(workspace)
                 if state.current is not None:
                     continue  # retry the step now
                 if once:
+                    break
+                continue
+            except ModelcrewError as err:  # the check itself failed (e.g. memory busy): try again at the next check
+                if once:
+                    raise
+                say(f"[loop] the check failed: {err}; next check in {state.settings.every_s:g} s")
+                state = load_state(workspace)
+                if not sleep_until(workspace, time.monotonic() + state.settings.every_s):
                     break
                 continue
             state = flow.state

@@ -130,3 +130,12 @@ def test_pairs_and_chat_mix_as_chat(tmp_path):
     rows = [qa_rows(1)[0], SCHEMA_CASES[-1][0][0]]
     s = curate(str(write_jsonl(tmp_path / "d.jsonl", rows))).summary
     assert s.format == "chat" and s.records_after == 2
+
+
+def test_curated_records_can_be_curated_again_with_the_same_ids_and_splits(tmp_path):
+    first = curate(str(write_jsonl(tmp_path / "qa.jsonl", qa_rows(30))))
+    again_rows = [{k: v for k, v in r.items() if k != "id"} for rows in first.splits.values() for r in rows]
+    again = curate(str(write_jsonl(tmp_path / "curated.jsonl", again_rows)))
+    assert again.summary.fingerprint == first.summary.fingerprint
+    assert {k: [r["id"] for r in v] for k, v in again.splits.items()} == {k: [r["id"] for r in v] for k, v in first.splits.items()}
+    assert again.summary.schema_ == ["prompt,response"]

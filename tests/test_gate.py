@@ -55,3 +55,16 @@ def test_task_metrics_and_contamination():
     assert not dirty.passed and dirty.reasons[0] == "contamination: 3 training records restate earlier evaluation records"
     missing = gate(goal({"metric": "accuracy", "direction": "higher", "kind": "absolute", "value": 0.8}, "accuracy"), evaluation())
     assert not missing.passed and missing.reasons[0].startswith("accuracy was not measured")
+
+
+def test_a_candidate_worse_than_production_on_the_same_set_fails_and_the_verdict_reads_from_the_file():
+    target = {**REL, "value": 0.2}  # met against the base: 21 <= 24
+    worse = gate(goal(target), evaluation(production_test_perplexity=20.5))
+    assert not worse.passed
+    assert worse.reasons[0] == ("production: test_perplexity 21 vs production's 20.5 (+2.4%) on the same evaluation set; "
+                                "may not be worse: NOT met")
+    better = gate(goal(target), evaluation(production_test_perplexity=22.0))
+    assert better.passed and any(r.startswith("production:") and r.endswith(": met") for r in better.reasons)
+    # given explicitly, production wins over the file's value; with no production at all, no such check
+    assert gate(goal(target), evaluation(production_test_perplexity=20.5), {"test_perplexity": 30.0}).passed
+    assert not any(r.startswith("production:") for r in gate(goal(target), evaluation()).reasons)

@@ -329,3 +329,21 @@ def test_cli_memory_commands(cli, tmp_path):
     assert bad.exit_code == 2 and bad.stderr.strip() == "error: kind: unknown kind 'nope'; choose one of datasets, evaluations, lessons, eval_records"
     missing = cli("memory", "show", "nope", "--workspace", str(ws))
     assert missing.exit_code == 2 and "not in memory" in missing.stderr
+
+
+def test_centroid_distance_tells_a_new_batch_of_the_same_data_from_another_domain(world):
+    ws, store, sets, _ = world
+    faq = [json.loads(line) for line in (ws / "datasets" / sets["faq"].fingerprint / "train.jsonl").read_text().splitlines()]
+    news = [json.loads(line) for line in (ws / "datasets" / sets["news"].fingerprint / "train.jsonl").read_text().splitlines()]
+    same = store.centroid_distance(faq[:30], faq[30:])
+    other = store.centroid_distance(news[:30], faq[30:])
+    assert 0 <= same < 0.1 < 0.3 < other <= 2
+    with pytest.raises(InputError, match="drift: a record set to compare is empty"):
+        store.centroid_distance([], faq)
+
+
+def test_contamination_can_exclude_a_datasets_earlier_versions(world):
+    ws, store, sets, _ = world
+    val = [json.loads(line) for line in (ws / "datasets" / sets["faq"].fingerprint / "val.jsonl").read_text().splitlines()]
+    assert len(store.contamination([val[0]], exclude_dataset=["0000000000000000"])) == 1
+    assert store.contamination([val[0]], exclude_dataset=["0000000000000000", sets["faq"].fingerprint]) == []

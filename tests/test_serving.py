@@ -309,6 +309,9 @@ def test_deployer_tools_use_the_registry_and_cannot_force(ws, tmp_path):
     assert register.run(model_name="support-bot", run_id="good") == "registered support-bot v1 from run good (gate passed)"
     for run in ("better", "worse", "failed"):
         register.run(model_name="support-bot", run_id=run)
+    # a retried or resumed deploy step registers a run once
+    assert register.run(model_name="support-bot", run_id="good") == "registered support-bot v1 from run good (already registered)"
+    assert list(Registry(home).state("support-bot").versions) == ["v1", "v2", "v3", "v4"]
     assert promote.run(model_name="support-bot", version="v1").startswith("support-bot@production is now v1")
     assert promote.run(model_name="support-bot", version="v2").startswith("support-bot@production is now v2")
     assert promote.run(model_name="support-bot", version="v3").startswith("refused to promote support-bot v3")

@@ -102,6 +102,24 @@ def test_lora_changes_only_the_adapted_projections(ws, datasets, tiny_base):
         assert torch.equal(before[name], after[name]) != adapted, name
 
 
+def test_a_warm_start_begins_from_the_given_weights_and_keeps_the_base_as_reference(ws, datasets, tiny_base):
+    earlier = Path(train(TrainPlan(task="finetune", dataset=datasets["pairs"], base_model=str(tiny_base), method="full",
+                                   budget=Budget(steps=3), **{**TINY, "seq_len": 128}), ws, "warm-a", show_progress=False).final_dir)
+    plan = TrainPlan(task="finetune", dataset=datasets["pairs"], base_model=str(tiny_base), method="full",
+                     init_from=str(earlier), budget=Budget(steps=1), **{**TINY, "seq_len": 128, "lr": 1e-9, "warmup_steps": 0})
+    warm = Path(train(plan, ws, "warm-b", show_progress=False).final_dir)
+    start, base, after = weights(earlier), weights(tiny_base), weights(warm)
+    assert all(torch.allclose(after[n], start[n], atol=1e-6) for n in start)  # it went on from the earlier weights ...
+    assert any(not torch.allclose(after[n], base[n], atol=1e-4) for n in base)  # ... not from the base
+    lineage = json.loads((warm / "lineage.json").read_text())
+    assert lineage["base_dir"] == str(earlier) and lineage["reference_dir"] == str(tiny_base)  # compared with the base
+    lora_only = Path(train(TrainPlan(task="finetune", dataset=datasets["pairs"], base_model=str(tiny_base), method="lora",
+                                     lora=LoraSettings(rank=4, merge=False), budget=Budget(steps=1), **{**TINY, "seq_len": 128}),
+                           ws, "warm-adapter", show_progress=False).final_dir)
+    with pytest.raises(InputError, match="init_from: .* holds only a LoRA adapter"):
+        train(plan.model_copy(update={"init_from": str(lora_only)}), ws, "warm-c", show_progress=False)
+
+
 def test_lora_adapter_kept_separate_when_asked(ws, datasets, tiny_base):
     plan = TrainPlan(task="finetune", dataset=datasets["pairs"], base_model=str(tiny_base), method="lora",
                      lora=LoraSettings(rank=4, merge=False), budget=Budget(steps=2), **{**TINY, "seq_len": 128})

@@ -1,0 +1,59 @@
+"""Plans are made by code: defaults, memory's best config, and the next learning rate after a miss."""
+
+from __future__ import annotations
+
+import pytest
+
+from memory.store import BestConfig
+from training.contracts import (
+    CurationSettings,
+    DatasetSummary,
+    Goal,
+    LengthStats,
+    TrainPlan,
+)
+from training.planning import MAX_FINETUNE_LR, next_lr, plan_for
+
+
+def summary(fmt: str = "pairs") -> DatasetSummary:
+    stats = LengthStats(unit="chars", min=1, mean=1.0, p50=1, p95=1, max=1, total=1)
+    return DatasetSummary(fingerprint="0123456789abcdef", source="d.jsonl", format=fmt, schema=["question,answer"],
+                          records_in=50, records_after=50, removed={}, pii={}, splits={"train": 40, "val": 5, "test": 5},
+                          lengths_chars=stats, lengths_tokens=stats, samples=[], description="", top_terms=[],
+                          settings=CurationSettings(), created_at="2026-01-01T00:00:00+00:00")
+
+
+GOAL = Goal(task="finetune", data="d.jsonl", base_model="smollm2-135m-instruct", method="lora", metric="perplexity")
+
+
+def best(lr: float, passed: bool, tried: list[float]) -> BestConfig:
+    plan, _ = plan_for(GOAL, summary())
+    return BestConfig(run_id="earlier", dataset="fedcba9876543210", similarity=0.9, metric="val_perplexity", value=9.0,
+                      plan=plan.model_copy(update={"lr": lr, "batch_size": 4}), passed=passed, tried_lrs=tried)
+
+
+def test_defaults_then_memory():
+    plan, reused = plan_for(GOAL, summary())
+    assert (plan.lr, plan.method, plan.lora.rank, reused) == (2e-4, "lora", 8, None)
+    plan, reused = plan_for(GOAL, summary(), best(5e-4, True, [5e-4]))
+    assert (plan.lr, plan.batch_size, reused) == (5e-4, 4, "earlier")  # what passed is reused as it was
+
+
+@pytest.mark.parametrize("lr,tried,expected", [
+    (2e-4, [2e-4], 6e-4),                 # a miss: three times higher
+    (2e-4, [2e-4, 6e-4], 2e-4 / 3),       # higher was tried too: three times lower
+    (2e-4, [2e-4 / 3, 2e-4, 6e-4], 2e-4),  # both tried: the best one again
+    (2e-3, [2e-3], MAX_FINETUNE_LR["lora"]),  # never above the cap
+])
+def test_a_configuration_that_missed_its_gate_is_not_repeated(lr, tried, expected):
+    assert next_lr(lr, tried, MAX_FINETUNE_LR["lora"]) == pytest.approx(expected)
+    plan, reused = plan_for(GOAL, summary(), best(lr, False, tried))
+    assert plan.lr == pytest.approx(expected) and reused == "earlier"
+
+
+def test_a_warm_start_is_a_finetune_only_setting():
+    plan, _ = plan_for(GOAL, summary())
+    warm = TrainPlan.model_validate({**plan.model_dump(), "init_from": "/models/production"})
+    assert warm.init_from == "/models/production"
+    with pytest.raises(ValueError, match="init_from: only a fine-tuning run"):
+        TrainPlan(task="pretrain", dataset="0123456789abcdef", size="tiny", init_from="/models/production")
