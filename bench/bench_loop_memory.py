@@ -52,14 +52,23 @@ def run_arm(root: Path, base: Path, memory: bool, rounds: int, target: float, st
         state = run_loop(ws, settings, once=True, echo=lambda line: None)
         r = state.rounds[-1]
         run_dir = ws / "runs" / r.run_id
-        result = json.loads((run_dir / "result.json").read_text())
-        plan = json.loads((run_dir / "plan.json").read_text())
-        rows.append({"round": r.number, "lr": plan["lr"], "steps": result["steps"], "train_seconds": result["wall_seconds"],
-                     "round_seconds": round(time.perf_counter() - started, 1), "test_perplexity": r.candidate,
-                     "passed": r.passed, "deployed": r.deployed})
-        print(f"memory {'on ' if memory else 'off'} round {i}: lr {plan['lr']:.3g}, {result['steps']} steps, "
-              f"test perplexity {r.candidate:.4g}, {'passed' if r.passed else 'missed'}", flush=True)
+        result = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").exists() else {}
+        plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else {}
+        rows.append({"round": r.number, "lr": plan.get("lr"), "steps": result.get("steps", 0),
+                     "train_seconds": result.get("wall_seconds", 0.0), "round_seconds": round(time.perf_counter() - started, 1),
+                     "test_perplexity": r.candidate, "passed": bool(r.passed), "deployed": r.deployed, "error": r.error})
+        print(f"memory {'on ' if memory else 'off'} round {i}: lr {plan.get('lr')}, {result.get('steps', 0)} steps, "
+              f"test perplexity {r.candidate}, {'passed' if r.passed else 'missed'} {r.error or ''}", flush=True)
     return rows
+
+
+def num(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def verdict(row: dict) -> str:
+    return "failed: " + row["error"] if row.get("error") and row["test_perplexity"] is None else (
+        "passed" if row["passed"] else "missed")
 
 
 def to_goal(rows: list[dict]) -> dict:
@@ -113,8 +122,8 @@ def main() -> None:
                   "| round | memory on: lr | test ppl | verdict | memory off: lr | test ppl | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for x, y in zip(arms["on"], arms["off"]):
-            lines.append(f"| {x['round']} | {x['lr']:.3g} | {x['test_perplexity']:.4g} | {'passed' if x['passed'] else 'missed'} | "
-                         f"{y['lr']:.3g} | {y['test_perplexity']:.4g} | {'passed' if y['passed'] else 'missed'} |")
+            lines.append(f"| {x['round']} | {num(x['lr'], '.3g')} | {num(x['test_perplexity'], '.4g')} | {verdict(x)} | "
+                         f"{num(y['lr'], '.3g')} | {num(y['test_perplexity'], '.4g')} | {verdict(y)} |")
         lines += ["", "| to reach the goal | rounds and compute |", "|---|---|",
                   f"| memory on | {cell(goal['on'])} |", f"| memory off | {cell(goal['off'])} |",
                   f"| memory on needs fewer rounds | {'yes' if fewer(goal) else 'no'} |", ""]

@@ -16,7 +16,9 @@ gates and rollbacks never depend on an LLM's judgement.
 - A round's data: every new record, every earlier evaluation record (the hash-based split puts each record
   in the same split every time, so the evaluation set only grows), and a `replay` share of earlier
   training records. Training starts from production's weights (warm start) with the config memory recommends.
-- Records of a round whose candidate was rejected are kept out of later rounds (quarantined: seen, not used).
+- Records whose candidate came out worse than production (or restated evaluation records) are quarantined:
+  remembered as seen, never replayed or evaluated on. A candidate that merely missed the goal's target
+  leaves its records in use.
 - Rollback: when production is worse than the previous version on the newest records, production goes back.
 
 Durable state: `LoopState` is written to `<workspace>/loop/state.json` (whole-file replace) after every
@@ -189,7 +191,7 @@ class RetrainingLoop(Flow[LoopState]):
             except InputError as err:  # a malformed delivery: say so and wait for a fix, losing nothing
                 self._say(f"the watched data cannot be used yet: {err}")
                 return [], [], "retrain", {"signature": signature, "newest": {}, "production": None}
-            if not new and triggers and not any(e["status"] == "trained" for e in pool.values()):
+            if not new and triggers and not any(e["status"] == "used" for e in pool.values()):
                 self._say("a round was asked for, but there is no data to train on yet")
                 clear(self._ws, "trigger")
                 return [], [], "retrain", {"signature": signature, "newest": {}, "production": None}
@@ -200,7 +202,7 @@ class RetrainingLoop(Flow[LoopState]):
         route = "retrain"
         if new:
             triggers.insert(0, Trigger(kind="data", detail=f"{len(new)} new records", value=len(new)))
-            old = [e["record"] for e in read_pool(self._ws).values() if e["status"] == "trained"]
+            old = [e["record"] for e in read_pool(self._ws).values() if e["status"] == "used"]
             shifted = False
             if old:
                 distance = MemoryStore(self._ws).centroid_distance([e["record"] for e in new], old)
@@ -260,7 +262,7 @@ class RetrainingLoop(Flow[LoopState]):
     def _write_round_data(self, r: Round, new: list[dict]) -> None:
         """The round's records: all new ones, every earlier evaluation record, and a replay share of earlier training."""
         s = self.state.settings
-        trained = sorted((e for e in read_pool(self._ws).values() if e["status"] == "trained"), key=lambda e: e["id"])
+        trained = sorted((e for e in read_pool(self._ws).values() if e["status"] == "used"), key=lambda e: e["id"])
         old_eval = [e for e in trained if e["split"] != "train"]
         old_train = [e for e in trained if e["split"] == "train"]
         new_train = sum(e["split"] == "train" for e in new)
@@ -381,7 +383,7 @@ class RetrainingLoop(Flow[LoopState]):
         if r.route == "retrain":
             new_file = self._round_dir(r) / "new.jsonl"
             if new_file.exists():
-                kind = "trained" if status == "done" and r.passed else ("rejected" if status == "done" else "failed")
+                kind = "failed" if status == "failed" else ("quarantined" if self._harmful(r) else "used")
                 entries = [{**json.loads(line), "round": r.number, "status": kind}
                            for line in new_file.read_text(encoding="utf-8").splitlines()]
                 add_to_pool(self._ws, entries)
@@ -403,6 +405,14 @@ class RetrainingLoop(Flow[LoopState]):
         verdict = ("deployed " + r.deployed if r.deployed else f"rolled back {r.rolled_back}" if r.rolled_back
                    else "production unchanged")
         self._say(f"round {r.number} {status}: {verdict}")
+
+    @staticmethod
+    def _harmful(r: Round) -> bool:
+        """Did this round's data make the model worse than production, or restate evaluation records?"""
+        if r.passed:
+            return False
+        return any(x.startswith("production:") and x.endswith("NOT met") or x.startswith("contamination:") and "restate" in x
+                   for x in r.reasons)
 
     def _record_deployment(self, r: Round) -> None:
         from memory.store import MemoryStore, load_run_artefacts

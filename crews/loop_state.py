@@ -4,7 +4,7 @@
     state.json        the Flow's state (`LoopState`), replaced whole after every step
     loop.lock         held by the running loop; loop.holder names it (pid, start, goal)
     requests/         `trigger` and `stop`, written by `modelcrew loop trigger|stop`
-    pool.jsonl        every record a round has used: trained, rejected (quarantined) or failed
+    pool.jsonl        every record a round has taken: used, quarantined (its candidate was worse) or failed
     rounds/NNNN/      each round's input data (data.jsonl) and its new records (new.jsonl)
     report.md, report.html   the timeline of rounds
 """
@@ -208,7 +208,7 @@ def pool_path(workspace: Path) -> Path:
 
 
 def read_pool(workspace: Path) -> dict[str, dict]:
-    """id -> {"id", "round", "status" (trained | rejected | failed), "split", "record"}; later lines win."""
+    """id -> {"id", "round", "status" (used | quarantined | failed), "split", "record"}; later lines win."""
     pool: dict[str, dict] = {}
     path = pool_path(workspace)
     if path.exists():

@@ -98,7 +98,7 @@ def test_a_stream_of_deliveries_rounds_rejections_drift_and_rollback(base, tmp_p
     assert r.candidate > r.production_value
     assert any(reason.startswith("production:") and "NOT met" in reason for reason in r.reasons)
     assert Registry(ws).state("desk-bot").aliases["production"] == "v3" and r.production_after == "v3"
-    assert {e["status"] for e in read_pool(ws).values() if e["round"] == 4} == {"rejected"}  # never replayed
+    assert {e["status"] for e in read_pool(ws).values() if e["round"] == 4} == {"quarantined"}  # never replayed
 
     # a person ships a broken version; production on the next in-domain batch is worse than previous: rollback
     registry = Registry(ws)
