@@ -164,6 +164,7 @@ class RetrainingLoop(Flow[LoopState]):
         r = Round(number=number, route=route, triggers=triggers, started_at=now(), signature=detail["signature"],
                   run_id=f"loop-r{number:03d}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", newest=detail["newest"],
                   production_before=detail["production"])
+        r.new_records = len(new)
         if route == "retrain":
             self._write_round_data(r, new)
         st.current = r

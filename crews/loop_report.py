@@ -14,6 +14,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from tools.report import fmt, png
 
 TEMPLATES = Path(__file__).parent / "templates"
+NEWEST = {"production": "production on all new records", "previous": "previous on all new records",
+          "candidate_heldout": "candidate on the new held-out records", "production_heldout": "production on the new held-out records"}
 
 
 def production_series(state) -> list[tuple[int, float | None]]:
@@ -43,12 +45,14 @@ def timeline(state) -> list[dict]:
         rows.append({
             "number": r.number, "started": r.started_at.replace("T", " ").removesuffix("+00:00"),
             "triggers": "; ".join(f"{t.kind}: {t.detail}" for t in r.triggers), "route": r.route,
-            "data": f"{fmt(r.new_records)} new, {fmt(r.replayed)} replayed, {fmt(r.eval_records)} earlier eval",
-            "warm_start": r.warm_start or "base", "metric": r.metric or "—", "candidate": fmt(r.candidate),
+            "data": (f"{fmt(r.new_records)} new, {fmt(r.replayed)} replayed, {fmt(r.eval_records)} earlier eval"
+                     if r.route == "retrain" else f"{fmt(r.new_records)} new, left for the next round"),
+            "warm_start": (r.warm_start or "base") if r.route == "retrain" else "—", "metric": r.metric or "—",
+            "candidate": fmt(r.candidate),
             "production": fmt(r.production_value),
             "verdict": "—" if r.passed is None else ("passed" if r.passed else "rejected"),
             "why": r.reasons[0] if r.reasons else "", "action": action, "run_id": r.run_id if r.route == "retrain" else None,
-            "newest": ", ".join(f"{k} {fmt(v)}" for k, v in r.newest.items()) or "—"})
+            "newest": "; ".join(f"{NEWEST.get(k, k)} {fmt(v)}" for k, v in r.newest.items()) or "—"})
     return rows
 
 
@@ -75,7 +79,7 @@ def plot(state) -> str | None:
     for r in state.rounds:
         if r.rolled_back:
             ax.axvline(r.number, color="#8172b2", linestyle="--", linewidth=1)
-            ax.text(r.number, ax.get_ylim()[1], f" rollback {r.rolled_back}", color="#8172b2", fontsize=7, va="top")
+            ax.text(r.number, ax.get_ylim()[1], f"rollback {r.rolled_back} ", color="#8172b2", fontsize=7, va="top", ha="right")
     ax.set_xlabel("round")
     ax.set_ylabel(f"{metric} (each round's evaluation set)")
     ax.set_xticks([r.number for r in state.rounds])
@@ -90,6 +94,7 @@ def render_loop_report(workspace: Path, state) -> tuple[Path, Path]:
     rows = timeline(state)
     done = [r for r in state.rounds if r.status == "done"]
     data = {
+        "metric": next((r.metric for r in state.rounds if r.metric), "metric"),
         "goal_text": state.settings.goal_text, "watch": state.settings.watch, "rows": rows,
         "model_name": state.goal.model_name, "production": next((r.production_after for r in reversed(state.rounds)
                                                                  if r.production_after), None),

@@ -375,22 +375,31 @@ class MemoryStore:
         return sorted(runs, key=lambda r: (r.created_at, r.run_id))
 
     def best_known_config(self, summary: DatasetSummary, metric: str = "val_perplexity", min_similarity: float = 0.5,
-                          k: int = 5) -> BestConfig | None:
-        """The plan of the best run (by `metric`) on the most similar dataset that has runs with a plan."""
+                          k: int = 5, same_data: float = 0.9) -> BestConfig | None:
+        """The plan of the best run (by `metric`) on the most similar dataset that has runs with a plan.
+
+        Datasets at least `same_data` similar to the most similar one count as versions of the same data
+        (a retraining loop's rounds): their runs are ranked together, and `tried_lrs` covers them all.
+        """
         candidates = self.similar_datasets(summary, k=k, include_self=True)
         if not any(c.fingerprint == summary.fingerprint for c in candidates) and self.history(summary.fingerprint):
             candidates.insert(0, SimilarDataset(fingerprint=summary.fingerprint, similarity=1.0, source=summary.source,
                                                 format=summary.format, records=summary.records_after, description=""))
+        with_runs = []
         for cand in sorted(candidates, key=lambda c: -c.similarity):
             if cand.similarity < min_similarity:
                 break
             runs = [r for r in self.history(cand.fingerprint) if r.plan is not None and metric in r.metrics]
             if runs:
-                pick = (min if lower_is_better(metric) else max)(runs, key=lambda r: r.metrics[metric])
-                return BestConfig(run_id=pick.run_id, dataset=cand.fingerprint, similarity=round(cand.similarity, 4),
-                                  metric=metric, value=pick.metrics[metric], plan=pick.plan, passed=pick.gate != "failed",
-                                  tried_lrs=sorted({r.plan.lr for r in runs}))
-        return None
+                with_runs.append((cand, runs))
+        if not with_runs:
+            return None
+        nearest = with_runs[0][0].fingerprint
+        pooled = [(c, run) for c, runs in with_runs if c.fingerprint == nearest or c.similarity >= same_data for run in runs]
+        cand, pick = (min if lower_is_better(metric) else max)(pooled, key=lambda cr: cr[1].metrics[metric])
+        return BestConfig(run_id=pick.run_id, dataset=cand.fingerprint, similarity=round(cand.similarity, 4), metric=metric,
+                          value=pick.metrics[metric], plan=pick.plan, passed=pick.gate != "failed",
+                          tried_lrs=sorted({r.plan.lr for _, r in pooled}))
 
     def contamination(self, records: list[dict] | list[str], threshold: float = CONTAMINATION_THRESHOLD,
                       exclude_dataset: str | list[str] | None = None) -> list[Overlap]:
