@@ -52,6 +52,7 @@ bench: setup
 	$(PY) bench/bench_lora.py
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_serve.py
+	$(PY) bench/bench_loop_memory.py
 
 clean:
 	rm -rf .modelcrew .pytest_cache

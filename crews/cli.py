@@ -702,7 +702,12 @@ def loop_start(
             if watch is None:
                 from crews.goals import parse_goal
 
-                watch = Path(parse_goal(goal, workspace).data)
+                try:
+                    watch = Path(parse_goal(goal, workspace).data)
+                except InputError as err:
+                    if str(err).startswith("data:"):
+                        raise InputError("--watch: the goal names no data; pass --watch PATH (a file or directory)") from None
+                    raise
             settings = LoopSettings(goal_text=goal, watch=str(watch), every_s=parse_duration(every, "--every"),
                                     schedule_s=parse_duration(schedule, "--schedule") if schedule else None,
                                     max_rounds=max_rounds, replay=replay, drift_distance=drift, use_memory=not no_memory,

@@ -186,3 +186,21 @@ def test_kill_9_mid_round_resumes_it_and_a_second_loop_is_refused(base, tmp_path
     stop = _cli(ws, "stop")
     _, err = stop.communicate(timeout=60)
     assert stop.returncode == 2 and "no loop is running" in err
+
+
+def test_loop_commands_refuse_bad_input_in_one_line(cli, tmp_path):
+    ws = tmp_path / "ws"
+    goal_without_data = "fine-tune smollm2-135m-instruct with LoRA, deploy as desk-bot if it passes"
+    cases = [
+        (["loop", "start", goal_without_data], "error: --watch: the goal names no data; pass --watch PATH"),
+        (["loop", "start", goal_without_data, "--watch", str(tmp_path), "--every", "5x"],
+         "error: --every: expected a duration like 90s, 15m, 1h or 2d, got '5x'"),
+        (["loop", "start", "fine-tune smollm2-135m-instruct with LoRA", "--watch", str(tmp_path / "absent")],
+         f"error: --watch: {tmp_path / 'absent'} does not exist"),
+        (["loop", "status"], f"error: no loop has run on {ws}"),
+        (["loop", "stop"], f"error: no loop is running on {ws}"),
+    ]
+    for args, message in cases:
+        result = cli(*args, "--workspace", str(ws))
+        assert result.exit_code == 2 and result.stderr.startswith(message), (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
