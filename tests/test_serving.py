@@ -302,6 +302,8 @@ def test_deployer_tools_use_the_registry_and_cannot_force(ws, tmp_path):
     for run, ppl, passed in (("good", 20.0, True), ("better", 18.0, True), ("worse", 30.0, True), ("failed", 10.0, False)):
         run_dir = home / "runs" / run
         shutil.copytree(ws / "runs" / "tiny-a" / "final", run_dir / "best")
+        lineage = json.loads((run_dir / "best" / "lineage.json").read_text())
+        (run_dir / "best" / "lineage.json").write_text(json.dumps({**lineage, "run_id": run}))  # as a real run's export says
         (run_dir / "evaluation.json").write_text(_evaluation(run, ppl).model_dump_json())
         (run_dir / "gate.json").write_text(_gate(passed).model_dump_json())
     register, promote = RegisterModelTool(workspace=home), PromoteModelTool(workspace=home)

@@ -182,10 +182,10 @@ class RunContext:
 def warm_start_dir(path: str) -> Path:
     """The full model directory a warm start begins from (adapters are merged into what they export)."""
     init = Path(path)
-    if not (init / "config.json").is_file() or not list(init.glob("*.safetensors")):
-        raise InputError(f"init_from: {init} is not a model directory with safetensors weights")
     if (init / "adapter_config.json").exists():
         raise InputError(f"init_from: {init} holds only a LoRA adapter; warm-start from a merged export (lora.merge)")
+    if not (init / "config.json").is_file() or not list(init.glob("*.safetensors")):
+        raise InputError(f"init_from: {init} is not a model directory with safetensors weights")
     return init
 
 
