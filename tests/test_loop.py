@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crews.loop import run_loop
-from crews.loop_state import LoopSettings, load_state, read_pool
+from crews.loop_state import LoopSettings, load_state, pending, read_pool, request
 from serving.registry import Registry
 from tests.helpers import poisoned, shifted_rows, ticket_base, ticket_rows, write_jsonl
 from training.batches import read_split
@@ -125,6 +125,15 @@ def test_a_stream_of_deliveries_rounds_rejections_drift_and_rollback(base, tmp_p
     drift = [t for t in r.triggers if t.kind == "drift" and "centroid" in t.detail]
     assert drift and drift[0].value >= settings.drift_distance
 
+    # a person asks for a round and the schedule is due: a round without new data retrains on what the loop has
+    request(ws, "trigger", "new product launch")
+    time.sleep(1.1)
+    state = run_loop(ws, settings.model_copy(update={"schedule_s": 1.0, "max_rounds": 1}), echo=said.append)
+    r = state.rounds[-1]
+    assert [t.kind for t in r.triggers] == ["manual", "schedule"] and r.triggers[0].detail == "new product launch"
+    assert r.new_records == 0 and r.replayed > 0 and r.status == "done"
+    assert pending(ws, "trigger") is None  # answered
+
     # the loop report: self-contained, one row per round, with the plot
     html = (ws / "loop" / "report.html").read_text()
     assert "data:image/png;base64," in html and "src=\"http" not in html
@@ -174,6 +183,20 @@ def test_kill_9_mid_round_resumes_it_and_a_second_loop_is_refused(base, tmp_path
     steps = [json.loads(line)["step"] for line in (runs[0] / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == sorted(set(steps)) and steps[-1] == json.loads((runs[0] / "result.json").read_text())["steps"]
+
+    # a running loop (waiting between checks) is seen by status and ends on `loop stop`
+    running = _cli(ws, "start", "--every", "1h")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and load_state(ws).checks < 2:
+        time.sleep(0.2)
+    status = _cli(ws, "status")
+    out, _ = status.communicate(timeout=60)
+    assert f"running (pid {running.pid}" in out
+    stop = _cli(ws, "stop")
+    _, err = stop.communicate(timeout=60)
+    assert stop.returncode == 0 and "stop requested" in err
+    out, _ = running.communicate(timeout=30)
+    assert running.returncode == 0 and "loop stopped after 1 rounds" in out
 
     # a finished loop: status shows the round, trigger asks for one, stop needs a running loop
     status = _cli(ws, "status")
