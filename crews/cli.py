@@ -694,9 +694,9 @@ def loop_start(
         from crews.loop_state import LoopLock, LoopSettings, load_state
 
         _check_workspace(workspace)
-        running = LoopLock(workspace).running()  # before the slow imports: a second loop is refused at once
-        if running:
-            raise ModelcrewError(f"another loop is already running on {workspace}: {running}; `modelcrew loop stop` stops it")
+        lock = LoopLock(workspace)
+        if lock.running():  # before the slow imports: a second loop is refused at once
+            raise lock.busy()
         settings = None
         if goal is not None:
             if watch is None:

@@ -53,7 +53,7 @@ from crews.loop_state import (
     save_state,
     source_signature,
 )
-from crews.run import quiet_crewai
+from crews.run import quiet_crewai, record_deployment
 from training.contracts import Goal
 from training.errors import InputError, ModelcrewError
 
@@ -156,22 +156,22 @@ class RetrainingLoop(Flow[LoopState]):
         st.checks += 1
         st.last_check_at = now()
         st.recheck = False
-        triggers, new, route, detail = self._triggers()
+        pool = read_pool(self._ws)
+        triggers, new, route, detail = self._triggers(pool)
         if not triggers and route != "rollback":
             self._save()
             return
         number = (st.rounds[-1].number if st.rounds else 0) + 1
         r = Round(number=number, route=route, triggers=triggers, started_at=now(), signature=detail["signature"],
                   run_id=f"loop-r{number:03d}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", newest=detail["newest"],
-                  production_before=detail["production"])
-        r.new_records = len(new)
+                  production_before=detail["production"], new_records=len(new))
         if route == "retrain":
-            self._write_round_data(r, new)
+            self._write_round_data(r, new, pool)
         st.current = r
         self._save()
         self._say(f"round {number} ({route}): " + "; ".join(f"{t.kind}: {t.detail}" for t in triggers))
 
-    def _triggers(self):
+    def _triggers(self, pool: dict[str, dict]):
         from memory.store import MemoryStore
 
         st, s = self.state, self.state.settings
@@ -184,26 +184,25 @@ class RetrainingLoop(Flow[LoopState]):
         if due:
             triggers.append(Trigger(kind="schedule", detail=f"no round for {s.schedule_s:g} s"))
         signature = source_signature(s.watch)
+        detail = {"signature": signature, "newest": {}, "production": None}
         new: list[dict] = []
         if signature != st.source_signature or triggers:
-            pool = read_pool(self._ws)
             try:
                 new = [e for e in read_watched(s, st.goal) if e["id"] not in pool]
             except InputError as err:  # a malformed delivery: say so and wait for a fix, losing nothing
                 self._say(f"the watched data cannot be used yet: {err}")
-                return [], [], "retrain", {"signature": signature, "newest": {}, "production": None}
+                return [], [], "retrain", detail
             if not new and triggers and not any(e["status"] == "used" for e in pool.values()):
                 self._say("a round was asked for, but there is no data to train on yet")
                 clear(self._ws, "trigger")
-                return [], [], "retrain", {"signature": signature, "newest": {}, "production": None}
+                return [], [], "retrain", detail
             if not new and signature != st.source_signature:
                 self._say("the watched data changed but holds no new records (a re-delivered copy?): no round")
                 st.source_signature = signature
-        detail = {"signature": signature, "newest": {}, "production": None}
         route = "retrain"
         if new:
             triggers.insert(0, Trigger(kind="data", detail=f"{len(new)} new records", value=len(new)))
-            old = [e["record"] for e in read_pool(self._ws).values() if e["status"] == "used"]
+            old = [e["record"] for e in pool.values() if e["status"] == "used"]
             shifted = False
             if old:
                 distance = MemoryStore(self._ws).centroid_distance([e["record"] for e in new], old)
@@ -239,10 +238,10 @@ class RetrainingLoop(Flow[LoopState]):
             triggers.append(Trigger(kind="drift", value=ppl, detail=(
                 f"production {version.version}'s perplexity on the newest records is {ppl:.4g}, "
                 f"{ppl / recorded - 1:+.0%} from the {recorded:.4g} it was deployed with (margin {s.drift_metric:.0%})")))
-        state = Registry(self._ws).state(name)
-        previous = state.aliases.get("previous")
+        registry = Registry(self._ws)
+        previous = registry.state(name).aliases.get("previous")
         if previous and consider_rollback:
-            _, _, prev_path = Registry(self._ws).resolve(f"{name}@{previous}")
+            _, _, prev_path = registry.resolve(f"{name}@{previous}")
             prev = perplexity_on(prev_path, records, fmt, seq_len)
             detail["newest"]["previous"] = prev
             if prev is not None and ppl > prev * (1 + s.rollback_margin):
@@ -260,10 +259,10 @@ class RetrainingLoop(Flow[LoopState]):
         lineage = json.loads((Path(model_dir) / "lineage.json").read_text(encoding="utf-8"))
         return load_summary(self._ws, lineage["dataset"]).format, int(lineage.get("plan", {}).get("seq_len", 256))
 
-    def _write_round_data(self, r: Round, new: list[dict]) -> None:
+    def _write_round_data(self, r: Round, new: list[dict], pool: dict[str, dict]) -> None:
         """The round's records: all new ones, every earlier evaluation record, and a replay share of earlier training."""
         s = self.state.settings
-        trained = sorted((e for e in read_pool(self._ws).values() if e["status"] == "used"), key=lambda e: e["id"])
+        trained = sorted((e for e in pool.values() if e["status"] == "used"), key=lambda e: e["id"])
         old_eval = [e for e in trained if e["split"] != "train"]
         old_train = [e for e in trained if e["split"] == "train"]
         new_train = sum(e["split"] == "train" for e in new)
@@ -274,15 +273,15 @@ class RetrainingLoop(Flow[LoopState]):
         # The gate judges on a fixed evaluation set: earlier test records only. New test records join it from
         # the next round on (if this round is accepted), so a bad batch cannot grade its own candidate.
         fixed = any(e["split"] == "test" for e in old_eval)
-        held = [e for e in new if e["split"] == "test"] if fixed else []
-        rows = [e["record"] for e in [e for e in new if e not in held] + old_eval + replayed]
+        taken = [e for e in new if not (fixed and e["split"] == "test")]
+        rows = [e["record"] for e in taken + old_eval + replayed]
         d = self._round_dir(r)
         d.mkdir(parents=True, exist_ok=True)
         from training.data.store import write_jsonl
 
         write_jsonl(d / "data.jsonl", rows)
         write_jsonl(d / "new.jsonl", new)
-        r.new_records, r.replayed, r.eval_records = len(new), len(replayed), len(old_eval)
+        r.replayed, r.eval_records = len(replayed), len(old_eval)
 
     @router(check)
     def route(self) -> str:
@@ -407,26 +406,25 @@ class RetrainingLoop(Flow[LoopState]):
                    else "production unchanged")
         self._say(f"round {r.number} {status}: {verdict}")
 
-    @staticmethod
-    def _harmful(r: Round) -> bool:
-        """Did this round's data make the model worse than production, or restate evaluation records?"""
-        if r.passed:
+    def _harmful(self, r: Round) -> bool:
+        """Did this round's data make the model worse than production on the same evaluation set, or restate
+        earlier evaluation records? (From the numbers the gate judged, not from the wording of its reasons.)"""
+        from training.data.store import datasets_dir
+        from training.gate import lower_is_better
+
+        if r.passed or r.candidate is None:
             return False
-        return any(x.startswith("production:") and x.endswith("NOT met") or x.startswith("contamination:") and "restate" in x
-                   for x in r.reasons)
+        old = r.production_value
+        worse = old is not None and (r.candidate > old if lower_is_better(r.metric) else r.candidate < old)
+        overlaps = datasets_dir(self._ws) / r.dataset / "contamination.json"
+        return worse or (overlaps.exists() and bool(json.loads(overlaps.read_text(encoding="utf-8"))))
 
     def _record_deployment(self, r: Round) -> None:
-        from memory.store import MemoryStore, load_run_artefacts
-        from tools.report import render
         from training.contracts import Deployment
 
-        run_dir = self._ws / "runs" / r.run_id
         answer = r.outputs.get("deploy", {})
         known = {k: answer[k] for k in ("deployed", "model_name", "version", "alias", "reason") if k in answer}
-        deployment = Deployment(**{"deployed": False, **known})
-        (run_dir / "deployment.json").write_text(deployment.model_dump_json(indent=2), encoding="utf-8")
-        MemoryStore(self._ws).add_evaluation(*load_run_artefacts(run_dir))
-        render(self._ws, r.run_id, self.state.settings.goal_text)
+        record_deployment(self._ws, r.run_id, Deployment(**{"deployed": False, **known}), self.state.settings.goal_text)
 
     # -- wait --
 

@@ -23,6 +23,7 @@ from uuid import uuid4
 from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
+from training.atomic import write_text_atomic
 from training.contracts import Goal
 from training.errors import ModelcrewError
 
@@ -125,14 +126,7 @@ def load_state(workspace: Path) -> LoopState | None:
 
 def save_state(workspace: Path, state: LoopState) -> None:
     """Whole-file replace: a kill -9 leaves the previous state or the new one, never half of one."""
-    path = state_path(workspace)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(state.model_dump_json(indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(state_path(workspace), state.model_dump_json(indent=2))
 
 
 # ---- one loop per workspace ----------------------------------------------------------------------
@@ -151,13 +145,16 @@ class LoopLock:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
-            raise ModelcrewError(f"another loop is already running on {self.dir.parent}: {self.describe()}; "
-                                 "`modelcrew loop stop` stops it") from None
+            raise self.busy() from None
         self.holder.write_text(json.dumps({"pid": os.getpid(), "since": now(), "goal": goal_text,
                                            "command": " ".join(sys.argv)[:300]}), encoding="utf-8")
 
     def release(self) -> None:
         self._lock.release()
+
+    def busy(self) -> ModelcrewError:
+        return ModelcrewError(f"another loop is already running on {self.dir.parent}: {self.describe()}; "
+                              "`modelcrew loop stop` stops it")
 
     def describe(self) -> str:
         try:

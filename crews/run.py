@@ -63,21 +63,16 @@ def run_goal(goal_text: str, workspace: Path, llm: str | None = None, base_url: 
 
 
 def collect(workspace: Path, run_id: str, goal, goal_text: str, out, wall: float, trace) -> dict:
-    from memory.store import MemoryStore, load_run_artefacts
     from training.contracts import Deployment, Evaluation, GateVerdict, TrainPlan
     from training.gate import metric_key
 
     run_dir = workspace / "runs" / run_id
     outputs = [t.pydantic for t in out.tasks_output]
     deployment = outputs[-1] if isinstance(outputs[-1], Deployment) else Deployment(deployed=False, reason="no answer")
-    (run_dir / "deployment.json").write_text(deployment.model_dump_json(indent=2), encoding="utf-8")
+    record_deployment(workspace, run_id, deployment, goal_text)
     ev = Evaluation.model_validate_json((run_dir / "evaluation.json").read_text(encoding="utf-8"))
     gate = GateVerdict.model_validate_json((run_dir / "gate.json").read_text(encoding="utf-8"))
     plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
-    MemoryStore(workspace).add_evaluation(*load_run_artefacts(run_dir))  # now with whether it was deployed
-    from tools.report import render
-
-    render(workspace, run_id, goal_text)  # the evaluator wrote it before the deployer acted: now with the deployment
     key = metric_key(goal.metric, ev.metrics)
     tool_seconds = sum(e.get("seconds", 0) for e in trace.events if e["kind"] == "tool")
     result = {
@@ -91,3 +86,15 @@ def collect(workspace: Path, run_id: str, goal, goal_text: str, out, wall: float
     }
     (run_dir / "crew_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     return result
+
+
+def record_deployment(workspace: Path, run_id: str, deployment, goal_text: str) -> None:
+    """After the deployer: `deployment.json`, the run's memory entry (now saying whether it was deployed) and
+    its report (the evaluator wrote it before the deployer acted) are brought up to date."""
+    from memory.store import MemoryStore, load_run_artefacts
+    from tools.report import render
+
+    run_dir = Path(workspace) / "runs" / run_id
+    (run_dir / "deployment.json").write_text(deployment.model_dump_json(indent=2), encoding="utf-8")
+    MemoryStore(workspace).add_evaluation(*load_run_artefacts(run_dir))
+    render(workspace, run_id, goal_text)

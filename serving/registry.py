@@ -29,6 +29,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from memory.lock import WriterLock
+from training.atomic import write_text_atomic
 from training.contracts import Evaluation, GateVerdict
 from training.errors import InputError
 from training.gate import lower_is_better
@@ -151,14 +152,7 @@ class Registry:
     # ---- changing ---------------------------------------------------------------------------------
 
     def _save(self, state: ModelState) -> None:
-        target = self.root / state.name / "state.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".state-", dir=target.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(state.model_dump_json(indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_text_atomic(self.root / state.name / "state.json", state.model_dump_json(indent=2))
 
     def _load_or_new(self, name: str) -> ModelState:
         path = self.root / name / "state.json"

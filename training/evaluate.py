@@ -232,27 +232,30 @@ def _load_trained(model_dir: Path, lineage: dict, device):
     return model.to(device), tokenizer
 
 
+def load_exported(model_dir: Path):
+    """(model, tokenizer, device) of an exported model directory (full weights, or an adapter over its base)."""
+    model_dir = Path(model_dir)
+    lineage = json.loads((model_dir / "lineage.json").read_text(encoding="utf-8"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = _load_trained(model_dir, lineage, device)
+    return model, tokenizer, device
+
+
 def score_directory(workspace: Path, model_dir: Path, dataset: str, seq_len: int, max_examples: int = 24) -> dict[str, float]:
     """Metrics of any exported model directory (e.g. the production version) on `dataset`'s splits."""
     from training.data.store import datasets_dir, load_summary
 
-    model_dir = Path(model_dir)
-    lineage = json.loads((model_dir / "lineage.json").read_text(encoding="utf-8"))
     summary = load_summary(workspace, dataset)
     splits = {name: read_split(datasets_dir(workspace) / dataset, name) for name in ("train", "val", "test")}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model, tokenizer = _load_trained(model_dir, lineage, device)
+    model, tokenizer, device = load_exported(model_dir)
     metrics, _ = score_model(model, tokenizer, summary.format, splits, general_texts(), device, max_examples, seq_len)
     return {k: round(v, 6) for k, v in metrics.items()}
 
 
 def perplexity_on(model_dir: Path, records: list[dict], fmt: str, seq_len: int) -> float | None:
     """Perplexity of an exported model directory on `records` (e.g. the newest data); None if none fit."""
-    model_dir = Path(model_dir)
-    lineage = json.loads((model_dir / "lineage.json").read_text(encoding="utf-8"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = _load_trained(model_dir, lineage, device)
+    model, tokenizer, device = load_exported(model_dir)
     examples = build_examples(tokenizer, records, fmt, seq_len)
     if not examples:
         return None
