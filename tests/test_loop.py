@@ -227,3 +227,16 @@ def test_loop_commands_refuse_bad_input_in_one_line(cli, tmp_path):
         result = cli(*args, "--workspace", str(ws))
         assert result.exit_code == 2 and result.stderr.startswith(message), (args, result.stderr)
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_malformed_delivery_starts_no_round_and_leaves_nothing_half_written(tmp_path):
+    ws, watch = tmp_path / "ws", tmp_path / "inbox"
+    watch.mkdir()
+    (watch / "batch1.jsonl").write_text('{"question": "Is it on?", "answer": "Yes."}\n{"question": "broken\n', encoding="utf-8")
+    said: list[str] = []
+    settings = LoopSettings(goal_text="fine-tune smollm2-135m-instruct with LoRA, deploy as desk-bot if it passes",
+                            watch=str(watch), every_s=1)
+    state = run_loop(ws, settings, once=True, echo=said.append)
+    assert state.rounds == [] and state.current is None and state.checks == 1
+    assert any(f"the watched data cannot be used yet: {watch / 'batch1.jsonl'}:2:" in line for line in said), said
+    assert not (ws / "loop" / "rounds").exists() and not (ws / "loop" / "pool.jsonl").exists() and not (ws / "runs").exists()
