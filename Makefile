@@ -5,9 +5,6 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-export CREWAI_DISABLE_TELEMETRY=true
-export CREWAI_TRACING_ENABLED=false
-export CREWAI_DISABLE_VERSION_CHECK=true
 
 # The main job on the embedded defaults: the crew fine-tunes SmolLM2 on the example FAQ and deploys it if it passes.
 DEMO_GOAL ?= Fine-tune smollm2-135m-instruct on examples/data/support_faq.jsonl with LoRA rank 8 for 60 steps or 6 minutes, so that perplexity ends at least 15% below the base model, and deploy it as support-bot if it passes.

@@ -1,8 +1,10 @@
 """The crew: four agents, four tasks in sequence, each agent acting only through its tools.
 
 curate (data curator) -> plan and train (trainer) -> evaluate, gate and report (evaluator) -> deploy
-(deployer). Agents and tasks are described in YAML (agents/config/agents.yaml, crews/config/tasks.yaml),
-as in CrewAI's project template; this class wires them to their tools and their output contracts.
+(deployer). Agents and tasks are described in YAML (config/agents.yaml, config/tasks.yaml beside this
+file), as in CrewAI's project template; this class wires them to their tools and their output contracts,
+and ends each task's description with the header code reads back (`llm.protocol`). Every tool of the
+run holds the run's `RunContext`, so what one step produced reaches the next through code.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from crewai import Agent, Crew, Process, Task
 from crewai.project import CrewBase, agent, crew, task
 from pydantic import BaseModel
 
-from tools.base import Trace
+from llm.protocol import step_header, task_header
+from steps.context import RunContext
 from tools.crew_tools import (CompareWithHistoryTool, CurateDatasetTool, EstimatePlanTool, EvaluateModelTool,
                               SearchMemoryTool, TrainModelTool, WriteReportTool)
 from tools.deploy import ModelStatusTool, PromoteModelTool, RegisterModelTool, RollbackModelTool
-from training.contracts import Deployment, Goal
+from training.contracts import Deployment
+from training.runs import Trace
 
 
 # CrewAI warns that callbacks cannot be checkpointed; this crew does not use CrewAI's checkpointing.
@@ -51,24 +55,18 @@ class EvaluateOutput(BaseModel):
 
 @CrewBase
 class ModelCrew:
-    agents_config = "../agents/config/agents.yaml"
+    agents_config = "config/agents.yaml"
     tasks_config = "config/tasks.yaml"
 
-    def __init__(self, workspace: Path, goal: Goal, goal_text: str, run_id: str, llm, trace: Trace,
-                 max_retries: int = 2, use_memory: bool = True, warm_start: str | None = None,
-                 related: list[str] | None = None) -> None:
-        """`use_memory`, `warm_start` and `related` are set by the retraining loop (see crews/loop.py)."""
-        self.workspace, self.goal, self.goal_text, self.run_id = Path(workspace), goal, goal_text, run_id
-        self.llm, self.trace, self.max_retries = llm, trace, max_retries
-        common = {"workspace": self.workspace, "trace": trace}
-        with_goal = {**common, "goal": goal, "run_id": run_id}
-        planning = {**with_goal, "use_memory": use_memory, "warm_start": warm_start}
+    def __init__(self, context: RunContext, llm, trace: Trace, max_retries: int = 2) -> None:
+        self.context, self.llm, self.trace, self.max_retries = context, llm, trace, max_retries
+        common = {"workspace": Path(context.workspace), "trace": trace}
+        run = {**common, "context": context}
         self.tools = {
-            "curate_dataset": CurateDatasetTool(**with_goal, related=related or []),
-            "search_memory": SearchMemoryTool(**common),
-            "estimate_plan": EstimatePlanTool(**planning), "train_model": TrainModelTool(**planning),
-            "evaluate_model": EvaluateModelTool(**with_goal), "compare_with_history": CompareWithHistoryTool(**with_goal),
-            "write_report": WriteReportTool(**with_goal, goal_text=goal_text),
+            "curate_dataset": CurateDatasetTool(**run), "search_memory": SearchMemoryTool(**common),
+            "estimate_plan": EstimatePlanTool(**run), "train_model": TrainModelTool(**run),
+            "evaluate_model": EvaluateModelTool(**run), "compare_with_history": CompareWithHistoryTool(**run),
+            "write_report": WriteReportTool(**run),
             "register_model": RegisterModelTool(**common), "promote_model": PromoteModelTool(**common),
             "rollback_model": RollbackModelTool(**common), "model_status": ModelStatusTool(**common),
         }
@@ -94,21 +92,26 @@ class ModelCrew:
     def deployer(self) -> Agent:
         return self._agent("deployer", ["register_model", "promote_model", "rollback_model", "model_status"])
 
+    def _task(self, name: str, output: type[BaseModel]) -> Task:
+        config = self.tasks_config[f"{name}_task"]
+        return Task(config={**config, "description": config["description"].rstrip() + task_header(name)},
+                    output_pydantic=output)
+
     @task
     def curate_task(self) -> Task:
-        return Task(config=self.tasks_config["curate_task"], output_pydantic=CurateOutput)
+        return self._task("curate", CurateOutput)
 
     @task
     def train_task(self) -> Task:
-        return Task(config=self.tasks_config["train_task"], output_pydantic=TrainOutput)
+        return self._task("train", TrainOutput)
 
     @task
     def evaluate_task(self) -> Task:
-        return Task(config=self.tasks_config["evaluate_task"], output_pydantic=EvaluateOutput)
+        return self._task("evaluate", EvaluateOutput)
 
     @task
     def deploy_task(self) -> Task:
-        return Task(config=self.tasks_config["deploy_task"], output_pydantic=Deployment)
+        return self._task("deploy", Deployment)
 
     @crew
     def crew(self) -> Crew:
@@ -119,7 +122,7 @@ class ModelCrew:
         """A crew of one task (curate, train, evaluate or deploy) and its agent, for a Flow that runs the
         tasks one at a time. What earlier steps found comes in through the `{context}` input."""
         template = getattr(self, f"{name}_task")()
-        task = Task(description=self.tasks_config[f"{name}_task"]["description"].rstrip() + "\nEarlier steps (JSON): {context}",
-                    expected_output=template.expected_output, agent=template.agent, output_pydantic=template.output_pydantic)
+        task = Task(description=template.description + step_header(), expected_output=template.expected_output,
+                    agent=template.agent, output_pydantic=template.output_pydantic)
         return Crew(agents=[task.agent], tasks=[task], process=Process.sequential, verbose=False,
                     task_callback=lambda out: self.trace.write("task", agent=str(out.agent), output=out.raw[:2000]))

@@ -18,12 +18,12 @@ from pydantic import BaseModel, ValidationError
 
 from training.contracts import Goal, GoalBudget, LoraSettings, Target
 from training.errors import InputError
+from training.models import EMBEDDED, EMBEDDED_PARAMS
 
 EMBEDDED_ALIASES = {  # how people write the embedded bases -> their names
     r"smol\s*lm\s*2?(?:[-\s]*135\s*m)?(?:[-\s]*instruct)?": "smollm2-135m-instruct",
     r"gemma\s*-?\s*3?(?:[-\s]*270\s*m)?": "gemma3-270m",
 }
-BASE_PARAMS = {"smollm2-135m-instruct": 135_000_000, "gemma3-270m": 270_000_000}
 CORPORA = {r"bbc[\s-]*news": "bbc-news"}
 DATA_EXT = (".jsonl", ".json", ".csv", ".tsv", ".txt", ".md")
 SIZES = {"tiny": "tiny", "small": "small", "124m": "124m", "gpt-2 small": "124m", "gpt2-small": "124m"}
@@ -90,7 +90,7 @@ def parse_goal(text: str, workspace: Path | None = None) -> Goal:
     base, unknown = _find_base(original, low)
     task = _find_task(low, base)
     if unknown and task != "pretrain":
-        raise InputError(f"base_model: unknown model {unknown!r}; use smollm2-135m-instruct, gemma3-270m, a local "
+        raise InputError(f"base_model: unknown model {unknown!r}; use {', '.join(EMBEDDED)}, a local "
                          "model directory or a hub id like org/name")
     if data is None:
         raise InputError("data: the goal names no data; say what to train on (a .jsonl/.csv/.txt file, a directory, or bbc-news)")
@@ -98,7 +98,7 @@ def parse_goal(text: str, workspace: Path | None = None) -> Goal:
         raise InputError(f"base_model: pretraining starts from scratch, but the goal names {base}; "
                          "say 'fine-tune' to start from it, or drop the model")
     if task != "pretrain" and not base:
-        raise InputError("base_model: the goal names no model to fine-tune; add one (smollm2-135m-instruct, gemma3-270m, "
+        raise InputError(f"base_model: the goal names no model to fine-tune; add one ({', '.join(EMBEDDED)}, "
                          "a directory or a hub id), or say 'from scratch' to pretrain")
 
     fmt = _find_format(low)
@@ -304,8 +304,8 @@ def base_parameters(base: str | None) -> int:
     """
     if not base:
         return 0
-    if base in BASE_PARAMS:
-        return BASE_PARAMS[base]
+    if base in EMBEDDED_PARAMS:
+        return EMBEDDED_PARAMS[base]
     config = Path(base).expanduser() / "config.json"
     if config.exists():
         c = json.loads(config.read_text(encoding="utf-8"))
@@ -346,7 +346,7 @@ def _notes(original: str) -> str:
 
 GOAL_PROMPT = """[parse goal] Turn the user's training goal into JSON matching this schema exactly. Use only what the
 user said: leave a field at its default when they did not say it; never invent data paths or model names.
-Embedded base models: smollm2-135m-instruct, gemma3-270m. Percentages are fractions (20% -> 0.2).
+Embedded base models: EMBEDDED. Percentages are fractions (20% -> 0.2).
 "at least 20% below the base model" -> target {metric, direction: lower, kind: relative, value: 0.2, baseline: base}.
 Schema: """
 
@@ -355,10 +355,10 @@ def check_goal(goal: Goal, workspace: Path | None = None) -> Goal:
     """The refusals that apply to a Goal however it was parsed (an LLM's structured output too)."""
     if goal.task != "pretrain":
         base = goal.base_model
-        known = (base in BASE_PARAMS or (Path(base).expanduser() / "config.json").is_file()
+        known = (base in EMBEDDED_PARAMS or (Path(base).expanduser() / "config.json").is_file()
                  or re.fullmatch(r"[\w.-]+/[\w.-]+", base) or re.fullmatch(r"[a-z0-9-]+@(?:production|staging|previous|v\d+)", base))
         if not known:
-            raise InputError(f"base_model: unknown model {base!r}; use smollm2-135m-instruct, gemma3-270m, a local "
+            raise InputError(f"base_model: unknown model {base!r}; use {', '.join(EMBEDDED)}, a local "
                              "model directory or a hub id like org/name")
     if goal.data != "bbc-news" and not Path(goal.data).expanduser().exists():
         raise InputError(f"data: {goal.data} does not exist")
@@ -372,7 +372,7 @@ def parse_goal_with_llm(text: str, llm, workspace: Path | None = None) -> Goal:
     original = " ".join(str(text or "").split())
     if not original:
         raise InputError("goal: empty; say what to train, on which data, and what counts as success")
-    messages = [{"role": "system", "content": GOAL_PROMPT + json.dumps(Goal.model_json_schema())},
+    messages = [{"role": "system", "content": GOAL_PROMPT.replace("EMBEDDED", ", ".join(EMBEDDED)) + json.dumps(Goal.model_json_schema())},
                 {"role": "user", "content": original}]
     try:
         raw = llm.call(messages, response_model=Goal)

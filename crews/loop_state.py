@@ -2,7 +2,7 @@
 
 `<workspace>/loop/` holds:
     state.json        the Flow's state (`LoopState`), replaced whole after every step
-    loop.lock         held by the running loop; loop.holder names it (pid, start, goal)
+    loop.lock         held by the running loop; loop.holder names it (pid, command, start, goal)
     requests/         `trigger` and `stop`, written by `modelcrew loop trigger|stop`
     pool.jsonl        every record a round has taken: used, quarantined (its candidate was worse) or failed
     rounds/NNNN/      each round's input data (data.jsonl) and its new records (new.jsonl)
@@ -14,18 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 from uuid import uuid4
 
-from filelock import FileLock, Timeout
 from pydantic import BaseModel, Field
 
 from training.atomic import write_text_atomic
 from training.contracts import Goal
 from training.errors import ModelcrewError
+from training.locks import HeldLock, Timeout
 
 
 def now() -> str:
@@ -132,47 +131,25 @@ def save_state(workspace: Path, state: LoopState) -> None:
 # ---- one loop per workspace ----------------------------------------------------------------------
 
 
-class LoopLock:
-    """An exclusive lock on `loop/loop.lock` (released by the kernel if its holder dies) naming its holder."""
+class LoopLock(HeldLock):
+    """`loop/loop.lock`, held by the running loop; `loop/loop.holder` names it (pid, command, start, goal)."""
 
     def __init__(self, workspace: Path) -> None:
-        self.dir = loop_dir(workspace)
-        self.holder = self.dir / "loop.holder"
-        self._lock = FileLock(str(self.dir / "loop.lock"), thread_local=False)
+        super().__init__(loop_dir(workspace) / "loop.lock")
 
-    def acquire(self, goal_text: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def acquire_for(self, goal_text: str) -> None:
         try:
-            self._lock.acquire(timeout=0)
+            self.acquire(timeout=0, goal=goal_text)
         except Timeout:
             raise self.busy() from None
-        self.holder.write_text(json.dumps({"pid": os.getpid(), "since": now(), "goal": goal_text,
-                                           "command": " ".join(sys.argv)[:300]}), encoding="utf-8")
-
-    def release(self) -> None:
-        self._lock.release()
 
     def busy(self) -> ModelcrewError:
-        return ModelcrewError(f"another loop is already running on {self.dir.parent}: {self.describe()}; "
+        return ModelcrewError(f"another loop is already running on {self.path.parent.parent}: {self.describe_holder()}; "
                               "`modelcrew loop stop` stops it")
-
-    def describe(self) -> str:
-        try:
-            h = json.loads(self.holder.read_text(encoding="utf-8"))
-            return f"pid {h['pid']}, since {h['since']}, goal {h['goal']!r}"
-        except (OSError, ValueError, KeyError):
-            return "holder unknown"
 
     def running(self) -> str | None:
         """Who runs a loop here, or None."""
-        if not (self.dir / "loop.lock").exists():
-            return None
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout:
-            return self.describe()
-        self._lock.release()
-        return None
+        return self.held_elsewhere()
 
 
 # ---- requests from `loop trigger` / `loop stop` ----------------------------------------------------

@@ -1,100 +1,90 @@
-"""`modelcrew run GOAL`: parse the goal, run the crew, collect what it did into one result."""
+"""`modelcrew run GOAL`: the goal (parsed once, by the caller), the crew, and what it did as one result."""
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import time
-from datetime import datetime
 from pathlib import Path
 
+from training.contracts import Deployment, Goal
 from training.errors import InputError, ModelcrewError
-
-CREWAI_QUIET = {"CREWAI_DISABLE_TELEMETRY": "true", "CREWAI_TRACING_ENABLED": "false", "CREWAI_DISABLE_VERSION_CHECK": "true"}
-
-
-def quiet_crewai(workspace: Path) -> None:
-    """No telemetry, tracing or version checks (each stalls 5-20 s offline); CrewAI's files in the workspace."""
-    for key, value in CREWAI_QUIET.items():
-        os.environ.setdefault(key, value)
-    storage = Path(workspace).resolve() / "crewai"
-    storage.mkdir(parents=True, exist_ok=True)
-    os.environ["CREWAI_STORAGE_DIR"] = str(storage)  # two workspaces never share CrewAI's databases
+from training.runs import Run, new_run_id
 
 
-def new_run_id(task: str) -> str:
-    return f"{task}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+def agents_llm(llm: str | None = None, base_url: str | None = None):
+    """The agents' LLM for `--llm` / `--llm-base-url` (or their environment variables), and whether it is the
+    offline policy (which cannot read language: its goals come from the deterministic parser)."""
+    from llm.backends import OFFLINE, make_llm
+
+    offline = (llm or os.environ.get("MODELCREW_LLM") or OFFLINE) == OFFLINE and not (base_url or os.environ.get("MODELCREW_LLM_BASE_URL"))
+    return make_llm(llm, base_url), offline
 
 
-def run_goal(goal_text: str, workspace: Path, llm: str | None = None, base_url: str | None = None, echo=None,
-             run_id: str | None = None) -> dict:
+def understand_goal(goal_text: str, workspace: Path, llm=None, offline: bool = True) -> Goal:
+    """The one parse of a goal: the deterministic parser for the offline policy, the agents' own LLM otherwise."""
     from crews.goals import parse_goal, parse_goal_with_llm
+
+    goal = parse_goal(goal_text, workspace) if offline else parse_goal_with_llm(goal_text, llm, workspace)
+    if goal.task == "evaluate":
+        raise InputError("task: evaluate-only goals are not run by the crew yet; use `modelcrew eval RUN_ID`")
+    return goal
+
+
+def run_goal(goal: Goal, goal_text: str, workspace: Path, llm, echo=None, run_id: str | None = None,
+             llm_name: str = "offline") -> dict:
+    """Run the crew on `goal` (already parsed, and confirmed by whoever asked); returns the run's summary."""
+    from llm.env import quiet_crewai
 
     workspace = Path(workspace)
     quiet_crewai(workspace)
-    from agents.llm import OFFLINE, make_llm
     from crews.crew import ModelCrew
-    from tools.base import Trace
+    from steps.context import RunContext
 
-    agents_llm = make_llm(llm, base_url)
-    offline = (llm or os.environ.get("MODELCREW_LLM") or OFFLINE) == OFFLINE and not (base_url or os.environ.get("MODELCREW_LLM_BASE_URL"))
-    # the offline policy cannot read language: its goals come from the deterministic parser; a real LLM parses its own
-    goal = parse_goal(goal_text, workspace) if offline else parse_goal_with_llm(goal_text, agents_llm, workspace)
-    if goal.task == "evaluate":
-        raise InputError("task: evaluate-only goals are not run by the crew yet; use `modelcrew eval RUN_ID`")
-
-    run_id = run_id or new_run_id(goal.task)
-    run_dir = workspace / "runs" / run_id
-    trace = Trace(run_dir / "trace.jsonl", echo=echo)
-    trace.write("goal", text=goal_text, goal=goal.model_dump(mode="json"), llm=llm or "offline")
+    run = Run(workspace, run_id or new_run_id(goal.task))
+    trace = run.trace(echo=echo)
+    trace.write("goal", text=goal_text, goal=goal.model_dump(mode="json"), llm=llm_name)
+    context = RunContext(workspace, goal, goal_text, run.run_id)
     started = time.perf_counter()
-    crew = ModelCrew(workspace, goal, goal_text, run_id, agents_llm, trace).crew()
     try:
-        out = crew.kickoff(inputs={"goal_json": goal.model_dump_json(), "run_id": run_id})
+        out = ModelCrew(context, llm, trace).crew().kickoff(inputs={"goal_json": goal.model_dump_json(), "run_id": run.run_id})
     except ModelcrewError:
         raise
     except Exception as err:  # the LLM or a tool gave up after its retries: stop cleanly, say why
         trace.write("error", message=str(err))
         raise ModelcrewError(f"the crew stopped: {type(err).__name__}: {str(err).splitlines()[0][:300]} "
-                             f"(trace: {run_dir / 'trace.jsonl'})") from None
-    wall = time.perf_counter() - started
-    return collect(workspace, run_id, goal, goal_text, out, wall, trace)
+                             f"(trace: {run.trace_path})") from None
+    answer = out.tasks_output[-1].pydantic
+    context.deployment = answer if isinstance(answer, Deployment) else Deployment(deployed=False, reason="no answer")
+    return collect(context, time.perf_counter() - started, trace)
 
 
-def collect(workspace: Path, run_id: str, goal, goal_text: str, out, wall: float, trace) -> dict:
-    from training.contracts import Deployment, Evaluation, GateVerdict, TrainPlan
+def collect(context, wall: float, trace) -> dict:
+    """Record the deployment, and summarise the run from what its steps produced (`crew_result.json`)."""
+    from steps.deploy import record_deployment
     from training.gate import metric_key
 
-    run_dir = workspace / "runs" / run_id
-    outputs = [t.pydantic for t in out.tasks_output]
-    deployment = outputs[-1] if isinstance(outputs[-1], Deployment) else Deployment(deployed=False, reason="no answer")
-    record_deployment(workspace, run_id, deployment, goal_text)
-    ev = Evaluation.model_validate_json((run_dir / "evaluation.json").read_text(encoding="utf-8"))
-    gate = GateVerdict.model_validate_json((run_dir / "gate.json").read_text(encoding="utf-8"))
-    plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
-    key = metric_key(goal.metric, ev.metrics)
+    ev, verdict, plan, deployment = context.evaluation, context.verdict, context.plan, context.deployment
+    if ev is None or verdict is None:
+        raise ModelcrewError(f"the crew finished without evaluating run {context.run_id} (trace: {context.run.trace_path})")
+    record_deployment(context.workspace, context.run_id, deployment, context.goal_text, ev, plan, verdict)
+    key = metric_key(context.goal.metric, ev.metrics)
     tool_seconds = sum(e.get("seconds", 0) for e in trace.events if e["kind"] == "tool")
     result = {
-        "run_id": run_id, "goal": goal_text, "parsed_goal": goal.model_dump(mode="json"), "fingerprint": plan.dataset,
+        "run_id": context.run_id, "goal": context.goal_text, "parsed_goal": context.goal.model_dump(mode="json"),
+        "fingerprint": plan.dataset,
         "base_val_perplexity": ev.metrics.get("base_val_perplexity"), "val_perplexity": ev.metrics.get("val_perplexity"),
         "metric": key, "base_value": ev.metrics.get(f"base_{key}"), "value": ev.metrics.get(key),
-        "gate": {"passed": gate.passed, "reasons": gate.reasons},
+        "gate": {"passed": verdict.passed, "reasons": verdict.reasons},
         "deployment": ({"model_name": deployment.model_name, "version": deployment.version, "alias": deployment.alias}
                        if deployment.version and deployment.alias else None),
-        "report": str(run_dir / "report.md"), "wall_seconds": round(wall, 2), "tool_seconds": round(tool_seconds, 2),
+        "report": str(context.run.report_paths()[0]), "wall_seconds": round(wall, 2), "tool_seconds": round(tool_seconds, 2),
     }
-    (run_dir / "crew_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    context.run.write_crew_result(result)
     return result
 
 
-def record_deployment(workspace: Path, run_id: str, deployment, goal_text: str) -> None:
-    """After the deployer: `deployment.json`, the run's memory entry (now saying whether it was deployed) and
-    its report (the evaluator wrote it before the deployer acted) are brought up to date."""
-    from memory.store import MemoryStore, load_run_artefacts
-    from tools.report import render
-
-    run_dir = Path(workspace) / "runs" / run_id
-    (run_dir / "deployment.json").write_text(deployment.model_dump_json(indent=2), encoding="utf-8")
-    MemoryStore(workspace).add_evaluation(*load_run_artefacts(run_dir))
-    render(workspace, run_id, goal_text)
+def run_goal_text(goal_text: str, workspace: Path, llm: str | None = None, base_url: str | None = None, echo=None) -> dict:
+    """Parse `goal_text` once and run the crew on that Goal, with no confirmation (tests and benches)."""
+    agents, offline = agents_llm(llm, base_url)
+    goal = understand_goal(goal_text, Path(workspace), agents, offline)
+    return run_goal(goal, goal_text, workspace, agents, echo=echo, llm_name=llm or ("offline" if offline else "llm"))

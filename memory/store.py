@@ -31,6 +31,7 @@ from memory.lock import WriterLock
 from training.batches import read_split
 from training.contracts import DatasetSummary, Evaluation, GateVerdict, TrainPlan
 from training.data.store import datasets_dir, list_datasets
+from training.runs import Run, all_runs, evaluated_runs
 from training.errors import InputError, ModelcrewError
 from training.gate import lower_is_better
 
@@ -299,12 +300,7 @@ class MemoryStore:
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with self._writing():
             if record:
-                path = self.workspace / "runs" / run_id / "lessons.jsonl"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                known = {json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()} if path.exists() else set()
-                if text not in known:
-                    with open(path, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"text": text, "dataset": dataset, "created_at": created}, ensure_ascii=False) + "\n")
+                Run(self.workspace, run_id).add_lesson({"text": text, "dataset": dataset, "created_at": created})
             self._upsert("lessons", [lid], [text], [{"run_id": run_id, "dataset": dataset, "created_at": created,
                                                     "summary": text[:200]}])
         return lid
@@ -445,10 +441,8 @@ class MemoryStore:
         summaries = list_datasets(self.workspace)
         return {
             "datasets": len(summaries),
-            "evaluations": len(list((self.workspace / "runs").glob("*/evaluation.json"))),
-            "lessons": len({docs.lesson_id(p.parent.name, json.loads(line)["text"])
-                            for p in (self.workspace / "runs").glob("*/lessons.jsonl")
-                            for line in p.read_text(encoding="utf-8").splitlines() if line.strip()}),
+            "evaluations": len(evaluated_runs(self.workspace)),
+            "lessons": len({docs.lesson_id(run.run_id, row["text"]) for run in all_runs(self.workspace) for row in run.lessons()}),
             "eval_records": sum(len(self._eval_record_entries(s.fingerprint)[0]) for s in summaries),
         }
 
@@ -463,15 +457,13 @@ class MemoryStore:
         for summary in summaries:
             self.add_dataset(summary)
             progress and progress(f"dataset {summary.fingerprint}")
-        run_dirs = [path.parent for path in sorted((self.workspace / "runs").glob("*/evaluation.json"))]
-        if run_dirs:
-            self.add_evaluations([load_run_artefacts(d) for d in run_dirs])
-            progress and progress(f"{len(run_dirs)} evaluations")
-        for lessons in sorted((self.workspace / "runs").glob("*/lessons.jsonl")):
-            for line in lessons.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.add_lesson(row["text"], lessons.parent.name, row.get("dataset", ""), record=False)
+        evaluated = evaluated_runs(self.workspace)
+        if evaluated:
+            self.add_evaluations([load_run_artefacts(run) for run in evaluated])
+            progress and progress(f"{len(evaluated)} evaluations")
+        for run in all_runs(self.workspace):
+            for row in run.lessons():
+                self.add_lesson(row["text"], run.run_id, row.get("dataset", ""), record=False)
         return self.stats()
 
     def doctor(self) -> Doctor:
@@ -508,14 +500,10 @@ def _forget_cached_systems() -> None:
     SharedSystemClient.clear_system_cache()
 
 
-def load_run_artefacts(run_dir: Path) -> tuple[Evaluation, TrainPlan | None, GateVerdict | None, bool]:
-    evaluation = Evaluation.model_validate_json((run_dir / "evaluation.json").read_text(encoding="utf-8"))
-    plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8")) if (run_dir / "plan.json").exists() else None
-    gate = GateVerdict.model_validate_json((run_dir / "gate.json").read_text(encoding="utf-8")) if (run_dir / "gate.json").exists() else None
-    deployed = False
-    if (run_dir / "deployment.json").exists():
-        deployed = bool(json.loads((run_dir / "deployment.json").read_text(encoding="utf-8")).get("deployed"))
-    return evaluation, plan, gate, deployed
+def load_run_artefacts(run: Run) -> tuple[Evaluation, TrainPlan | None, GateVerdict | None, bool]:
+    """What memory indexes about an evaluated run (`rebuild` re-reads it from the files, their source of truth)."""
+    deployment = run.deployment()
+    return run.evaluation(), run.plan(), run.gate(), bool(deployment and deployment.deployed)
 
 
 def past_run(run_id: str, meta: dict) -> PastRun:

@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from memory.lock import WriterLock
 from training.atomic import write_text_atomic
 from training.contracts import Evaluation, GateVerdict
+from training.runs import Run
 from training.errors import InputError
 from training.gate import lower_is_better
 
@@ -281,17 +282,9 @@ class Registry:
 
 
 def register_run(workspace: Path, name: str, run_id: str, which: str = "best") -> Version:
-    """Register a run's export with the evaluation and gate verdict found beside it."""
-    if which not in ("best", "final"):
-        raise InputError(f"--which: best or final, not {which!r}")
-    run_dir = Path(workspace) / "runs" / run_id
-    if not run_dir.is_dir():
-        raise InputError(f"run {run_id!r}: no such run in {Path(workspace) / 'runs'}")
-    model_dir = run_dir / which
+    """Register a run's export with the evaluation and gate verdict the run holds."""
+    run = Run(workspace, run_id).require()
+    model_dir = run.model_dir(which)
     if not model_dir.is_dir():
-        raise InputError(f"run {run_id}: no {which}/ export (the run has {', '.join(p.name for p in run_dir.iterdir() if p.is_dir())})")
-    evaluation = Evaluation.model_validate_json((run_dir / "evaluation.json").read_text(encoding="utf-8")) \
-        if (run_dir / "evaluation.json").exists() else None
-    gate = GateVerdict.model_validate_json((run_dir / "gate.json").read_text(encoding="utf-8")) \
-        if (run_dir / "gate.json").exists() else None
-    return Registry(workspace).register(name, model_dir, evaluation, gate)
+        raise InputError(f"run {run_id}: no {which}/ export (the run has {', '.join(p.name for p in run.dir.iterdir() if p.is_dir())})")
+    return Registry(workspace).register(name, model_dir, run.evaluation(), run.gate())

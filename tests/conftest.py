@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from crews.cli import app
+from cli import app
+from llm.env import quiet_crewai
 
-os.environ.setdefault("CREWAI_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("CREWAI_TRACING_ENABLED", "false")
-os.environ.setdefault("CREWAI_DISABLE_VERSION_CHECK", "true")
+quiet_crewai()  # before any test imports crewai
 
 
 @dataclass

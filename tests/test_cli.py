@@ -126,11 +126,37 @@ def test_console_script_help_and_error_exit_codes(tmp_path):
 
 def test_training_runs_alone_as_a_module(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", qa_rows(8))
-    done = subprocess.run([sys.executable, "-m", "training", "curate", path, "--workspace", tmp_path / "ws"],
-                          capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run([sys.executable, "-m", "training", "data", "inspect", path, "--no-memory", "--json",
+                           "--workspace", tmp_path / "ws"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
-    summary = DatasetSummary.model_validate_json(done.stdout)
+    body = json.loads(done.stdout)
+    summary = DatasetSummary.model_validate({k: v for k, v in body.items() if k != "path"})
     assert (tmp_path / "ws" / "datasets" / summary.fingerprint / "train.jsonl").exists()
-    bad = subprocess.run([sys.executable, "-m", "training", "curate", tmp_path / "none.jsonl"],
+    assert not (tmp_path / "ws" / "memory").exists()  # --no-memory: the engine alone
+    bad = subprocess.run([sys.executable, "-m", "training", "data", "inspect", tmp_path / "none.jsonl"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr == f"error: {tmp_path / 'none.jsonl'}: no such file or directory\n"
+
+
+def _options(command) -> dict[str, list]:
+    """name -> its parameters' flags, for every (sub)command of a click command."""
+    out = {}
+    for name, sub in getattr(command, "commands", {}).items():
+        if hasattr(sub, "commands"):
+            out.update({f"{name} {k}": v for k, v in _options(sub).items()})
+        else:
+            out[name] = sorted(tuple(p.opts) for p in sub.params)
+    return out
+
+
+def test_python_m_training_and_modelcrew_share_the_engine_commands_and_their_options():
+    import typer
+
+    from cli import app, engine_app
+
+    engine, everything = _options(typer.main.get_command(engine_app)), _options(typer.main.get_command(app))
+    assert set(engine) == {"data inspect", "data list", "train", "estimate", "eval"}
+    assert {name: everything[name] for name in engine} == engine
+    listed = subprocess.run([sys.executable, "-m", "training", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert listed.returncode == 0 and all(name in listed.stdout for name in ("data", "train", "estimate", "eval"))
+    assert "run" not in listed.stdout.split() and "loop" not in listed.stdout.split()  # the crew is not the engine

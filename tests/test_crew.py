@@ -12,11 +12,12 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request
 
-from agents.offline import next_step
+from llm.offline import next_step
 from crews.goals import parse_goal
-from crews.run import run_goal
+from crews.run import run_goal_text
 from memory.store import MemoryStore
 from serving.registry import Registry
+from steps.context import RunContext
 from tools.crew_tools import CurateDatasetTool, EstimatePlanTool, SearchMemoryTool, TrainModelTool
 from training.contracts import Budget, Evaluation, GateVerdict, TrainPlan
 from training.data import curate_to_workspace
@@ -53,7 +54,7 @@ def _check_run(ws: Path, result: dict) -> list[dict]:
     tools = [e["tool"] for e in events if e["kind"] == "tool"]
     tasks = [e["agent"].strip() for e in events if e["kind"] == "task"]
     assert tasks == ["Data curator", "Trainer", "Evaluator", "Deployer"]
-    assert all(e["seconds"] >= 0 and not e["result"].startswith("error") for e in events if e["kind"] == "tool")
+    assert all(e["seconds"] >= 0 and not e["result"].startswith('{"error"') for e in events if e["kind"] == "tool")
     # the verdict agrees with the numbers: recomputed here from the artefacts, by the same code path
     ev = Evaluation.model_validate_json((run_dir / "evaluation.json").read_text())
     verdict = GateVerdict.model_validate_json((run_dir / "gate.json").read_text())
@@ -68,7 +69,7 @@ def _check_run(ws: Path, result: dict) -> list[dict]:
 
 def test_offline_crew_runs_every_agent_through_tools_and_the_deployed_model_is_served(base):
     ws, base_dir = base
-    result = run_goal(_goal(base_dir, "so that perplexity is at most 100000, deploy as faq-bot"), ws)
+    result = run_goal_text(_goal(base_dir, "so that perplexity is at most 100000, deploy as faq-bot"), ws)
     tools = _check_run(ws, result)
     assert set(tools) >= TOOLS_OF
     assert tools[0] == "curate_dataset" and tools.index("train_model") < tools.index("evaluate_model") < tools.index("register_model")
@@ -103,7 +104,7 @@ def test_offline_crew_runs_every_agent_through_tools_and_the_deployed_model_is_s
 
 def test_a_second_run_reuses_memory_and_an_impossible_target_is_not_deployed(base):
     ws, base_dir = base
-    result = run_goal(_goal(base_dir, "so that perplexity is at most 1.5, and deploy as faq-bot if it passes"), ws)
+    result = run_goal_text(_goal(base_dir, "so that perplexity is at most 1.5, and deploy as faq-bot if it passes"), ws)
     _check_run(ws, result)
     assert result["gate"]["passed"] is False and result["deployment"] is None
     assert result["gate"]["reasons"][0].startswith(f"{result['metric']} ") and "NOT met" in result["gate"]["reasons"][0]
@@ -167,7 +168,7 @@ def test_the_real_llm_path_against_a_scripted_openai_server(base, monkeypatch):
         time.sleep(0.05)
     try:
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        result = run_goal(_goal(base_dir, "and do not deploy"), ws, llm="scripted-model", base_url=f"http://127.0.0.1:{port}/v1")
+        result = run_goal_text(_goal(base_dir, "and do not deploy"), ws, llm="scripted-model", base_url=f"http://127.0.0.1:{port}/v1")
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -181,18 +182,20 @@ def test_the_real_llm_path_against_a_scripted_openai_server(base, monkeypatch):
 
 def test_tools_refuse_escapes_bounds_and_unknown_arguments(base, tmp_path):
     ws, base_dir = base
-    goal = parse_goal(_goal(base_dir, ""))
-    curate = CurateDatasetTool(workspace=ws, goal=goal, run_id="r1")
-    assert curate.run(data="../../etc/passwd").startswith("error: data: '../../etc/passwd' is not the data the goal names")
+    text = _goal(base_dir, "")
+    context = RunContext(ws, parse_goal(text), text, "r1")
+    curate = CurateDatasetTool(workspace=ws, context=context)
+    assert json.loads(curate.run(data="../../etc/passwd"))["error"].startswith(
+        "data: '../../etc/passwd' is not the data the goal names")
     secret = tmp_path / "secret.jsonl"
     secret.write_text('{"text": "x"}\n')
-    assert curate.run(data=str(secret)).startswith("error: data:")
-    trainer = TrainModelTool(workspace=ws, goal=goal, run_id="r1")
+    assert json.loads(curate.run(data=str(secret)))["error"].startswith("data:")
+    trainer = TrainModelTool(workspace=ws, context=context)
     for bad in ({"fingerprint": "../x"}, {"fingerprint": "0" * 16, "lr": 5.0}, {"fingerprint": "0" * 16, "steps": 0},
                 {"fingerprint": "0" * 16, "base_model": "gemma3-270m"}, {"fingerprint": "0" * 16, "lora_rank": 100_000}):
         with pytest.raises(ValueError, match="arguments validation failed"):
             trainer.run(**bad)
-    assert trainer.run(fingerprint="0" * 16).startswith("error: 0000000000000000: no such dataset")
+    assert json.loads(trainer.run(fingerprint="0" * 16))["error"].startswith("0000000000000000: no such dataset")
 
 
 def test_cli_run_prints_one_json_object(base, cli):
@@ -210,7 +213,7 @@ def test_cli_run_prints_one_json_object(base, cli):
 
 def test_approval_stops_at_staging_until_a_person_approves(base, cli):
     ws, base_dir = base
-    result = run_goal(_goal(base_dir, "so that perplexity is at most 100000, deploy as help-bot after human approval"), ws)
+    result = run_goal_text(_goal(base_dir, "so that perplexity is at most 100000, deploy as help-bot after human approval"), ws)
     assert result["gate"]["passed"] and result["deployment"] == {"model_name": "help-bot", "version": "v1", "alias": "staging"}
     assert Registry(ws).state("help-bot").aliases == {"staging": "v1"}
     approved = cli("models", "approve", "help-bot", "v1", "--workspace", str(ws))
@@ -220,11 +223,11 @@ def test_approval_stops_at_staging_until_a_person_approves(base, cli):
 
 def test_estimate_and_search_tools_answer_in_short_json(base):
     ws, base_dir = base
-    goal = parse_goal(_goal(base_dir, ""))
+    text = _goal(base_dir, "")
     summary = curate_to_workspace(str(ROOT / FAQ), ws).summary
     MemoryStore(ws).add_dataset(summary)  # as curate_dataset does
     fp = summary.fingerprint
-    est = json.loads(EstimatePlanTool(workspace=ws, goal=goal, run_id="r-est").run(fingerprint=fp, lr=1e-3, lora_rank=2))
+    est = json.loads(EstimatePlanTool(workspace=ws, context=RunContext(ws, parse_goal(text), text, "r-est")).run(fingerprint=fp, lr=1e-3, lora_rank=2))
     assert est["plan"]["lr"] == 1e-3 and est["plan"]["lora"]["rank"] == 2 and est["plan"]["base_model"] == str(base_dir)
     assert est["trainable_params"] < est["total_params"] and est["memory_gb"]["total"] > 0
     assert not (ws / "runs" / "r-est").exists()  # estimating trains nothing and leaves no run

@@ -146,7 +146,7 @@ def test_a_stream_of_deliveries_rounds_rejections_drift_and_rollback(base, tmp_p
 
 def _cli(ws: Path, *args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "MODELCREW_WORKSPACE": str(ws), "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "crews.cli", "loop", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cli", "loop", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import qa_rows, write_jsonl
 from memory.store import MemoryStore, load_run_artefacts
+from training.runs import Run
 from training.contracts import Budget, Evaluation, GateVerdict, LoraSettings, TrainPlan
 from training.data import curate_to_workspace
 from training.data.readers import ReadOptions, read_source
@@ -74,12 +75,11 @@ def _evaluation(ws: Path, run_id: str, dataset: str, lr: float, rank: int, val_p
     ev = Evaluation(run_id=run_id, dataset=dataset, format="pairs", base_model=base_model, model_dir=f"runs/{run_id}/best",
                     metrics={"val_perplexity": val_ppl, "base_val_perplexity": 33.3, "f1": 0.2}, examples={"val": 16},
                     samples=[], general_corpus="bbc", seconds=1.0, created_at=f"2026-11-25T10:00:{len(run_id):02d}+00:00")
-    run_dir = ws / "runs" / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "plan.json").write_text(plan.model_dump_json(), encoding="utf-8")
-    (run_dir / "evaluation.json").write_text(ev.model_dump_json(), encoding="utf-8")
+    run = Run(ws, run_id)
+    run.write_plan(plan)
+    run.write_evaluation(ev)
     if gate is not None:
-        (run_dir / "gate.json").write_text(GateVerdict(passed=gate, metric="val_perplexity").model_dump_json(), encoding="utf-8")
+        run.write_gate(GateVerdict(passed=gate, metric="val_perplexity"))
     return ev, plan
 
 
@@ -99,7 +99,7 @@ def test_history_and_best_known_config(world):
     runs = [_evaluation(ws, "faq-a", faq, 2e-4, 8, 25.3, gate=True), _evaluation(ws, "faq-b", faq, 1e-3, 16, 29.9, gate=False),
             _evaluation(ws, "support-a", support, 5e-4, 4, 12.0, base_model="gemma3-270m")]
     for run_id in ("faq-a", "faq-b", "support-a"):
-        store.add_evaluation(*load_run_artefacts(ws / "runs" / run_id))
+        store.add_evaluation(*load_run_artefacts(Run(ws, run_id)))
     assert [r.run_id for r in store.history(fingerprint=faq)] == ["faq-a", "faq-b"]
     assert [r.run_id for r in store.history(model="gemma3-270m")] == ["support-a"]
     assert {r.run_id: r.gate for r in store.history()} == {"faq-a": "passed", "faq-b": "failed", "support-a": "none"}
@@ -145,7 +145,7 @@ def test_upserts_are_idempotent(world):
         store.add_lesson("lr 2e-4 rank 8 overfit after 40 steps on a 140-record FAQ", "idem", sets["faq"].fingerprint)
     assert store.count("datasets") == before["datasets"] and store.count("eval_records") == before["eval_records"]
     assert store.count("evaluations") == before["evaluations"] + 1
-    assert len((ws / "runs" / "idem" / "lessons.jsonl").read_text().splitlines()) == 1
+    assert len(Run(ws, "idem").lessons()) == 1
     hits = store.search("overfitting on a small FAQ", "lessons", k=1)
     assert hits[0].metadata["run_id"] == "idem" and "overfit" in hits[0].summary
 

@@ -12,7 +12,7 @@ from training.contracts import (
     LengthStats,
     TrainPlan,
 )
-from training.planning import MAX_FINETUNE_LR, next_lr, plan_for
+from training.plan_from_goal import MAX_FINETUNE_LR, next_lr, plan_for
 
 
 def summary(fmt: str = "pairs") -> DatasetSummary:

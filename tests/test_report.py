@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from crews.run import run_goal
-from tools.report import MAX_POINTS, _downsample, list_runs, render, render_compare
+from crews.run import run_goal_text
+from reports.format import MAX_POINTS, downsample
+from reports.run import list_runs, render, render_compare
 from training.contracts import Budget, Evaluation, TrainPlan
 from training.data import curate_to_workspace
 from training.loop import train
@@ -28,7 +29,7 @@ def runs(tmp_path_factory):
                            warmup_steps=2, eval_every=4, eval_batches=2, checkpoint_every=4), ws, "tiny-base", show_progress=False)
     goals = {"passed": f"fine-tune the model {base.final_dir} on {FAQ} with LoRA rank 4 for 6 steps so that perplexity is at most 100000",
              "failed": f"fine-tune the model {base.final_dir} on {FAQ} with LoRA rank 4 for 6 steps so that perplexity is at most 1.5"}
-    return ws, {k: run_goal(g, ws) for k, g in goals.items()}
+    return ws, {k: run_goal_text(g, ws) for k, g in goals.items()}
 
 
 def _table(text: str, header: str) -> list[list[str]]:
@@ -117,7 +118,7 @@ def test_runs_list_and_compare(runs, cli):
 
 
 def test_long_runs_are_downsampled_before_plotting():
-    xs, ys = _downsample(list(range(10_000)), [float(i) for i in range(10_000)])
+    xs, ys = downsample(list(range(10_000)), [float(i) for i in range(10_000)])
     assert len(xs) <= MAX_POINTS + 1 and xs[0] == 0 and xs[-1] == 9_999 and xs == [int(y) for y in ys]
 
 

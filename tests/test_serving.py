@@ -308,25 +308,32 @@ def test_deployer_tools_use_the_registry_and_cannot_force(ws, tmp_path):
         (run_dir / "gate.json").write_text(_gate(passed).model_dump_json())
     register, promote = RegisterModelTool(workspace=home), PromoteModelTool(workspace=home)
     rollback, status = RollbackModelTool(workspace=home), ModelStatusTool(workspace=home)
-    assert register.run(model_name="support-bot", run_id="good") == "registered support-bot v1 from run good (gate passed)"
+
+    def call(tool, **args) -> dict:  # every tool answers in JSON
+        return json.loads(tool.run(**args))
+
+    assert call(register, model_name="support-bot", run_id="good") == {
+        "model_name": "support-bot", "version": "v1", "run_id": "good", "registered_now": True, "gate": "passed"}
     for run in ("better", "worse", "failed"):
-        register.run(model_name="support-bot", run_id=run)
+        call(register, model_name="support-bot", run_id=run)
     # a retried or resumed deploy step registers a run once
-    assert register.run(model_name="support-bot", run_id="good") == "registered support-bot v1 from run good (already registered)"
+    again = call(register, model_name="support-bot", run_id="good")
+    assert again["version"] == "v1" and again["registered_now"] is False
     assert list(Registry(home).state("support-bot").versions) == ["v1", "v2", "v3", "v4"]
-    assert promote.run(model_name="support-bot", version="v1").startswith("support-bot@production is now v1")
-    assert promote.run(model_name="support-bot", version="v2").startswith("support-bot@production is now v2")
-    assert promote.run(model_name="support-bot", version="v3").startswith("refused to promote support-bot v3")
-    assert "failed its gate" in promote.run(model_name="support-bot", version="v4")
-    assert rollback.run(model_name="support-bot", reason="v2 regressed on new tickets") == \
-        "support-bot@production is v1 again (v2 regressed on new tickets)"
-    assert "aliases production=v1" in status.run(model_name="support-bot")
+    assert call(promote, model_name="support-bot", version="v1")["allowed"] is True
+    assert call(promote, model_name="support-bot", version="v2")["allowed"] is True
+    refused = call(promote, model_name="support-bot", version="v3")
+    assert refused["allowed"] is False and "is worse than production" in " ".join(refused["reasons"])
+    assert "failed its gate" in " ".join(call(promote, model_name="support-bot", version="v4")["reasons"])
+    assert call(rollback, model_name="support-bot", reason="v2 regressed on new tickets") == {
+        "model_name": "support-bot", "production": "v1", "reason": "v2 regressed on new tickets"}
+    assert call(status, model_name="support-bot")["aliases"]["production"] == "v1"
     # untrusted arguments: bounded by the schemas, no force, paths confined
     with pytest.raises(ValueError, match="arguments validation failed"):
         register.run(model_name="support-bot", run_id="../../etc")
     with pytest.raises(ValueError, match="arguments validation failed"):
         promote.run(model_name="support-bot", version="v1", force=True)
-    assert register.run(model_name="support-bot", run_id="nope").startswith("error: run 'nope': no such run")
+    assert call(register, model_name="support-bot", run_id="nope")["error"].startswith("run 'nope': no such run")
     assert "force" not in PromoteModelTool.model_fields and "force" not in promote.args_schema.model_fields
 
 
@@ -340,7 +347,7 @@ def test_cli_register_and_serve_on_localhost(ws, tmp_path, cli):
     listed = cli("models", "list", "--workspace", str(home), "--json").json()
     assert listed == [{"name": "support-bot", "versions": ["v1"], "aliases": {"production": "v1"}}]
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "crews.cli", "serve", "support-bot@production", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "support-bot@production", "--port", str(port),
                              "--workspace", str(home)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(300):

@@ -19,7 +19,7 @@ from training.contracts import Budget, LoraSettings, TrainPlan
 from training.data import curate_to_workspace
 from training.errors import InputError
 from training.loop import train
-from training.plans import plan_from_dict
+from training.plan_files import plan_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 FAQ = ROOT / "examples" / "data" / "support_faq.jsonl"

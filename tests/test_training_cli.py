@@ -10,7 +10,7 @@ import yaml
 
 from training.contracts import Evaluation, RunResult
 from training.data import curate_to_workspace
-from training.plans import RECIPES, load_plan
+from training.plan_files import RECIPES, load_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 

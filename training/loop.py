@@ -23,6 +23,7 @@ from training.estimate import check_memory
 from training.evaluate import mean_loss
 from training.export import export_model
 from training.objective import NextTokenLoss, autocast, supervised_tokens
+from training.runs import Run
 from training.setup import Distributed, prepare_run
 
 
@@ -38,9 +39,9 @@ def lr_at(step: int, plan: TrainPlan, horizon: int | None) -> float:
 
 
 def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, show_progress: bool = True) -> RunResult:
-    """Run (or resume) `run_id` in `<workspace>/runs/`; returns what happened (also in result.json)."""
+    """Run (or resume) `run_id` in the workspace's runs/; returns what happened (also in result.json)."""
     dist = Distributed.from_env()
-    run = prepare_run(plan, Path(workspace), run_id, resume, dist, show_progress)  # model, tokenizer, data, run dir
+    run = prepare_run(plan, Path(workspace), Run(workspace, run_id), resume, dist, show_progress)  # model, tokenizer, data
     check_memory(plan, run)  # refuse what cannot fit before the first step, not with an OOM kill
     model, device, run_dir = run.model, run.device, run.run_dir
     micro_batch = plan.batch_size // plan.grad_accum
@@ -136,7 +137,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
                 else:
                     bad_evals += 1
             metrics.write(row)
-            progress.update(step, row)
+            progress.update(completed=step, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:.0f}")
             if step % plan.checkpoint_every == 0:
                 save(step)
             if plan.patience and bad_evals >= plan.patience:
@@ -155,8 +156,8 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     if status != "diverged" and step % plan.checkpoint_every:
         save(step)
     wall = time.perf_counter() - started
-    final_dir = run_dir / "final"
-    best_dir = run_dir / "best" if best_step is not None else None
+    final_dir = run.artefacts.model_dir("final")
+    best_dir = run.artefacts.model_dir("best") if best_step is not None else None
     if dist.is_main:
         export_model(model, run.tokenizer, final_dir, plan, run.lineage, step, {"val_loss": last_val})
         if best_dir is not None:
@@ -169,6 +170,6 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
         device=str(device), trainable_params=run.trainable_params, total_params=run.total_params,
         final_dir=str(final_dir), best_dir=str(best_dir) if best_dir else None)
     if dist.is_main:
-        (run_dir / "result.json").write_text(result.model_dump_json(indent=2), encoding="utf-8")
+        run.artefacts.write_result(result)
     dist.close()
     return result

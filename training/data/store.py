@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training.atomic import atomic_dir
+from training.atomic import atomic_dir, write_text_atomic
 from training.contracts import DatasetSummary
 from training.errors import InputError
 
@@ -44,6 +44,17 @@ def load_summary(workspace: Path, fingerprint: str) -> DatasetSummary:
     if not path.exists():
         raise InputError(f"{fingerprint}: no such dataset in {datasets_dir(workspace)}")
     return DatasetSummary.model_validate_json(path.read_text(encoding="utf-8"))
+
+
+def save_contamination(workspace: Path, fingerprint: str, overlaps: list[dict]) -> None:
+    """`datasets/<fingerprint>/contamination.json`: the training records that restate earlier evaluation records."""
+    write_text_atomic(datasets_dir(workspace) / fingerprint / "contamination.json", json.dumps(overlaps, indent=2))
+
+
+def load_contamination(workspace: Path, fingerprint: str) -> list[dict] | None:
+    """The overlaps found when the dataset was curated with memory, or None when it was never checked."""
+    path = datasets_dir(workspace) / fingerprint / "contamination.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def list_datasets(workspace: Path) -> list[DatasetSummary]:

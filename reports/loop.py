@@ -2,18 +2,16 @@
 
 A timeline of rounds — why each started, the data it added, the candidate's metric against production's
 on the same evaluation set, the verdict, deployments and rollbacks — and production's metric across rounds.
-Every number comes from the loop's state (`loop/state.json`), which the rounds wrote from their artefacts.
+Every number comes from the loop's state (`loop/state.json`), which the rounds wrote from their artefacts;
+the caller passes the state (a `crews.loop_state.LoopState`), so this module needs nothing of the crew.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from reports.format import fmt, png, pyplot, write_rendered
 
-from tools.report import fmt, png
-
-TEMPLATES = Path(__file__).parent / "templates"
 NEWEST = {"production": "production on all new records", "previous": "previous on all new records",
           "candidate_heldout": "candidate on the new held-out records", "production_heldout": "production on the new held-out records"}
 
@@ -30,6 +28,7 @@ def production_series(state) -> list[tuple[int, float | None]]:
 
 
 def timeline(state) -> list[dict]:
+    """One row per round (the running one last): why it started, its data, numbers, verdict and action."""
     rows = []
     for r in state.rounds + ([state.current] if state.current else []):
         if r.rolled_back:
@@ -57,16 +56,12 @@ def timeline(state) -> list[dict]:
 
 
 def plot(state) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Production's metric across rounds with every candidate and rollback, as base64 PNG (None before a finished round)."""
     done = [r for r in state.rounds if r.route == "retrain" and r.status == "done" and r.candidate is not None]
     if not done:
         return None
     metric = done[-1].metric
-    fig, ax = plt.subplots(figsize=(6.8, 3.4))
+    fig, ax = pyplot().subplots(figsize=(6.8, 3.4))
     series = production_series(state)
     xs = [x for x, y in series if y is not None]
     ax.step(xs, [y for _, y in series if y is not None], where="post", color="#55a868", linewidth=2,
@@ -89,13 +84,12 @@ def plot(state) -> str | None:
 
 
 def render_loop_report(workspace: Path, state) -> tuple[Path, Path]:
+    """Write `loop/report.md` and `loop/report.html` from the loop's state; returns their paths."""
     out = Path(workspace) / "loop"
-    out.mkdir(parents=True, exist_ok=True)
-    rows = timeline(state)
     done = [r for r in state.rounds if r.status == "done"]
     data = {
         "metric": next((r.metric for r in state.rounds if r.metric), "metric"),
-        "goal_text": state.settings.goal_text, "watch": state.settings.watch, "rows": rows,
+        "goal_text": state.settings.goal_text, "watch": state.settings.watch, "rows": timeline(state),
         "model_name": state.goal.model_name, "production": next((r.production_after for r in reversed(state.rounds)
                                                                  if r.production_after), None),
         "counts": {"rounds": len(state.rounds), "deployed": sum(bool(r.deployed) for r in done),
@@ -103,8 +97,6 @@ def render_loop_report(workspace: Path, state) -> tuple[Path, Path]:
                    "failed": sum(r.status == "failed" for r in state.rounds)},
         "settings": state.settings, "checks": state.checks, "fmt": fmt,
     }
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]), keep_trailing_newline=True)
-    md, html = out / "report.md", out / "report.html"
-    md.write_text(env.get_template("loop_report.md.j2").render(**data), encoding="utf-8")
-    html.write_text(env.get_template("loop_report.html.j2").render(**data, plot=plot(state)), encoding="utf-8")
+    md = write_rendered(out / "report.md", "loop_report.md.j2", **data)
+    html = write_rendered(out / "report.html", "loop_report.html.j2", **data, plot=plot(state))
     return md, html

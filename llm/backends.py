@@ -1,6 +1,6 @@
 """The agents' LLM, chosen by `--llm` / `MODELCREW_LLM` and `--llm-base-url` / `MODELCREW_LLM_BASE_URL`.
 
-- `offline` (default): the deterministic policy in `agents.offline` — no network, not a language model;
+- `offline` (default): the deterministic policy in `llm.offline` — no network, not a language model;
 - any CrewAI model string (`openai/gpt-4o-mini`, `anthropic/claude-…`, `ollama/llama3.1`), the key from
   the provider's usual environment variable;
 - with a base URL: any OpenAI-compatible server (vLLM, llama.cpp, LM Studio, modelcrew's own server);
@@ -18,7 +18,7 @@ def make_llm(spec: str | None = None, base_url: str | None = None):
     spec = spec or os.environ.get("MODELCREW_LLM") or OFFLINE
     base_url = base_url or os.environ.get("MODELCREW_LLM_BASE_URL")
     if spec == OFFLINE and not base_url:
-        from agents.offline import OfflineLLM
+        from llm.offline import OfflineLLM
 
         return OfflineLLM()
     from crewai import LLM

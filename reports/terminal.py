@@ -1,4 +1,4 @@
-"""Rich renderings of engine results for the terminal."""
+"""Rich renderings of engine results for the terminal (the CLI's tables and lines)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ It reads what CrewAI sends an LLM (the task's description with the goal as JSON,
 earlier tasks, the tool results so far) and answers in CrewAI's ReAct format with real tool calls whose
 arguments come from the goal, then a final answer in JSON. The same crew, tools and engine run as with a
 real model, with no network. It does not understand language: a goal is parsed by `crews.goals`
-before the crew starts, and this policy only follows each task's fixed sequence of tools.
+before the crew starts, and this policy only follows each task's fixed sequence of tools. It finds the
+task, the goal and the run id through the task header of `llm.protocol`, and reads the tools' JSON answers.
 
 `next_step(messages)` is the whole policy; `OfflineLLM` renders it as ReAct text, and the test's
 scripted OpenAI-protocol server renders the same steps as OpenAI tool calls.
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from crewai.llms.base_llm import BaseLLM
+
+from llm.protocol import json_objects, read_task
 
 
 class PolicyError(RuntimeError):
@@ -37,20 +40,6 @@ def _text(message: Any) -> str:
     if isinstance(content, list):  # content parts
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return content or ""
-
-
-def _json_objects(text: str) -> list[dict]:
-    """Every top-level JSON object in `text`, in order."""
-    found, decoder, i = [], json.JSONDecoder(), 0
-    while (i := text.find("{", i)) != -1:
-        try:
-            obj, end = decoder.raw_decode(text[i:])
-            if isinstance(obj, dict):
-                found.append(obj)
-            i += max(end, 1)
-        except ValueError:
-            i += 1
-    return found
 
 
 def _observations(messages: list) -> list[tuple[str, str]]:
@@ -74,28 +63,22 @@ def _observations(messages: list) -> list[tuple[str, str]]:
 
 
 def _tool_json(result: str) -> dict:
-    if result.startswith("error:"):
-        raise PolicyError(result.removeprefix("error:").strip())
-    objects = _json_objects(result)
-    return objects[0] if objects else {"text": result}
+    objects = json_objects(result)
+    answer = objects[0] if objects else {"text": result}
+    if "error" in answer:
+        raise PolicyError(str(answer["error"]))
+    return answer
 
 
 def next_step(messages: list) -> Step:
-    task_text = "\n".join(_text(m) for m in messages if isinstance(m, dict) and m.get("role") == "user")
-    marker = re.search(r"\[task: (\w+)\]", task_text)
-    if not marker:
-        raise PolicyError("the offline policy drives modelcrew's own tasks only (no [task: ...] marker found)")
-    goal = next(o for o in _json_objects(task_text.split("Goal (JSON):", 1)[1]) if "task" in o and "data" in o)
-    run_id = re.search(r"Run id:\s*(\S+)", task_text).group(1)
-    context = ""
-    for heading in ("context you're working with", "Earlier steps (JSON):"):  # a crew's context, or a Flow step's
-        if heading in task_text:
-            context = task_text.split(heading, 1)[1]
-    done = _observations(messages)
+    task = read_task("\n".join(_text(m) for m in messages if isinstance(m, dict) and m.get("role") == "user"))
+    if task is None:
+        raise PolicyError("the offline policy drives modelcrew's own tasks only (no task header found)")
+    done = [(name, _tool_json(text)) for name, text in _observations(messages)]
     calls = [name for name, _ in done]
-    results = {name: _tool_json(text) for name, text in done}
-    return {"curate": _curate, "train": _train, "evaluate": _evaluate, "deploy": _deploy}[marker.group(1)](
-        goal, run_id, _json_objects(context), calls, results, done)
+    results = dict(done)  # the latest answer of each tool
+    return {"curate": _curate, "train": _train, "evaluate": _evaluate, "deploy": _deploy}[task.name](
+        task.goal, task.run_id, task.context, calls, results, done)
 
 
 def _curate(goal, run_id, context, calls, results, done) -> Step:
@@ -159,11 +142,8 @@ def _deploy(goal, run_id, context, calls, results, done) -> Step:
                                                                      "reason": "the gate failed"})
     if "register_model" not in calls:
         return Step("I register the run's best model.", "register_model", {"model_name": name, "run_id": run_id})
-    registered = dict(done)["register_model"]
-    if registered.startswith("error:"):
-        raise PolicyError(registered.removeprefix("error:").strip())
-    version = re.search(r"\b(v\d+)\b", registered).group(1)
-    promotions = [text for tool, text in done if tool == "promote_model"]
+    version = results["register_model"]["version"]
+    promotions = [answer for tool, answer in done if tool == "promote_model"]
     if goal.get("approval") == "required":
         if not promotions:
             return Step("The goal wants a person's approval: I stage it.", "promote_model",
@@ -174,15 +154,16 @@ def _deploy(goal, run_id, context, calls, results, done) -> Step:
     if not promotions:
         return Step("I promote it to production; the registry checks its policy.", "promote_model",
                     {"model_name": name, "version": version, "to": "production"})
-    if promotions[-1].startswith(f"{name}@"):
-        alias = "production" if len(promotions) == 1 else "staging"
-        return Step("Promoted.", final={"deployed": alias == "production", "model_name": name, "version": version,
-                                        "alias": alias, "reason": promotions[-1]})
+    last = promotions[-1]
+    said = f"{name}@{last['alias']} is now {version}" if last["allowed"] else f"refused to promote {name} {version}"
+    if last["allowed"]:
+        return Step("Promoted.", final={"deployed": last["alias"] == "production", "model_name": name, "version": version,
+                                        "alias": last["alias"], "reason": f"{said}: {'; '.join(last['reasons'])}"})
     if goal["deploy"] == "always" and len(promotions) == 1:
         return Step("The registry refused production; the goal says ship regardless, so I stage it for a person.",
                     "promote_model", {"model_name": name, "version": version, "to": "staging"})
     return Step("The registry refused the promotion.", final={"deployed": False, "model_name": name, "version": version,
-                                                             "alias": None, "reason": promotions[-1]})
+                                                             "alias": None, "reason": f"{said}: {'; '.join(last['reasons'])}"})
 
 
 def render_react(step: Step) -> str:

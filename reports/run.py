@@ -5,86 +5,53 @@ result.json, gate.json, deployment.json, trace.jsonl, the dataset summary) and f
 runs on similar data); numbers go through one formatter, so the Markdown, the HTML and the JSON agree.
 The HTML is self-contained: inline CSS, plots as base64 PNG (matplotlib, Agg), no external URL.
 Rendering is deterministic: the same artefacts give the same files.
+
+Also here: `render_compare` (two runs side by side, `reports/compare-A-vs-B.md` and `.html`) and
+`list_runs` (one row per evaluated run).
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import re
 from pathlib import Path
 
-from jinja2 import Environment, FileSystemLoader, select_autoescape
-
-from training.contracts import DatasetSummary, Deployment, Evaluation, GateVerdict, RunResult, TrainPlan
+from reports.format import downsample, fmt, png, pyplot, write_rendered
+from training.contracts import DatasetSummary, GateVerdict
 from training.errors import InputError
+from training.runs import Run, evaluated_runs
 
-TEMPLATES = Path(__file__).parent / "templates"
 METRIC_KEYS = ("val_perplexity", "test_perplexity", "general_perplexity", "accuracy", "exact_match", "f1", "rougeL")
-MAX_POINTS = 1500  # plotted points per curve: a 10,000-step run renders as fast as a short one
 PHASES = {"curate_dataset": "curate", "train_model": "train", "evaluate_model": "evaluate", "compare_with_history": "report",
           "write_report": "report", "register_model": "deploy", "promote_model": "deploy"}
 
 
-def fmt(value) -> str:
-    """The one number format of every report (4 significant digits)."""
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:.4g}"
+def headline_metric(gate: GateVerdict | None, metrics: dict) -> str:
+    """The metric a run is judged by: the gate's, else its test (or validation) perplexity."""
+    return gate.metric if gate else ("test_perplexity" if "test_perplexity" in metrics else "val_perplexity")
 
 
-def _load(path: Path, model):
-    return model.model_validate_json(path.read_text(encoding="utf-8")) if path.exists() else None
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
-
-
-def _downsample(xs: list, ys: list) -> tuple[list, list]:
-    if len(xs) <= MAX_POINTS:
-        return xs, ys
-    step = len(xs) / MAX_POINTS
-    idx = sorted({int(i * step) for i in range(MAX_POINTS)} | {len(xs) - 1})
-    return [xs[i] for i in idx], [ys[i] for i in idx]
-
-
-def png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})  # no version stamp: same bytes
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+def verdict_word(passed: bool | None) -> str:
+    return "not gated" if passed is None else ("passed" if passed else "failed")
 
 
 def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
     """Everything a report shows, from the artefacts (and memory for the history)."""
-    from training.data.store import datasets_dir
+    from training.batches import read_split  # torch and the curation modules load here, when a report is made
+    from training.data.store import datasets_dir, load_contamination, load_summary
 
     workspace = Path(workspace)
-    run_dir = workspace / "runs" / run_id
-    ev = _load(run_dir / "evaluation.json", Evaluation)
-    plan = _load(run_dir / "plan.json", TrainPlan)
-    result = _load(run_dir / "result.json", RunResult)
+    run = Run(workspace, run_id)
+    ev, plan, result = run.evaluation(), run.plan(), run.result()
     if ev is None or plan is None or result is None:
-        raise InputError(f"run {run_id}: reports need a trained and evaluated run (plan.json, result.json, evaluation.json in {run_dir})")
-    gate = _load(run_dir / "gate.json", GateVerdict)
-    deployment = _load(run_dir / "deployment.json", Deployment)
-    trace = _rows(run_dir / "trace.jsonl")
-    crew = json.loads((run_dir / "crew_result.json").read_text()) if (run_dir / "crew_result.json").exists() else {}
-    goal_text = goal_text or crew.get("goal") or next((e["text"] for e in trace if e.get("kind") == "goal"), None)
-    summary = DatasetSummary.model_validate_json((datasets_dir(workspace) / plan.dataset / "summary.json").read_text(encoding="utf-8"))
-    contamination_file = datasets_dir(workspace) / plan.dataset / "contamination.json"
-    contaminated = len(json.loads(contamination_file.read_text())) if contamination_file.exists() else None
-    memory_used = json.loads((run_dir / "memory_used.json").read_text()) if (run_dir / "memory_used.json").exists() else {}
+        raise InputError(f"run {run_id}: reports need a trained and evaluated run (plan.json, result.json, evaluation.json in {run.dir})")
+    gate, deployment = run.gate(), run.deployment()
+    trace = run.trace_rows()
+    goal_text = goal_text or run.goal_text()
+    summary = load_summary(workspace, plan.dataset)
+    contamination = load_contamination(workspace, plan.dataset)
     m = ev.metrics
-    key = gate.metric if gate else ("test_perplexity" if "test_perplexity" in m else "val_perplexity")
+    key = headline_metric(gate, m)
 
     if gate is None:
         verdict, passed = "Not gated: no goal was given for this run.", None
@@ -113,7 +80,25 @@ def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
     if not phases:
         phases = {"train": result.wall_seconds, "evaluate": ev.seconds}
 
-    rows = _rows(run_dir / "metrics.jsonl")
+    rows = run.metrics_rows()
+    history = _history(workspace, run_id, plan.dataset, summary, key)
+    if not any(h["this"] for h in history) and key in m:
+        history.append({"run_id": run_id, "value": m[key], "created_at": ev.created_at or "", "this": True})
+    history.sort(key=lambda h: (h["created_at"], h["run_id"]))
+
+    lengths = [len(json.dumps(r, ensure_ascii=False)) for r in read_split(datasets_dir(workspace) / plan.dataset, "train")]
+
+    return {"run_id": run_id, "goal_text": goal_text, "verdict": verdict, "passed": passed, "metric": key,
+            "metrics": metrics, "gate_reasons": gate.reasons if gate else [], "ev": ev, "plan": plan, "result": result,
+            "summary": summary, "contaminated": None if contamination is None else len(contamination),
+            "deployment": deployment, "phases": phases, "rows": rows, "history": history, "lengths": lengths,
+            "memory_used": run.memory_used(), "recommendations": recommendations(rows, m, summary, gate), "fmt": fmt,
+            "general": (fmt(m.get("base_general_perplexity")), fmt(m.get("general_perplexity"))),
+            "code_version": _code_version(), "narrative": None}
+
+
+def _history(workspace: Path, run_id: str, dataset: str, summary: DatasetSummary, key: str) -> list[dict]:
+    """`key` of every earlier run on this dataset or a similar one, from memory ([] without a memory index)."""
     history = []
     try:
         from memory.store import MemoryStore
@@ -121,8 +106,8 @@ def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
         if not (workspace / "memory" / "chroma").exists():
             raise FileNotFoundError("no memory index in this workspace")  # a report never creates one
         store = MemoryStore(workspace)
-        fingerprints = [plan.dataset]
-        if store.show(plan.dataset) is not None:  # indexed: its stored vector finds neighbours without loading a model
+        fingerprints = [dataset]
+        if store.show(dataset) is not None:  # indexed: its stored vector finds neighbours without loading a model
             fingerprints += [s.fingerprint for s in store.similar_datasets(summary, k=5) if s.similarity >= 0.5]
         for fp in fingerprints:
             for past in store.history(fingerprint=fp):
@@ -131,21 +116,7 @@ def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
                                     "this": past.run_id == run_id})
     except Exception:  # memory unavailable (never built in this workspace): the report still renders
         history = []
-    if not any(h["this"] for h in history) and key in m:
-        history.append({"run_id": run_id, "value": m[key], "created_at": ev.created_at or "", "this": True})
-    history.sort(key=lambda h: (h["created_at"], h["run_id"]))
-
-    train_records = [json.loads(line) for line in (datasets_dir(workspace) / plan.dataset / "train.jsonl").read_text().splitlines()
-                     if line.strip()] if (datasets_dir(workspace) / plan.dataset / "train.jsonl").exists() else []
-    lengths = [len(json.dumps(r, ensure_ascii=False)) for r in train_records]
-
-    return {"run_id": run_id, "goal_text": goal_text, "verdict": verdict, "passed": passed, "metric": key,
-            "metrics": metrics, "gate_reasons": gate.reasons if gate else [], "ev": ev, "plan": plan, "result": result,
-            "summary": summary, "contaminated": contaminated, "deployment": deployment, "phases": phases,
-            "rows": rows, "history": history, "lengths": lengths, "memory_used": memory_used.get("reused_from"),
-            "recommendations": recommendations(rows, m, summary, gate), "fmt": fmt,
-            "general": (fmt(m.get("base_general_perplexity")), fmt(m.get("general_perplexity"))),
-            "code_version": _code_version(), "narrative": None}
+    return history
 
 
 def _code_version() -> str:
@@ -205,32 +176,36 @@ def narrative_text(template: str, data: dict) -> str:
     m = data["ev"].metrics
     values = {"metric": data["metric"], "value": fmt(m.get(data["metric"])), "base": fmt(m.get(f"base_{data['metric']}")),
               "threshold": next((r["target"] for r in data["metrics"] if r["name"] == data["metric"]), "—") or "—",
-              "verdict": "passed" if data["passed"] else ("failed" if data["passed"] is False else "not gated"),
-              "steps": fmt(data["result"].steps), "run_id": data["run_id"]}
+              "verdict": verdict_word(data["passed"]), "steps": fmt(data["result"].steps), "run_id": data["run_id"]}
     return template.format_map(values)
 
 
+def _series(rows: list[dict], key: str) -> tuple[list, list]:
+    """Steps and values of the metrics rows that have `key` (every row has a training loss, some a validation loss)."""
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def _loss_axes(ax, legend_fontsize=None) -> None:
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=legend_fontsize)
+    ax.grid(alpha=0.3)
+
+
 def plots(data: dict) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The report's figures as (caption, base64 PNG): loss curves, the headline metric, its history, record lengths."""
+    plt = pyplot()
     figures = []
     rows = data["rows"]
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    steps = [r["step"] for r in rows if r.get("loss") is not None]
-    losses = [r["loss"] for r in rows if r.get("loss") is not None]
-    xs, ys = _downsample(steps, losses)
+    xs, ys = downsample(*_series(rows, "loss"))
     ax.plot(xs, ys, label="training loss", color="#4c72b0", linewidth=1)
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    if val:
-        vx, vy = _downsample([v[0] for v in val], [v[1] for v in val])
+    vx, vy = _series(rows, "val_loss")
+    if vx:
+        vx, vy = downsample(vx, vy)
         ax.plot(vx, vy, "o-", label="validation loss", color="#dd8452", markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    _loss_axes(ax)
     figures.append(("Training and validation loss", png(fig)))
 
     key = data["metric"]
@@ -270,76 +245,53 @@ def plots(data: dict) -> list[tuple[str, str]]:
 
 
 def render(workspace: Path, run_id: str, goal_text: str | None = None, narrative: str | None = None) -> tuple[Path, Path]:
-    """Write report.md and report.html for `run_id`; returns their paths."""
+    """Write report.md and report.html for `run_id`; returns their paths. A `narrative` (the evaluator's
+    template) is checked, kept in the run and used by every later render."""
     data = gather(workspace, run_id, goal_text)
-    saved = Path(workspace) / "runs" / run_id / "narrative.json"
+    run = Run(workspace, run_id)
     if narrative is not None:
         narrative_text(narrative, data)  # refuse before anything is written
-        saved.write_text(json.dumps({"template": narrative}), encoding="utf-8")
-    if saved.exists():
-        data["narrative"] = narrative_text(json.loads(saved.read_text(encoding="utf-8"))["template"], data)
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]), keep_trailing_newline=True)
-    run_dir = Path(workspace) / "runs" / run_id
-    md = run_dir / "report.md"
-    html = run_dir / "report.html"
-    md.write_text(env.get_template("report.md.j2").render(**data), encoding="utf-8")
-    html.write_text(env.get_template("report.html.j2").render(**data, plots=plots(data)), encoding="utf-8")
+        run.write_narrative(narrative)
+    saved = run.narrative()
+    if saved is not None:
+        data["narrative"] = narrative_text(saved, data)
+    md, html = run.report_paths()
+    write_rendered(md, "report.md.j2", **data)
+    write_rendered(html, "report.html.j2", **data, plots=plots(data))
     return md, html
-
-
-def write_markdown_report(workspace: Path, run_id: str, goal, goal_text: str, narrative: str | None = None) -> Path:
-    """The evaluator's tool entry point: both files; returns the Markdown path."""
-    md, _ = render(Path(workspace), run_id, goal_text or None, narrative)
-    return md
 
 
 def render_compare(workspace: Path, run_a: str, run_b: str) -> tuple[Path, Path]:
     """A side-by-side report of two runs (`reports/compare-A-vs-B.md` and `.html`), in the same format."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     a, b = gather(Path(workspace), run_a), gather(Path(workspace), run_b)
     names = [n for n in METRIC_KEYS if n in a["ev"].metrics or n in b["ev"].metrics]
     rows = []
     for n in names:
         va, vb = a["ev"].metrics.get(n), b["ev"].metrics.get(n)
         rows.append({"name": n, "a": fmt(va), "b": fmt(vb), "delta": f"{vb / va - 1:+.1%}" if va and vb is not None else "—"})
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 3.2))
     for data, color in ((a, "#4c72b0"), (b, "#dd8452")):
-        val = [(r["step"], r["val_loss"]) for r in data["rows"] if r.get("val_loss") is not None]
-        xs, ys = _downsample([r["step"] for r in data["rows"]], [r["loss"] for r in data["rows"]])
+        xs, ys = downsample(*_series(data["rows"], "loss"))
         ax.plot(xs, ys, color=color, linewidth=1, alpha=0.6, label=f"{data['run_id']} training")
-        if val:
-            ax.plot([v[0] for v in val], [v[1] for v in val], "o-", color=color, markersize=3, label=f"{data['run_id']} validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    curves = png(fig)
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]), keep_trailing_newline=True)
+        vx, vy = _series(data["rows"], "val_loss")
+        if vx:
+            ax.plot(vx, vy, "o-", color=color, markersize=3, label=f"{data['run_id']} validation")
+    _loss_axes(ax, legend_fontsize=7)
+    context = {"a": a, "b": b, "rows": rows, "fmt": fmt, "curves": png(fig)}
     out = Path(workspace) / "reports"
-    out.mkdir(parents=True, exist_ok=True)
-    md, html = out / f"compare-{run_a}-vs-{run_b}.md", out / f"compare-{run_a}-vs-{run_b}.html"
-    context = {"a": a, "b": b, "rows": rows, "fmt": fmt, "curves": curves}
-    md.write_text(env.get_template("compare.md.j2").render(**context), encoding="utf-8")
-    html.write_text(env.get_template("compare.html.j2").render(**context), encoding="utf-8")
+    md = write_rendered(out / f"compare-{run_a}-vs-{run_b}.md", "compare.md.j2", **context)
+    html = write_rendered(out / f"compare-{run_a}-vs-{run_b}.html", "compare.html.j2", **context)
     return md, html
 
 
 def list_runs(workspace: Path) -> list[dict]:
     """One row per evaluated run: run, goal, metric, verdict, deployed, time."""
     out = []
-    for ev_path in sorted((Path(workspace) / "runs").glob("*/evaluation.json")):
-        run_dir = ev_path.parent
-        ev = _load(ev_path, Evaluation)
-        gate = _load(run_dir / "gate.json", GateVerdict)
-        dep = _load(run_dir / "deployment.json", Deployment)
-        crew = json.loads((run_dir / "crew_result.json").read_text()) if (run_dir / "crew_result.json").exists() else {}
-        key = gate.metric if gate else ("test_perplexity" if "test_perplexity" in ev.metrics else "val_perplexity")
-        out.append({"run_id": run_dir.name, "goal": crew.get("goal", ""), "metric": key, "value": ev.metrics.get(key),
-                    "verdict": "not gated" if gate is None else ("passed" if gate.passed else "failed"),
+    for run in evaluated_runs(workspace):
+        ev, gate, dep = run.evaluation(), run.gate(), run.deployment()
+        key = headline_metric(gate, ev.metrics)
+        out.append({"run_id": run.run_id, "goal": run.crew_result().get("goal", ""), "metric": key, "value": ev.metrics.get(key),
+                    "verdict": verdict_word(None if gate is None else gate.passed),
                     "deployed": f"{dep.model_name}@{dep.alias}" if dep and dep.alias else "no",
                     "time": ev.created_at or ""})
     return sorted(out, key=lambda r: r["time"])

@@ -1,0 +1,68 @@
+"""The `modelcrew` command line, one module per command group:
+
+    common.py   the options every command takes, one-line errors, console and JSON output
+    data.py     data inspect | list
+    engine.py   train | estimate | eval           (also `python -m training …`, the same functions)
+    crew.py     run | plan | report | runs list|compare
+    models.py   models … | serve
+    memory.py   memory search | show | stats | doctor | rebuild
+    loop.py     loop start | status | trigger | stop
+
+Heavy libraries are imported inside the commands that need them, so `--help` answers at once.
+`cli` is the top layer: it may import every package below it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from cli import crew, data, engine, loop, memory, models
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"modelcrew {version('modelcrew')}")
+        raise typer.Exit()
+
+
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+) -> None:
+    """modelcrew: plain-language goals in, trained, evaluated and deployed language models out."""
+
+
+def _app(help: str) -> typer.Typer:
+    return typer.Typer(name="modelcrew", help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _add_engine(target: typer.Typer) -> None:
+    """The engine's commands, on `modelcrew` and on `python -m training` alike."""
+    target.add_typer(data.app, name="data")
+    for name, command in engine.COMMANDS.items():
+        target.command(name)(command)
+
+
+app = _app("A crew of agents that curates data, trains, evaluates and deploys small language models.")
+app.callback()(_root)
+_add_engine(app)
+for _name, _command in {**crew.COMMANDS, **models.COMMANDS}.items():
+    app.command(_name)(_command)
+app.add_typer(crew.runs_app, name="runs")
+app.add_typer(models.app, name="models")
+app.add_typer(memory.app, name="memory")
+app.add_typer(loop.app, name="loop")
+
+engine_app = _app("The engine alone (no agents): curate data, train, estimate and evaluate. "
+                  "`train` also runs under torchrun and accelerate launch.")
+engine_app.callback()(_root)
+_add_engine(engine_app)
+
+
+def main() -> None:
+    app()

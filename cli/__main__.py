@@ -1,0 +1,5 @@
+"""`python -m cli …` is `modelcrew …`."""
+
+from cli import main
+
+main()

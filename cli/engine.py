@@ -1,0 +1,97 @@
+"""`modelcrew train | estimate | eval`: the engine's commands, also `python -m training …` (same functions).
+
+`train` works the same under `torchrun --nproc_per_node N -m training train …` and
+`accelerate launch -m training train …`: every process runs it, rank 0 alone prints.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Optional
+
+import typer
+
+from cli.common import DEFAULT_WORKSPACE, Debug, Json, Workspace, check_workspace, console, emit_json, reported
+from training.errors import InputError
+
+PlanArg = Annotated[str, typer.Argument(help="A plan file (.yaml/.json) or a recipe name (training/recipes/).")]
+Dataset = Annotated[Optional[str], typer.Option("--dataset", help="Dataset fingerprint (overrides the plan's).")]
+
+
+def train_command(
+    plan: PlanArg,
+    dataset: Dataset = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="Name of the run (default: task-date-random).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its latest checkpoint.")] = False,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Step budget (overrides the plan's).")] = None,
+    minutes: Annotated[Optional[float], typer.Option("--minutes", min=0.1, help="Time budget in minutes (overrides the plan's).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Train (pretrain or fine-tune, full or LoRA) from a validated plan; writes runs/<run_id>/."""
+    with reported(debug):
+        from reports.terminal import run_table
+        from training.loop import train
+        from training.plan_files import load_plan
+        from training.runs import new_run_id
+
+        loaded = load_plan(plan, dataset=dataset)
+        if steps or minutes:
+            budget = loaded.budget.model_copy(update={k: v for k, v in {"steps": steps, "minutes": minutes}.items() if v})
+            loaded = loaded.model_copy(update={"budget": budget})
+        if resume and not run_id:
+            raise InputError("--resume: name the run to continue with --run-id")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not run_id:
+            raise InputError("--run-id: a multi-process run needs an explicit run id (every process must agree on it)")
+        result = train(loaded, check_workspace(workspace), run_id or new_run_id(loaded.task), resume=resume,
+                       show_progress=not quiet)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        if as_json:
+            emit_json(result.model_dump())
+        console(as_json).print(run_table(result))
+
+
+def estimate_command(
+    plan: PlanArg,
+    dataset: Dataset = None,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Parameters, memory and time of a plan (from a few measured steps); refuses a plan that cannot fit."""
+    with reported(debug):
+        from training.estimate import estimate
+        from training.plan_files import load_plan
+
+        est = estimate(load_plan(plan, dataset=dataset), check_workspace(workspace))
+        if as_json:
+            emit_json(est.model_dump())
+        mem = ", ".join(f"{k} {v:.2f}" for k, v in est.memory_gb.items())
+        console(as_json).print(
+            f"{est.trainable_params:,} of {est.total_params:,} parameters trainable; memory GB: {mem} "
+            f"(device {est.device}, {est.device_memory_gb} GB); {est.seconds_per_step:.2f} s/step"
+            + (f", about {est.minutes:.1f} min for {est.steps} steps" if est.minutes and est.steps else ""))
+
+
+def eval_command(
+    run_id: Annotated[str, typer.Argument(help="The run to evaluate (runs/<run_id>/).")],
+    max_examples: Annotated[int, typer.Option("--max-examples", min=1, max=10_000, help="Test examples to answer.")] = 24,
+    workspace: Workspace = DEFAULT_WORKSPACE,
+    as_json: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Evaluate a run's best model beside its base model; writes runs/<run_id>/evaluation.json and indexes it in memory."""
+    with reported(debug):
+        from reports.terminal import evaluation_table
+        from steps.evaluate import evaluate_and_gate
+
+        ev, _ = evaluate_and_gate(check_workspace(workspace), run_id, goal=None, max_examples=max_examples)
+        if as_json:
+            emit_json(ev.model_dump())
+        console(as_json).print(evaluation_table(ev))
+
+
+COMMANDS = {"train": train_command, "estimate": estimate_command, "eval": eval_command}

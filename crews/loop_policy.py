@@ -1,0 +1,256 @@
+"""The retraining loop's decisions, as code importable without CrewAI: its goal, triggers, production
+checks, a round's data, its held-out measurements, quarantine, and closing a round.
+
+`crews/loop.py` (the Flow) calls these in its graph; each takes the workspace and the loop's state
+(`crews.loop_state`) and returns what it found, so the Flow reads as its graph and these rules can be
+tested and read alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from crews.loop_state import (LoopState, Round, Trigger, add_to_pool, clear, loop_dir, now, pending, read_watched,
+                              source_signature)
+from training.contracts import Deployment, Goal
+from training.data.store import load_contamination, load_summary, write_jsonl
+from training.errors import InputError
+from training.gate import lower_is_better
+
+
+def loop_goal(goal_text: str, watch: Path | None, workspace: Path) -> tuple[Goal, Path]:
+    """The loop's goal, parsed once, and the source it watches (`watch`, else the goal's data)."""
+    from crews.goals import parse_goal
+
+    try:
+        goal = parse_goal(goal_text, workspace)
+    except InputError as err:
+        if not str(err).startswith("data:"):
+            raise
+        if watch is None:
+            raise InputError("--watch: the goal names no data; pass --watch PATH (a file or directory)") from None
+        goal = parse_goal(f"{goal_text} on {watch}", workspace)  # the goal may leave the data to --watch
+    if goal.task != "finetune":
+        raise InputError("goal: the retraining loop fine-tunes (it warm-starts each round from production); "
+                         f"this goal asks to {goal.task}")
+    if goal.deploy == "never" or not goal.model_name:
+        raise InputError("goal: the loop deploys what passes; say the model's name (e.g. 'deploy as support-bot if it passes')")
+    return goal, watch or Path(goal.data)
+
+
+def round_dir(workspace: Path, r: Round) -> Path:
+    return loop_dir(workspace) / "rounds" / f"{r.number:04d}"
+
+
+def round_goal(workspace: Path, state: LoopState, r: Round) -> Goal:
+    """The loop's goal, on this round's data."""
+    return state.goal.model_copy(update={"data": str(round_dir(workspace, r) / "data.jsonl")})
+
+
+def production(workspace: Path, goal: Goal):
+    """(version, path) of the goal's model in production, or (None, None)."""
+    from serving.registry import Registry
+
+    try:
+        _, version, path = Registry(workspace).resolve(f"{goal.model_name}@production")
+    except InputError:
+        return None, None
+    return version, path
+
+
+# ---- the check: is there a reason for a round? ------------------------------------------------------
+
+
+def start_round(workspace: Path, state: LoopState, pool: dict[str, dict], say) -> Round | None:
+    """A new round when something triggers one (its data written), else None."""
+    triggers, new, route, detail = find_triggers(workspace, state, pool, say)
+    if not triggers and route != "rollback":
+        return None
+    number = (state.rounds[-1].number if state.rounds else 0) + 1
+    r = Round(number=number, route=route, triggers=triggers, started_at=now(), signature=detail["signature"],
+              run_id=f"loop-r{number:03d}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", newest=detail["newest"],
+              production_before=detail["production"], new_records=len(new))
+    if route == "retrain":
+        write_round_data(workspace, state, r, new, pool)
+    return r
+
+
+def find_triggers(workspace: Path, state: LoopState, pool: dict[str, dict], say):
+    """(triggers, new records, route, detail): manual and scheduled requests, new data, drift, regression."""
+    from memory.store import MemoryStore
+
+    s = state.settings
+    triggers: list[Trigger] = []
+    manual = pending(workspace, "trigger")
+    if manual is not None:
+        triggers.append(Trigger(kind="manual", detail=manual.get("reason") or "modelcrew loop trigger"))
+    due = bool(s.schedule_s and state.last_round_at and
+               time.time() - datetime.fromisoformat(state.last_round_at).timestamp() >= s.schedule_s)
+    if due:
+        triggers.append(Trigger(kind="schedule", detail=f"no round for {s.schedule_s:g} s"))
+    signature = source_signature(s.watch)
+    detail = {"signature": signature, "newest": {}, "production": None}
+    new: list[dict] = []
+    if signature != state.source_signature or triggers:
+        try:
+            new = [e for e in read_watched(s, state.goal) if e["id"] not in pool]
+        except InputError as err:  # a malformed delivery: say so and wait for a fix, losing nothing
+            say(f"the watched data cannot be used yet: {err}")
+            return [], [], "retrain", detail
+        if not new and triggers and not any(e["status"] == "used" for e in pool.values()):
+            say("a round was asked for, but there is no data to train on yet")
+            clear(workspace, "trigger")
+            return [], [], "retrain", detail
+        if not new and signature != state.source_signature:
+            say("the watched data changed but holds no new records (a re-delivered copy?): no round")
+            state.source_signature = signature
+    route = "retrain"
+    if new:
+        triggers.insert(0, Trigger(kind="data", detail=f"{len(new)} new records", value=len(new)))
+        old = [e["record"] for e in pool.values() if e["status"] == "used"]
+        shifted = False
+        if old:
+            distance = MemoryStore(workspace).centroid_distance([e["record"] for e in new], old)
+            shifted = distance >= s.drift_distance
+            if shifted:
+                triggers.append(Trigger(kind="drift", value=distance, detail=(
+                    f"the new records' embedding centroid is {distance:.3f} from the training data's "
+                    f"(threshold {s.drift_distance:g})")))
+        # On data unlike anything trained on, every version is poor and retraining is the remedy:
+        # a rollback is only considered when the new records resemble the training data.
+        route = check_production(workspace, state, new, triggers, detail, consider_rollback=not shifted)
+    return triggers, new, route, detail
+
+
+def check_production(workspace: Path, state: LoopState, new: list[dict], triggers: list[Trigger], detail: dict,
+                     consider_rollback: bool) -> str:
+    """Score production (and the previous version) on the newest records: drift by metric, or rollback."""
+    from serving.registry import Registry
+    from training.evaluate import perplexity_on
+
+    version, path = production(workspace, state.goal)
+    if version is None:
+        return "retrain"
+    name = state.goal.model_name
+    detail["production"] = f"{name} {version.version}"
+    records = [e["record"] for e in new]
+    fmt, seq_len = format_and_seq_len(workspace, path)
+    ppl = perplexity_on(path, records, fmt, seq_len)
+    if ppl is None:
+        return "retrain"
+    detail["newest"]["production"] = ppl
+    recorded = version.metrics.get("test_perplexity") or version.metrics.get("val_perplexity")
+    s = state.settings
+    if recorded and ppl > recorded * (1 + s.drift_metric):
+        triggers.append(Trigger(kind="drift", value=ppl, detail=(
+            f"production {version.version}'s perplexity on the newest records is {ppl:.4g}, "
+            f"{ppl / recorded - 1:+.0%} from the {recorded:.4g} it was deployed with (margin {s.drift_metric:.0%})")))
+    registry = Registry(workspace)
+    previous = registry.state(name).aliases.get("previous")
+    if previous and consider_rollback:
+        _, _, prev_path = registry.resolve(f"{name}@{previous}")
+        prev = perplexity_on(prev_path, records, fmt, seq_len)
+        detail["newest"]["previous"] = prev
+        if prev is not None and ppl > prev * (1 + s.rollback_margin):
+            detail["rollback"] = (f"production {version.version}'s perplexity on the {len(records)} newest records is "
+                                  f"{ppl:.4g}, worse than previous {previous}'s {prev:.4g} by more than "
+                                  f"{s.rollback_margin:.0%}")
+            triggers.append(Trigger(kind="drift", value=ppl, detail=detail["rollback"]))
+            return "rollback"
+    return "retrain"
+
+
+def format_and_seq_len(workspace: Path, model_dir: Path) -> tuple[str, int]:
+    """The data format and sequence length a registered model was trained with (from its lineage)."""
+    lineage = json.loads((Path(model_dir) / "lineage.json").read_text(encoding="utf-8"))
+    return load_summary(workspace, lineage["dataset"]).format, int(lineage.get("plan", {}).get("seq_len", 256))
+
+
+def write_round_data(workspace: Path, state: LoopState, r: Round, new: list[dict], pool: dict[str, dict]) -> None:
+    """The round's records: all new ones, every earlier evaluation record, and a replay share of earlier training."""
+    s = state.settings
+    trained = sorted((e for e in pool.values() if e["status"] == "used"), key=lambda e: e["id"])
+    old_eval = [e for e in trained if e["split"] != "train"]
+    old_train = [e for e in trained if e["split"] == "train"]
+    new_train = sum(e["split"] == "train" for e in new)
+    if new_train:
+        replayed = old_train[: round(s.replay / (1 - s.replay) * new_train)] if s.replay else []
+    else:  # a scheduled or manual round without new data trains on everything it has
+        replayed = old_train
+    # The gate judges on a fixed evaluation set: earlier test records only. New test records join it from
+    # the next round on (if this round is accepted), so a bad batch cannot grade its own candidate.
+    fixed = any(e["split"] == "test" for e in old_eval)
+    taken = [e for e in new if not (fixed and e["split"] == "test")]
+    d = round_dir(workspace, r)
+    d.mkdir(parents=True, exist_ok=True)
+    write_jsonl(d / "data.jsonl", [e["record"] for e in taken + old_eval + replayed])
+    write_jsonl(d / "new.jsonl", new)
+    r.replayed, r.eval_records = len(replayed), len(old_eval)
+
+
+def new_records(workspace: Path, r: Round) -> list[dict]:
+    path = round_dir(workspace, r) / "new.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+# ---- after the evaluation ----------------------------------------------------------------------------
+
+
+def measure_heldout(workspace: Path, state: LoopState, r: Round, model_dir: Path, fmt: str, seq_len: int) -> None:
+    """Candidate's and production's perplexity on the new records nobody trained on (for the loop report)."""
+    from training.evaluate import perplexity_on
+
+    held_out = [e["record"] for e in new_records(workspace, r) if e["split"] != "train"]
+    if not held_out:
+        return
+    r.newest["candidate_heldout"] = perplexity_on(Path(model_dir), held_out, fmt, seq_len)
+    version, path = production(workspace, state.goal)
+    if version is not None:
+        r.newest["production_heldout"] = perplexity_on(path, held_out, fmt, seq_len)
+
+
+def harmful(workspace: Path, r: Round) -> bool:
+    """Did this round's data make the model worse than production on the same evaluation set, or restate
+    earlier evaluation records? (From the numbers the gate judged, not from the wording of its reasons.)"""
+    if r.passed or r.candidate is None:
+        return False
+    old = r.production_value
+    worse = old is not None and (r.candidate > old if lower_is_better(r.metric) else r.candidate < old)
+    return worse or bool(load_contamination(workspace, r.dataset))
+
+
+def deployment_of(r: Round) -> Deployment:
+    """What the round's deploy step (or keep step) answered, as a Deployment."""
+    answer = r.outputs.get("deploy", {})
+    return Deployment(**{"deployed": False, **{k: answer[k] for k in ("deployed", "model_name", "version", "alias", "reason")
+                                               if k in answer}})
+
+
+def close_round(workspace: Path, state: LoopState, r: Round, status: str, record=None) -> None:
+    """Record the round's records in the pool (used, quarantined or failed), its deployment (`record()`, for a
+    finished retraining round), move it into the history, and re-render the loop report."""
+    from reports.loop import render_loop_report
+
+    if r.route == "retrain":
+        entries = new_records(workspace, r)
+        if entries:
+            kind = "failed" if status == "failed" else ("quarantined" if harmful(workspace, r) else "used")
+            add_to_pool(workspace, [{**e, "round": r.number, "status": kind} for e in entries])
+        if status == "done" and record is not None:
+            record()
+    version, _ = production(workspace, state.goal)
+    r.production_after = version.version if version else None
+    r.status = status  # type: ignore[assignment]
+    r.finished_at = now()
+    state.rounds.append(r)
+    state.current = None
+    if r.route == "retrain":
+        state.source_signature = r.signature or state.source_signature
+    else:  # a rollback round leaves its new records to the next round, which comes at once
+        state.recheck = True
+    state.last_round_at = r.finished_at
+    clear(workspace, "trigger")
+    render_loop_report(workspace, state)

@@ -1,0 +1,50 @@
+"""`RunContext`: one crew run as code knows it.
+
+Created by code before the agents start, filled in by the steps as they finish (the dataset curated,
+the plan, the training result, the evaluation and verdict, the deployment), and given to every tool of
+the run. The tools pass these contracts on in memory: nothing is read back from disk to recover what
+this process just computed. Only a run continued after an interruption is rebuilt from its files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.contracts import DatasetSummary, Deployment, Evaluation, GateVerdict, Goal, RunResult, TrainPlan
+from training.data.store import load_summary
+from training.runs import Run
+
+
+@dataclass
+class RunContext:
+    workspace: Path
+    goal: Goal
+    goal_text: str
+    run_id: str
+    use_memory: bool = True  # False: plan as if no earlier run existed (the memory benchmark's baseline)
+    warm_start: str | None = None  # the retraining loop starts from production's weights
+    related: list[str] = field(default_factory=list)  # earlier versions of this data (their eval records are its own)
+    summary: DatasetSummary | None = None
+    plan: TrainPlan | None = None
+    reused_from: str | None = None
+    result: RunResult | None = None
+    evaluation: Evaluation | None = None
+    verdict: GateVerdict | None = None
+    deployment: Deployment | None = None
+
+    @property
+    def run(self) -> Run:
+        return Run(self.workspace, self.run_id)
+
+    def resume(self) -> "RunContext":
+        """Fill in what an interrupted earlier attempt of this run left on disk (the loop after a kill)."""
+        run = self.run
+        self.plan = self.plan or run.plan()
+        self.result = self.result or run.result()
+        self.evaluation = self.evaluation or run.evaluation()
+        self.verdict = self.verdict or run.gate()
+        self.reused_from = self.reused_from or run.memory_used()
+        if self.summary is None and self.plan is not None:
+            self.summary = load_summary(self.workspace, self.plan.dataset)
+        return self

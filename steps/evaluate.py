@@ -1,0 +1,64 @@
+"""Evaluate a trained run, score production on the same evaluation set, gate, record it in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from memory.store import MemoryStore
+from serving.registry import Registry
+from training.contracts import Evaluation, GateVerdict, Goal, TrainPlan
+from training.data.store import load_contamination
+from training.errors import InputError
+from training.evaluate import evaluate_run, score_directory
+from training.gate import gate, lower_is_better, metric_key
+from training.runs import Run
+
+
+def evaluate_and_gate(workspace: Path, run_id: str, goal: Goal | None = None, max_examples: int = 24,
+                      plan: TrainPlan | None = None) -> tuple[Evaluation, GateVerdict | None]:
+    """Score the run's best model beside its base; with a goal, also beside production (when the goal deploys
+    to a model that has one) and judge it with the gate. The run keeps evaluation.json and gate.json, and
+    memory indexes the evaluation. Without a goal (`modelcrew eval`) the run keeps its earlier verdict, if any."""
+    run = Run(workspace, run_id).require()
+    plan = plan or run.plan()
+    evaluation = evaluate_run(workspace, run_id, max_examples=max_examples, plan=plan)
+    if goal is None:
+        verdict = run.gate()
+    else:
+        production = score_production(workspace, goal, plan, max_examples)
+        key = metric_key(goal.metric, evaluation.metrics)
+        if production is not None and key in production:
+            evaluation.metrics[f"production_{key}"] = production[key]
+            run.write_evaluation(evaluation)
+        contaminated = len(load_contamination(workspace, plan.dataset) or [])
+        verdict = gate(goal, evaluation, production, contaminated)
+        run.write_gate(verdict)
+    deployment = run.deployment()
+    MemoryStore(workspace).add_evaluation(evaluation, plan, verdict, bool(deployment and deployment.deployed))
+    return evaluation, verdict
+
+
+def score_production(workspace: Path, goal: Goal, plan: TrainPlan, max_examples: int) -> dict[str, float] | None:
+    """Production's metrics on this run's evaluation set, or None when the goal deploys nowhere or nothing is there yet."""
+    if not goal.model_name or goal.deploy == "never":
+        return None
+    try:
+        _, _, path = Registry(workspace).resolve(f"{goal.model_name}@production")
+    except InputError:
+        return None  # nothing in production yet: the gate compares with the base and says so
+    return score_directory(workspace, path, plan.dataset, plan.seq_len, max_examples)
+
+
+def compare_with_history(workspace: Path, evaluation: Evaluation, metric: str) -> dict:
+    """The run's rank on `metric` among every run on the same data in memory, the best earlier one, and the
+    lessons recorded about this data."""
+    key = metric_key(metric, evaluation.metrics)
+    store = MemoryStore(workspace)
+    runs = [r for r in store.history(fingerprint=evaluation.dataset) if key in r.metrics]
+    ranked = sorted(runs, key=lambda r: r.metrics[key], reverse=not lower_is_better(key))
+    rank = next((i + 1 for i, r in enumerate(ranked) if r.run_id == evaluation.run_id), None)
+    best = next((r for r in ranked if r.run_id != evaluation.run_id), None)
+    lessons = store.search(f"lessons about {evaluation.dataset} {metric}", "lessons", k=3) if store.count("lessons") else []
+    return {"metric": key, "value": evaluation.metrics.get(key), "rank": rank, "of": len(ranked),
+            "best_earlier": {"run_id": best.run_id, "value": best.metrics[key]} if best else None,
+            "lessons": [h.summary for h in lessons]}
