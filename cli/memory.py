@@ -12,6 +12,12 @@ from training.errors import InputError
 app = typer.Typer(help="Search and maintain the agents' memory (a Chroma index of the workspace).", no_args_is_help=True)
 
 
+def _store(workspace, embedding):
+    from memory.store import MemoryStore
+
+    return MemoryStore(check_workspace(workspace), embedding)
+
+
 Kind = Annotated[str, typer.Option("--kind", help="datasets, evaluations, lessons or eval_records.")]
 Embedding = Annotated[Optional[str], typer.Option("--embedding", envvar="MODELCREW_EMBEDDING",
                                                   help="all-minilm-l6-v2 (default), a sentence-transformers directory, or a Chroma embedding function name.")]
@@ -29,9 +35,7 @@ def memory_search(
 ) -> None:
     """Search memory by meaning; each hit shows its id (fingerprint or run_id), distance and a summary."""
     with reported(debug):
-        from memory.store import MemoryStore
-
-        hits = MemoryStore(check_workspace(workspace), embedding).search(text, kind, k=k)
+        hits = _store(workspace, embedding).search(text, kind, k=k)
         if as_json:
             emit_json([h.model_dump() for h in hits])
         from reports.terminal import hits_table
@@ -42,16 +46,11 @@ def memory_search(
 @app.command("show")
 def memory_show(
     entry_id: Annotated[str, typer.Argument(help="A dataset fingerprint, a run_id, a lesson or eval record id.")],
-    embedding: Embedding = None,
-    workspace: Workspace = DEFAULT_WORKSPACE,
-    as_json: Json = False,
-    debug: Debug = False,
+    embedding: Embedding = None, workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False, debug: Debug = False,
 ) -> None:
     """Show one memory entry: its collection, document and metadata."""
     with reported(debug):
-        from memory.store import MemoryStore
-
-        entry = MemoryStore(check_workspace(workspace), embedding).show(entry_id)
+        entry = _store(workspace, embedding).show(entry_id)
         if entry is None:
             raise InputError(f"{entry_id}: not in memory (try `modelcrew memory search`)")
         if as_json:
@@ -69,9 +68,7 @@ def memory_stats(embedding: Embedding = None, workspace: Workspace = DEFAULT_WOR
                  debug: Debug = False) -> None:
     """Entries per collection, disk size and the embedding function of the index."""
     with reported(debug):
-        from memory.store import MemoryStore
-
-        stats = MemoryStore(check_workspace(workspace), embedding).stats()
+        stats = _store(workspace, embedding).stats()
         if as_json:
             emit_json(stats)
         counts = ", ".join(f"{k} {v}" for k, v in stats["counts"].items())
@@ -83,9 +80,7 @@ def memory_doctor(embedding: Embedding = None, workspace: Workspace = DEFAULT_WO
                   debug: Debug = False) -> None:
     """Check that the index opens, matches the workspace's files and its embedding; say what to run. Exit 1 if not."""
     with reported(debug):
-        from memory.store import MemoryStore
-
-        report = MemoryStore(check_workspace(workspace), embedding).doctor()
+        report = _store(workspace, embedding).doctor()
         if as_json:
             emit_json(report.model_dump())
         out = console(as_json)
@@ -101,11 +96,9 @@ def memory_rebuild(embedding: Embedding = None, workspace: Workspace = DEFAULT_W
                    debug: Debug = False) -> None:
     """Delete the index and re-create it from the workspace's datasets, evaluations and lessons."""
     with reported(debug):
-        from memory.store import MemoryStore
-
         out = console(as_json)
         with out.status("rebuilding memory ...") as status:
-            stats = MemoryStore(check_workspace(workspace), embedding).rebuild(progress=lambda what: status.update(f"indexed {what}"))
+            stats = _store(workspace, embedding).rebuild(progress=lambda what: status.update(f"indexed {what}"))
         if as_json:
             emit_json(stats)
         out.print("rebuilt: " + ", ".join(f"{k} {v}" for k, v in stats["counts"].items()))

@@ -15,6 +15,15 @@ from cli.common import DEFAULT_WORKSPACE, Debug, Json, Workspace, check_workspac
 app = typer.Typer(help="The model registry: versions, aliases, promotion, rollback, export.", no_args_is_help=True)
 
 
+def _decided(decision, done: str, as_json: bool) -> None:
+    """Print the registry's decision with its reasons; exit 1 when it refused."""
+    if as_json:
+        emit_json(decision.model_dump())
+    console(as_json).print((f"{done}: " if decision.allowed else "refused: ") + "; ".join(decision.reasons), markup=False)
+    if not decision.allowed:
+        raise typer.Exit(1)
+
+
 @app.command("register")
 def models_register(
     name: Annotated[str, typer.Argument(help="Model name, e.g. support-bot.")],
@@ -83,12 +92,7 @@ def models_promote(
     with reported(debug):
         from serving.registry import Registry
 
-        decision = Registry(check_workspace(workspace)).promote(name, version, to, force=force)
-        if as_json:
-            emit_json(decision.model_dump())
-        console(as_json).print(("promoted: " if decision.allowed else "refused: ") + "; ".join(decision.reasons), markup=False)
-        if not decision.allowed:
-            raise typer.Exit(1)
+        _decided(Registry(check_workspace(workspace)).promote(name, version, to, force=force), "promoted", as_json)
 
 
 @app.command("approve")
@@ -98,12 +102,7 @@ def models_approve(name: Annotated[str, typer.Argument()], version: Annotated[st
     with reported(debug):
         from serving.registry import Registry
 
-        decision = Registry(check_workspace(workspace)).approve(name, version)
-        if as_json:
-            emit_json(decision.model_dump())
-        console(as_json).print(("approved: " if decision.allowed else "refused: ") + "; ".join(decision.reasons), markup=False)
-        if not decision.allowed:
-            raise typer.Exit(1)
+        _decided(Registry(check_workspace(workspace)).approve(name, version), "approved", as_json)
 
 
 @app.command("rollback")
