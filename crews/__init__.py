@@ -1,5 +1,5 @@
-"""The top layer: the crew and its tasks, the retraining Flow, goal parsing, reports and the CLI.
+"""The crew: agents and tasks (YAML in `config/`), `ModelCrew`, goal parsing, `modelcrew run`, and the
+retraining loop (the Flow in `loop.py`, its rules in `loop_policy.py`, its durable state in `loop_state.py`).
 
-`crews` may import every layer below it. The CLI (`crews.cli`) imports heavy libraries (torch,
-transformers, crewai, chromadb) lazily inside the commands that need them, so `--help` stays fast.
+`crews` may import every layer below it except `cli`, which sits on top of it.
 """

@@ -25,6 +25,8 @@ def loop_goal(goal_text: str, watch: Path | None, workspace: Path) -> tuple[Goal
     """The loop's goal, parsed once, and the source it watches (`watch`, else the goal's data)."""
     from crews.goals import parse_goal
 
+    if watch is not None and not Path(watch).expanduser().exists():
+        raise InputError(f"--watch: {Path(watch).expanduser()} does not exist")
     try:
         goal = parse_goal(goal_text, workspace)
     except InputError as err:

@@ -178,7 +178,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(ws, datasets, tmp_path):
     proc.wait()
     killed_at = len(metrics.read_text().splitlines())
     assert 10 <= killed_at < 40, "the run should be killed part-way"
-    done = subprocess.run(cmd + ["--resume"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(cmd + ["--resume", "--json"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["steps"] == 40
     resumed, uninterrupted = _losses(ws / "runs" / "resume-kill"), _losses(ws / "runs" / "resume-ref")
