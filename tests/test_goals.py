@@ -56,7 +56,7 @@ CASES = [
      goal(method="full", target=ab("perplexity", 20, "lower"), budget={"minutes": 45})),
     (f"fine-tune all the weights of gemma3-270m on {FAQ} for 1,000 steps",
      goal(base_model=GEMMA, method="full", budget={"steps": 1000})),
-    (f"Fine-tune gemma 3 270m on bbc-news to reach at least 85% accuracy, full fine-tune, no more than 30 minutes, "
+    ("Fine-tune gemma 3 270m on bbc-news to reach at least 85% accuracy, full fine-tune, no more than 30 minutes, "
      "ship it whatever the score as news-router.",
      goal(base_model=GEMMA, data="bbc-news", method="full", target=ab("accuracy", 0.85), budget={"minutes": 30},
           deploy="always", model_name="news-router")),
