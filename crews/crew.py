@@ -20,7 +20,7 @@ from llm.protocol import step_header, task_header
 from steps.context import RunContext
 from tools.crew_tools import (CompareWithHistoryTool, CurateDatasetTool, EstimatePlanTool, EvaluateModelTool,
                               SearchMemoryTool, TrainModelTool, WriteReportTool)
-from tools.deploy import ModelStatusTool, PromoteModelTool, RegisterModelTool, RollbackModelTool
+from tools.deploy import ModelStatusTool, PromoteModelTool, RegisterModelTool
 from training.contracts import Deployment
 from training.runs import Trace
 
@@ -67,8 +67,8 @@ class ModelCrew:
             "estimate_plan": EstimatePlanTool(**run), "train_model": TrainModelTool(**run),
             "evaluate_model": EvaluateModelTool(**run), "compare_with_history": CompareWithHistoryTool(**run),
             "write_report": WriteReportTool(**run),
-            "register_model": RegisterModelTool(**common), "promote_model": PromoteModelTool(**common),
-            "rollback_model": RollbackModelTool(**common), "model_status": ModelStatusTool(**common),
+            "register_model": RegisterModelTool(**run), "promote_model": PromoteModelTool(**run),
+            "model_status": ModelStatusTool(**run),
         }
 
     def _agent(self, name: str, tools: list[str]) -> Agent:
@@ -90,7 +90,7 @@ class ModelCrew:
 
     @agent
     def deployer(self) -> Agent:
-        return self._agent("deployer", ["register_model", "promote_model", "rollback_model", "model_status"])
+        return self._agent("deployer", ["register_model", "promote_model", "model_status"])
 
     def _task(self, name: str, output: type[BaseModel]) -> Task:
         config = self.tasks_config[f"{name}_task"]

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from training.contracts import Goal, GoalBudget, LoraSettings, Target
 from training.errors import InputError
+from training.gate import lower_is_better
 from training.models import EMBEDDED, EMBEDDED_PARAMS
 
 EMBEDDED_ALIASES = {  # how people write the embedded bases -> their names
@@ -352,7 +353,12 @@ Schema: """
 
 
 def check_goal(goal: Goal, workspace: Path | None = None) -> Goal:
-    """The refusals that apply to a Goal however it was parsed (an LLM's structured output too)."""
+    """The refusals that apply to a Goal however it was parsed (an LLM's structured output too). Which way a
+    metric improves is code's to say, not the parser's: perplexity lower, every other metric higher."""
+    if goal.target is not None:
+        direction = "lower" if lower_is_better(goal.target.metric) else "higher"
+        if goal.target.direction != direction:
+            goal = goal.model_copy(update={"target": Target.model_validate({**goal.target.model_dump(), "direction": direction})})
     if goal.task != "pretrain":
         base = goal.base_model
         known = (base in EMBEDDED_PARAMS or (Path(base).expanduser() / "config.json").is_file()

@@ -73,12 +73,15 @@ class RetrainingLoop(Flow[LoopState]):
     def _round_context(self, r: Round):
         """The round's RunContext; rebuilt from the run's files when the round continues after an interruption."""
         from steps.context import RunContext
+        from training.data.store import load_summary
 
         if self._context is None or self._context.run_id != r.run_id:
             s = self.state.settings
             self._context = RunContext(self._ws, policy.round_goal(self._ws, self.state, r), s.goal_text, r.run_id,
-                                       use_memory=s.use_memory, related=[x.dataset for x in self.state.rounds if x.dataset]
-                                       ).resume()
+                                       author=s.llm or "offline", use_memory=s.use_memory,
+                                       related=[x.dataset for x in self.state.rounds if x.dataset]).resume()
+        if self._context.summary is None and r.dataset:  # curated before an interruption
+            self._context.summary = load_summary(self._ws, r.dataset)
         return self._context
 
     def _kickoff_step(self, r: Round, name: str) -> dict:
@@ -118,11 +121,11 @@ class RetrainingLoop(Flow[LoopState]):
 
     def _finish(self, r: Round, status: str) -> None:
         def record() -> None:
-            from steps.deploy import record_deployment
+            from steps.deploy import deployment_from_registry, record_deployment
 
             c = self._round_context(r)
-            record_deployment(self._ws, r.run_id, policy.deployment_of(r), self.state.settings.goal_text,
-                              c.evaluation, c.plan, c.verdict)
+            c.deployment = deployment_from_registry(self._ws, c.goal, r.run_id, c.verdict)
+            record_deployment(self._ws, r.run_id, c.deployment, self.state.settings.goal_text, c.evaluation, c.plan, c.verdict)
 
         policy.close_round(self._ws, self.state, r, status, record)
         verdict = ("deployed " + r.deployed if r.deployed else f"rolled back {r.rolled_back}" if r.rolled_back
@@ -280,6 +283,8 @@ def run_loop(workspace: Path, settings: LoopSettings | None = None, once: bool =
     lock = LoopLock(workspace)
     lock.acquire_for(state.settings.goal_text)
     try:
+        if state.checks == 0:  # a new loop on a model in production: what production trained on is not new
+            policy.seed_pool(workspace, state.goal)
         clear(workspace, "stop")
         state.session_start, state.once = len(state.rounds), once
         save_state(workspace, state)

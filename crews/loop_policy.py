@@ -13,9 +13,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from crews.loop_state import (LoopState, Round, Trigger, add_to_pool, clear, loop_dir, now, pending, read_watched,
-                              source_signature)
-from training.contracts import Deployment, Goal
+from crews.loop_state import (LoopState, Round, Trigger, add_to_pool, clear, loop_dir, now, pending, read_pool,
+                              read_watched, source_signature)
+from training.contracts import Goal
 from training.data.store import load_contamination, load_summary, write_jsonl
 from training.errors import InputError
 from training.gate import lower_is_better
@@ -41,6 +41,24 @@ def loop_goal(goal_text: str, watch: Path | None, workspace: Path) -> tuple[Goal
     if goal.deploy == "never" or not goal.model_name:
         raise InputError("goal: the loop deploys what passes; say the model's name (e.g. 'deploy as support-bot if it passes')")
     return goal, watch or Path(goal.data)
+
+
+def seed_pool(workspace: Path, goal: Goal) -> int:
+    """A new loop on a model already in production: the records production was trained on (its lineage's
+    dataset) enter the pool as used, so only records it never saw trigger and feed a round. Returns how many."""
+    from training.batches import read_split
+    from training.data.store import datasets_dir
+
+    version, path = production(workspace, goal)
+    if version is None or read_pool(workspace):
+        return 0
+    dataset = json.loads((Path(path) / "lineage.json").read_text(encoding="utf-8")).get("dataset")
+    if not dataset or not (datasets_dir(workspace) / dataset).is_dir():
+        return 0
+    entries = [{"id": row["id"], "split": split, "record": {k: v for k, v in row.items() if k != "id"}, "round": 0,
+                "status": "used"} for split in ("train", "val", "test") for row in read_split(datasets_dir(workspace) / dataset, split)]
+    add_to_pool(workspace, entries)
+    return len(entries)
 
 
 def round_dir(workspace: Path, r: Round) -> Path:
@@ -222,13 +240,6 @@ def harmful(workspace: Path, r: Round) -> bool:
     old = r.production_value
     worse = old is not None and (r.candidate > old if lower_is_better(r.metric) else r.candidate < old)
     return worse or bool(load_contamination(workspace, r.dataset))
-
-
-def deployment_of(r: Round) -> Deployment:
-    """What the round's deploy step (or keep step) answered, as a Deployment."""
-    answer = r.outputs.get("deploy", {})
-    return Deployment(**{"deployed": False, **{k: answer[k] for k in ("deployed", "model_name", "version", "alias", "reason")
-                                               if k in answer}})
 
 
 def close_round(workspace: Path, state: LoopState, r: Round, status: str, record=None) -> None:

@@ -196,6 +196,7 @@ def read_pool(workspace: Path) -> dict[str, dict]:
 
 
 def add_to_pool(workspace: Path, entries: list[dict]) -> None:
+    pool_path(workspace).parent.mkdir(parents=True, exist_ok=True)
     with open(pool_path(workspace), "a", encoding="utf-8") as f:
         f.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
         f.flush()

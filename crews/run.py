@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from training.contracts import Deployment, Goal
+from training.contracts import Goal
 from training.errors import InputError, ModelcrewError
 from training.runs import Run, new_run_id
 
@@ -43,29 +43,29 @@ def run_goal(goal: Goal, goal_text: str, workspace: Path, llm, echo=None, run_id
     run = Run(workspace, run_id or new_run_id(goal.task))
     trace = run.trace(echo=echo)
     trace.write("goal", text=goal_text, goal=goal.model_dump(mode="json"), llm=llm_name)
-    context = RunContext(workspace, goal, goal_text, run.run_id)
+    context = RunContext(workspace, goal, goal_text, run.run_id, author=llm_name)
     started = time.perf_counter()
     try:
-        out = ModelCrew(context, llm, trace).crew().kickoff(inputs={"goal_json": goal.model_dump_json(), "run_id": run.run_id})
+        ModelCrew(context, llm, trace).crew().kickoff(inputs={"goal_json": goal.model_dump_json(), "run_id": run.run_id})
     except ModelcrewError:
         raise
     except Exception as err:  # the LLM or a tool gave up after its retries: stop cleanly, say why
         trace.write("error", message=str(err))
         raise ModelcrewError(f"the crew stopped: {type(err).__name__}: {str(err).splitlines()[0][:300]} "
                              f"(trace: {run.trace_path})") from None
-    answer = out.tasks_output[-1].pydantic
-    context.deployment = answer if isinstance(answer, Deployment) else Deployment(deployed=False, reason="no answer")
     return collect(context, time.perf_counter() - started, trace)
 
 
 def collect(context, wall: float, trace) -> dict:
-    """Record the deployment, and summarise the run from what its steps produced (`crew_result.json`)."""
-    from steps.deploy import record_deployment
+    """Record the deployment as the registry has it (whatever the deployer answered), and summarise the run
+    from what its steps produced (`crew_result.json`)."""
+    from steps.deploy import deployment_from_registry, record_deployment
     from training.gate import metric_key
 
-    ev, verdict, plan, deployment = context.evaluation, context.verdict, context.plan, context.deployment
+    ev, verdict, plan = context.evaluation, context.verdict, context.plan
     if ev is None or verdict is None:
         raise ModelcrewError(f"the crew finished without evaluating run {context.run_id} (trace: {context.run.trace_path})")
+    deployment = context.deployment = deployment_from_registry(context.workspace, context.goal, context.run_id, verdict)
     record_deployment(context.workspace, context.run_id, deployment, context.goal_text, ev, plan, verdict)
     key = metric_key(context.goal.metric, ev.metrics)
     tool_seconds = sum(e.get("seconds", 0) for e in trace.events if e["kind"] == "tool")

@@ -35,20 +35,20 @@ class Step:
     final: dict | None = None
 
 
-def _text(message: Any) -> str:
+def message_text(message: Any) -> str:
     content = message.get("content") if isinstance(message, dict) else str(message)
     if isinstance(content, list):  # content parts
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return content or ""
 
 
-def _observations(messages: list) -> list[tuple[str, str]]:
+def observations(messages: list) -> list[tuple[str, str]]:
     """(tool name, result text) of every tool call so far, in order, from ReAct text or tool messages."""
     seen, names = [], {}
     for m in messages:
         if not isinstance(m, dict):
             continue
-        text = _text(m)
+        text = message_text(m)
         for call in m.get("tool_calls") or []:  # native function calling: remember which id called what
             fn = call.get("function", {}) if isinstance(call, dict) else {}
             names[call.get("id") if isinstance(call, dict) else None] = fn.get("name", "")
@@ -71,10 +71,10 @@ def _tool_json(result: str) -> dict:
 
 
 def next_step(messages: list) -> Step:
-    task = read_task("\n".join(_text(m) for m in messages if isinstance(m, dict) and m.get("role") == "user"))
+    task = read_task("\n".join(message_text(m) for m in messages if isinstance(m, dict) and m.get("role") == "user"))
     if task is None:
         raise PolicyError("the offline policy drives modelcrew's own tasks only (no task header found)")
-    done = [(name, _tool_json(text)) for name, text in _observations(messages)]
+    done = [(name, _tool_json(text)) for name, text in observations(messages)]
     calls = [name for name, _ in done]
     results = dict(done)  # the latest answer of each tool
     return {"curate": _curate, "train": _train, "evaluate": _evaluate, "deploy": _deploy}[task.name](

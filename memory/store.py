@@ -291,8 +291,9 @@ class MemoryStore:
         with self._writing():
             self._upsert("evaluations", ids, documents, metadatas)
 
-    def add_lesson(self, text: str, run_id: str, dataset: str, record: bool = True) -> str:
-        """Store a lesson (and, with `record`, append it to `runs/<run_id>/lessons.jsonl`, its source of truth)."""
+    def add_lesson(self, text: str, run_id: str, dataset: str, record: bool = True, author: str = "unknown") -> str:
+        """Store a lesson written by `author` (the LLM that drove the agents, or a person), and with `record`
+        append it to the run's lessons.jsonl, its source of truth."""
         text = " ".join(str(text).split())
         if not text:
             raise InputError("lesson: the text is empty")
@@ -300,8 +301,8 @@ class MemoryStore:
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         with self._writing():
             if record:
-                Run(self.workspace, run_id).add_lesson({"text": text, "dataset": dataset, "created_at": created})
-            self._upsert("lessons", [lid], [text], [{"run_id": run_id, "dataset": dataset, "created_at": created,
+                Run(self.workspace, run_id).add_lesson({"text": text, "dataset": dataset, "created_at": created, "author": author})
+            self._upsert("lessons", [lid], [text], [{"run_id": run_id, "dataset": dataset, "created_at": created, "author": author,
                                                     "summary": text[:200]}])
         return lid
 
@@ -463,7 +464,7 @@ class MemoryStore:
             progress and progress(f"{len(evaluated)} evaluations")
         for run in all_runs(self.workspace):
             for row in run.lessons():
-                self.add_lesson(row["text"], run.run_id, row.get("dataset", ""), record=False)
+                self.add_lesson(row["text"], run.run_id, row.get("dataset", ""), record=False, author=row.get("author", "unknown"))
         return self.stats()
 
     def doctor(self) -> Doctor:

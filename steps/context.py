@@ -22,6 +22,8 @@ class RunContext:
     goal: Goal
     goal_text: str
     run_id: str
+    author: str = "offline"  # who drives the agents (the --llm): text they write is stored under this name
+    eval_examples: int = 24  # test examples the task metrics are scored on: set by code, never by an agent
     use_memory: bool = True  # False: plan as if no earlier run existed (the memory benchmark's baseline)
     warm_start: str | None = None  # the retraining loop starts from production's weights
     related: list[str] = field(default_factory=list)  # earlier versions of this data (their eval records are its own)
@@ -32,6 +34,7 @@ class RunContext:
     evaluation: Evaluation | None = None
     verdict: GateVerdict | None = None
     deployment: Deployment | None = None
+    registered: str | None = None  # the version this run registered (the only one its deployer may promote)
 
     @property
     def run(self) -> Run:

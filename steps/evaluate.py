@@ -61,4 +61,9 @@ def compare_with_history(workspace: Path, evaluation: Evaluation, metric: str) -
     lessons = store.search(f"lessons about {evaluation.dataset} {metric}", "lessons", k=3) if store.count("lessons") else []
     return {"metric": key, "value": evaluation.metrics.get(key), "rank": rank, "of": len(ranked),
             "best_earlier": {"run_id": best.run_id, "value": best.metrics[key]} if best else None,
-            "lessons": [h.summary for h in lessons]}
+            "lessons": [quoted_lesson(h) for h in lessons]}
+
+
+def quoted_lesson(hit) -> dict:
+    """A stored lesson as it is shown to an agent: text an earlier agent wrote, quoted as data with its author."""
+    return {"quoted_lesson": hit.summary, "author": hit.metadata.get("author", "unknown"), "run_id": hit.metadata.get("run_id")}

@@ -119,11 +119,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def scripted_server() -> tuple[FastAPI, list]:
+def scripted_server(decide=next_step, parsed=lambda goal: goal) -> tuple[FastAPI, list]:
     """An OpenAI-protocol chat server that answers with the tool calls a real model would make.
 
-    It decides each step with the offline policy and replies as a model does: native `tool_calls`
-    when the request offers tools, else ReAct text.
+    It decides each step with `decide(messages)` (the offline policy unless a scenario plays an agent) and
+    replies as a model does: native `tool_calls` when the request offers tools, else ReAct text. A goal to
+    parse is answered with `parsed(goal)` as structured output.
     """
     app, seen = FastAPI(), []
     goals_parsed: list[str] = []
@@ -135,12 +136,12 @@ def scripted_server() -> tuple[FastAPI, list]:
         seen.append(body)
         system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "") or ""
         if "[parse goal]" in system:  # structured output: the goal as JSON, as a model would fill the schema
-            goal_json = parse_goal(body["messages"][-1]["content"]).model_dump_json()
+            goal_json = json.dumps(parsed(parse_goal(body["messages"][-1]["content"]).model_dump(mode="json")))
             goals_parsed.append(goal_json)
             return {"id": "chatcmpl-goal", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": goal_json}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}}
-        step = next_step(body["messages"])
+        step = decide(body["messages"])
         message: dict = {"role": "assistant", "content": None}
         if step.tool and body.get("tools"):
             message["tool_calls"] = [{"id": f"call_{len(seen)}", "type": "function",
@@ -195,7 +196,7 @@ def test_tools_refuse_escapes_bounds_and_unknown_arguments(base, tmp_path):
                 {"fingerprint": "0" * 16, "base_model": "gemma3-270m"}, {"fingerprint": "0" * 16, "lora_rank": 100_000}):
         with pytest.raises(ValueError, match="arguments validation failed"):
             trainer.run(**bad)
-    assert json.loads(trainer.run(fingerprint="0" * 16))["error"].startswith("0000000000000000: no such dataset")
+    assert json.loads(trainer.run(fingerprint="0" * 16))["error"] == "run r1: no summary yet (curate_dataset first)"
 
 
 def test_cli_run_prints_one_json_object(base, cli):
@@ -227,8 +228,10 @@ def test_estimate_and_search_tools_answer_in_short_json(base):
     summary = curate_to_workspace(str(ROOT / FAQ), ws).summary
     MemoryStore(ws).add_dataset(summary)  # as curate_dataset does
     fp = summary.fingerprint
-    est = json.loads(EstimatePlanTool(workspace=ws, context=RunContext(ws, parse_goal(text), text, "r-est")).run(fingerprint=fp, lr=1e-3, lora_rank=2))
-    assert est["plan"]["lr"] == 1e-3 and est["plan"]["lora"]["rank"] == 2 and est["plan"]["base_model"] == str(base_dir)
+    estimate = EstimatePlanTool(workspace=ws, context=RunContext(ws, parse_goal(text), text, "r-est", summary=summary))
+    est = json.loads(estimate.run(fingerprint=fp, lr=1e-3))
+    assert est["plan"]["lr"] == 1e-3 and est["plan"]["lora"]["rank"] == 4 and est["plan"]["base_model"] == str(base_dir)
+    assert json.loads(estimate.run(fingerprint=fp, lora_rank=2))["error"].startswith("lora_rank: the goal fixed rank 4")
     assert est["trainable_params"] < est["total_params"] and est["memory_gb"]["total"] > 0
     assert not (ws / "runs" / "r-est").exists()  # estimating trains nothing and leaves no run
     hits = json.loads(SearchMemoryTool(workspace=ws).run(query="support questions", kind="datasets", k=2))["hits"]

@@ -240,3 +240,22 @@ def test_a_malformed_delivery_starts_no_round_and_leaves_nothing_half_written(tm
     assert state.rounds == [] and state.current is None and state.checks == 1
     assert any(f"the watched data cannot be used yet: {watch / 'batch1.jsonl'}:2:" in line for line in said), said
     assert not (ws / "loop" / "rounds").exists() and not (ws / "loop" / "pool.jsonl").exists() and not (ws / "runs").exists()
+
+
+def test_a_loop_on_a_model_in_production_does_not_retrain_on_what_production_learned(base, tmp_path):
+    from crews.run import run_goal_text
+
+    ws, watch = tmp_path / "ws", tmp_path / "inbox"
+    first = write_jsonl(watch / "batch1.jsonl", ticket_rows(40, seed=1))
+    crew = run_goal_text(f"fine-tune the model {base} on {first} with a full fine-tune for 60 steps, deploy as desk-bot "
+                         "if it passes", ws)  # as `make demo` deploys support-bot before `make loop`
+    assert crew["deployment"] == {"model_name": "desk-bot", "version": "v1", "alias": "production"}
+    said: list[str] = []
+    settings = LoopSettings(goal_text=goal(base), watch=str(watch), every_s=1)
+    state = run_loop(ws, settings, once=True, echo=said.append)
+    pool = read_pool(ws)
+    assert state.rounds == [] and len(pool) == 40 and {e["status"] for e in pool.values()} == {"used"}
+    assert any("holds no new records" in line for line in said)  # production's own data is not news
+    write_jsonl(watch / "batch2.jsonl", ticket_rows(40, seed=2))
+    state = run_loop(ws, None, once=True, echo=said.append)
+    assert len(state.rounds) == 1 and state.rounds[0].new_records == 40 and state.rounds[0].triggers[0].kind == "data"

@@ -295,46 +295,72 @@ def test_a_running_server_follows_promotion_and_rollback(served):
 # ---- the deployer's tools and the CLI --------------------------------------------------------------
 
 
-def test_deployer_tools_use_the_registry_and_cannot_force(ws, tmp_path):
-    from tools.deploy import ModelStatusTool, PromoteModelTool, RegisterModelTool, RollbackModelTool
+def test_deployer_tools_hold_the_goal_in_code_whatever_the_agent_asks(ws, tmp_path):
+    from steps.context import RunContext
+    from steps.deploy import deployment_from_registry
+    from tools.deploy import ModelStatusTool, PromoteModelTool, RegisterModelTool
+    from training.contracts import Goal
+    from training.runs import Run
 
     home = tmp_path / "home"
-    for run, ppl, passed in (("good", 20.0, True), ("better", 18.0, True), ("worse", 30.0, True), ("failed", 10.0, False)):
-        run_dir = home / "runs" / run
-        shutil.copytree(ws / "runs" / "tiny-a" / "final", run_dir / "best")
-        lineage = json.loads((run_dir / "best" / "lineage.json").read_text())
-        (run_dir / "best" / "lineage.json").write_text(json.dumps({**lineage, "run_id": run}))  # as a real run's export says
-        (run_dir / "evaluation.json").write_text(_evaluation(run, ppl).model_dump_json())
-        (run_dir / "gate.json").write_text(_gate(passed).model_dump_json())
-    register, promote = RegisterModelTool(workspace=home), PromoteModelTool(workspace=home)
-    rollback, status = RollbackModelTool(workspace=home), ModelStatusTool(workspace=home)
+    for run_id, ppl, passed in (("good", 20.0, True), ("other", 18.0, True), ("failed", 10.0, False)):
+        run = Run(home, run_id)
+        shutil.copytree(ws / "runs" / "tiny-a" / "final", run.model_dir("best"))
+        lineage = json.loads((run.model_dir("best") / "lineage.json").read_text())
+        (run.model_dir("best") / "lineage.json").write_text(json.dumps({**lineage, "run_id": run_id}))  # as a real export says
+        run.write_evaluation(_evaluation(run_id, ppl))
+        run.write_gate(_gate(passed))
 
-    def call(tool, **args) -> dict:  # every tool answers in JSON
+    def tools(run_id: str, **goal_fields):
+        goal = Goal(task="finetune", data="d.jsonl", base_model="tiny", method="lora", metric="perplexity",
+                    **{"deploy": "if_passed", "model_name": "support-bot", **goal_fields})
+        context = RunContext(home, goal, "a goal", run_id, verdict=Run(home, run_id).gate())
+        return [cls(workspace=home, context=context) for cls in (RegisterModelTool, PromoteModelTool, ModelStatusTool)]
+
+    def call(tool, **args) -> dict:  # every tool answers in JSON, refusals as {"error": reason}
         return json.loads(tool.run(**args))
 
+    register, promote, status = tools("good")
+    assert call(register, model_name="support-bot", run_id="other")["error"].startswith("run_id: this crew's run is good")
+    assert call(register, model_name="rival-bot", run_id="good")["error"].startswith("model_name: this goal deploys as support-bot")
+    assert call(promote, model_name="support-bot", version="v1")["error"].startswith("promote: this run registered no version")
     assert call(register, model_name="support-bot", run_id="good") == {
         "model_name": "support-bot", "version": "v1", "run_id": "good", "registered_now": True, "gate": "passed"}
-    for run in ("better", "worse", "failed"):
-        call(register, model_name="support-bot", run_id=run)
-    # a retried or resumed deploy step registers a run once
-    again = call(register, model_name="support-bot", run_id="good")
-    assert again["version"] == "v1" and again["registered_now"] is False
-    assert list(Registry(home).state("support-bot").versions) == ["v1", "v2", "v3", "v4"]
+    assert call(register, model_name="support-bot", run_id="good")["registered_now"] is False  # a retried step registers once
     assert call(promote, model_name="support-bot", version="v1")["allowed"] is True
-    assert call(promote, model_name="support-bot", version="v2")["allowed"] is True
-    refused = call(promote, model_name="support-bot", version="v3")
-    assert refused["allowed"] is False and "is worse than production" in " ".join(refused["reasons"])
-    assert "failed its gate" in " ".join(call(promote, model_name="support-bot", version="v4")["reasons"])
-    assert call(rollback, model_name="support-bot", reason="v2 regressed on new tickets") == {
-        "model_name": "support-bot", "production": "v1", "reason": "v2 regressed on new tickets"}
-    assert call(status, model_name="support-bot")["aliases"]["production"] == "v1"
-    # untrusted arguments: bounded by the schemas, no force, paths confined
+    assert call(status, model_name="rival-bot")["error"].startswith("model_name:")
+    assert call(status, model_name="support-bot")["aliases"] == {"production": "v1"}
+
+    register, promote, _ = tools("other", approval="required")  # a person must approve: staging only
+    assert call(register, model_name="support-bot", run_id="other")["version"] == "v2"
+    assert call(promote, model_name="support-bot", version="v1", to="staging")["error"].startswith("version: this run registered v2")
+    assert "requires a person's approval" in call(promote, model_name="support-bot", version="v2")["error"]
+    assert call(promote, model_name="support-bot", version="v2", to="staging")["allowed"] is True
+    assert Registry(home).state("support-bot").aliases == {"production": "v1", "staging": "v2"}
+
+    register, promote, _ = tools("failed")  # deploy only if passed, and its gate failed
+    assert call(register, model_name="support-bot", run_id="failed")["error"].startswith("register: the goal deploys only if the gate passes")
+    register, promote, _ = tools("good", deploy="never", model_name=None)
+    assert call(register, model_name="support-bot", run_id="good")["error"] == \
+        "deploy: the goal says never deploy; nothing may be registered or promoted"
+    assert list(Registry(home).state("support-bot").versions) == ["v1", "v2"]
+
+    # what a run recorded as deployed is what the registry holds, with code's reasons
+    goal = Goal(task="finetune", data="d.jsonl", base_model="tiny", method="lora", metric="perplexity",
+                model_name="support-bot", deploy="if_passed", approval="required")
+    staged = deployment_from_registry(home, goal, "other", _gate(True))
+    assert (staged.deployed, staged.version, staged.alias) == (False, "v2", "staging")
+    assert "modelcrew models approve support-bot v2" in staged.reason
+    assert deployment_from_registry(home, goal, "failed", _gate(False)).reason == "the gate failed: val_perplexity above target"
+    # untrusted arguments: bounded by the schemas, no force, no rollback tool for an agent
     with pytest.raises(ValueError, match="arguments validation failed"):
         register.run(model_name="support-bot", run_id="../../etc")
     with pytest.raises(ValueError, match="arguments validation failed"):
         promote.run(model_name="support-bot", version="v1", force=True)
-    assert call(register, model_name="support-bot", run_id="nope")["error"].startswith("run 'nope': no such run")
     assert "force" not in PromoteModelTool.model_fields and "force" not in promote.args_schema.model_fields
+    import tools.deploy
+
+    assert not hasattr(tools.deploy, "RollbackModelTool")
 
 
 def test_cli_register_and_serve_on_localhost(ws, tmp_path, cli):

@@ -15,7 +15,8 @@ from pathlib import Path
 from crewai.tools import BaseTool
 from pydantic import BaseModel, ConfigDict, Field
 
-from training.errors import ModelcrewError
+from steps.context import RunContext
+from training.errors import InputError, ModelcrewError
 from training.runs import Trace
 
 MODEL_NAME = r"^[a-z0-9][a-z0-9-]{1,62}$"
@@ -52,3 +53,23 @@ class WorkspaceTool(BaseTool):
 
     def act(self, **kwargs) -> dict:  # pragma: no cover - each tool defines it
         raise NotImplementedError
+
+
+class RunTool(WorkspaceTool):
+    """A tool of one crew run: it acts on that run only, through its context."""
+
+    context: RunContext
+
+    def this_run(self, run_id: str) -> str:
+        if run_id != self.context.run_id:
+            raise InputError(f"run_id: this crew's run is {self.context.run_id}, not {run_id}")
+        return run_id
+
+    def need(self, what: str):
+        """A contract an earlier step of this run must have produced."""
+        value = getattr(self.context, what)
+        if value is None:
+            first = {"summary": "curate_dataset", "plan": "train_model", "result": "train_model",
+                     "evaluation": "evaluate_model"}[what]
+            raise InputError(f"run {self.context.run_id}: no {what} yet ({first} first)")
+        return value

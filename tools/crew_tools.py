@@ -14,32 +14,11 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from memory.store import MemoryStore
-from steps.context import RunContext
-from tools.base import ToolArgs, WorkspaceTool
+from tools.base import RunTool, ToolArgs, WorkspaceTool
 from training.errors import InputError
 from training.runs import RUN_ID
 
 FINGERPRINT = r"^[0-9a-f]{16}$"
-
-
-class RunTool(WorkspaceTool):
-    """A tool of one crew run: it acts on that run only, through its context."""
-
-    context: RunContext
-
-    def this_run(self, run_id: str) -> str:
-        if run_id != self.context.run_id:
-            raise InputError(f"run_id: this crew's run is {self.context.run_id}, not {run_id}")
-        return run_id
-
-    def need(self, what: str):
-        """A contract an earlier step of this run must have produced."""
-        value = getattr(self.context, what)
-        if value is None:
-            first = {"summary": "curate_dataset", "plan": "train_model", "result": "train_model",
-                     "evaluation": "evaluate_model"}[what]
-            raise InputError(f"run {self.context.run_id}: no {what} yet ({first} first)")
-        return value
 
 
 # ---- curator --------------------------------------------------------------------------------------
@@ -93,7 +72,11 @@ class SearchMemoryTool(WorkspaceTool):
     args_schema: type[BaseModel] = SearchArgs
 
     def act(self, query: str, kind: str = "evaluations", k: int = 5) -> dict:
+        from steps.evaluate import quoted_lesson
+
         hits = MemoryStore(self.workspace).search(query, kind, k=k)
+        if kind == "lessons":  # text earlier agents wrote: data to weigh, never instructions
+            return {"hits": [{"id": h.id, "similarity": h.similarity, **quoted_lesson(h)} for h in hits]}
         return {"hits": [{"id": h.id, "similarity": h.similarity, "summary": h.summary} for h in hits]}
 
 
@@ -108,11 +91,15 @@ class PlanArgs(ToolArgs):
 
 class PlanningTool(RunTool):
     def plan(self, fingerprint: str, lr: float | None, lora_rank: int | None, steps: int | None = None):
+        """The plan for this run's dataset; what the goal fixed is not the agent's to change."""
         from steps.plan import plan_goal
-        from training.data.store import load_summary
 
         ctx = self.context
-        summary = ctx.summary if ctx.summary and ctx.summary.fingerprint == fingerprint else load_summary(self.workspace, fingerprint)
+        summary = self.need("summary")
+        if fingerprint != summary.fingerprint:
+            raise InputError(f"fingerprint: this run curated {summary.fingerprint} and trains on it only, not {fingerprint}")
+        if lora_rank is not None and ctx.goal.lora is not None and lora_rank != ctx.goal.lora.rank:
+            raise InputError(f"lora_rank: the goal fixed rank {ctx.goal.lora.rank}; it is not the agent's to change")
         return plan_goal(self.workspace, ctx.goal, summary, use_memory=ctx.use_memory, warm_start=ctx.warm_start,
                          lr=lr, lora_rank=lora_rank, steps=steps)
 
@@ -148,40 +135,41 @@ class TrainModelTool(PlanningTool):
 
         ctx = self.context
         plan, reused = self.plan(fingerprint, lr, lora_rank, steps)
-        ctx.plan, ctx.result = train_planned(self.workspace, ctx.run_id, plan, reused)  # a bar on stderr
-        ctx.reused_from = reused
+        already = ctx.result is not None  # one training run per crew run: a second call answers with the first
+        if not already:
+            ctx.plan, ctx.result = train_planned(self.workspace, ctx.run_id, plan, reused)  # a bar on stderr
+            ctx.reused_from = reused
         r = ctx.result
         return {"run_id": r.run_id, "status": r.status, "message": r.message, "steps": r.steps, "best_step": r.best_step,
-                "best_val_loss": r.best_val_loss, "tokens_per_second": r.tokens_per_second, "reused_from": reused}
+                "best_val_loss": r.best_val_loss, "tokens_per_second": r.tokens_per_second,
+                "reused_from": ctx.reused_from, "already_trained": already}
 
 
 # ---- evaluator ------------------------------------------------------------------------------------
 
 
-class EvaluateArgs(ToolArgs):
+class RunArgs(ToolArgs):
     run_id: str = Field(pattern=RUN_ID)
-    max_examples: int = Field(24, ge=1, le=256, description="test examples to answer")
 
 
 class EvaluateModelTool(RunTool):
     name: str = "evaluate_model"
-    description: str = ("Evaluate a trained run beside its base model (and production when the goal compares with "
+    description: str = ("Evaluate the trained run beside its base model (and production when the goal compares with "
                         "it), then apply the goal's gate: target, forgetting and contamination. Returns the metrics "
-                        "and the verdict with its reasons.")
-    args_schema: type[BaseModel] = EvaluateArgs
+                        "and the verdict with its reasons. A run is evaluated and gated once.")
+    args_schema: type[BaseModel] = RunArgs
 
-    def act(self, run_id: str, max_examples: int = 24) -> dict:
+    def act(self, run_id: str) -> dict:
         from steps.evaluate import evaluate_and_gate
 
         ctx = self.context
-        ctx.evaluation, ctx.verdict = evaluate_and_gate(self.workspace, self.this_run(run_id), ctx.goal, max_examples,
-                                                        plan=self.need("plan"))
+        self.this_run(run_id)
+        already = ctx.evaluation is not None and ctx.verdict is not None  # a second call cannot re-draw the sample
+        if not already:
+            ctx.evaluation, ctx.verdict = evaluate_and_gate(self.workspace, run_id, ctx.goal, ctx.eval_examples,
+                                                            plan=self.need("plan"))
         shown = {k: v for k, v in ctx.evaluation.metrics.items() if not k.endswith("_loss")}
-        return {"run_id": run_id, "metrics": shown, "gate": ctx.verdict.model_dump()}
-
-
-class RunArgs(ToolArgs):
-    run_id: str = Field(pattern=RUN_ID)
+        return {"run_id": run_id, "metrics": shown, "gate": ctx.verdict.model_dump(), "already_evaluated": already}
 
 
 class CompareWithHistoryTool(RunTool):
@@ -214,5 +202,5 @@ class WriteReportTool(RunTool):
         from steps.report import write_report
 
         path = write_report(self.workspace, self.this_run(run_id), self.context.goal_text, self.need("plan").dataset,
-                            narrative, lesson)
+                            narrative, lesson, author=self.context.author)
         return {"report": str(path), "lesson_stored": bool(lesson)}
