@@ -7,7 +7,7 @@
 
 One kickoff of `RetrainingLoop` is one check and at most one round; `run_loop` kicks it off again after
 each wait. The curate, train, evaluate and deploy steps are the crew's own tasks, each run by its agent
-through its tools (`ModelCrew.step`), all sharing the round's `RunContext`; check, decide, keep, rollback
+through its tools (`ModelCrew.run`), all sharing the round's `RunContext`; check, decide, keep, rollback
 and report are code (`crews/loop_policy.py`), so triggers, gates and rollbacks never depend on an LLM's
 judgement. This file is the graph; the rules are in loop_policy.
 
@@ -29,7 +29,6 @@ finished training is never trained again. One loop per workspace (`loop/loop.loc
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from datetime import datetime
@@ -84,19 +83,13 @@ class RetrainingLoop(Flow[LoopState]):
             self._context.summary = load_summary(self._ws, r.dataset)
         return self._context
 
-    def _kickoff_step(self, r: Round, name: str) -> dict:
+    def _kickoff_step(self, r: Round, name: str) -> None:
         from crews.crew import ModelCrew
         from llm.backends import make_llm
 
         context, s = self._round_context(r), self.state.settings
-        crew = ModelCrew(context, make_llm(s.llm, s.base_url), context.run.trace()).step(name)
-        out = crew.kickoff(inputs={"goal_json": context.goal.model_dump_json(), "run_id": r.run_id,
-                                   "context": json.dumps(r.outputs.get("context", {}))})
-        answer = out.tasks_output[0].pydantic
-        result = answer.model_dump(mode="json") if answer is not None else {"raw": out.raw}
-        r.outputs[name] = result
-        r.outputs.setdefault("context", {}).update(result)
-        return result
+        answer = ModelCrew(context, make_llm(s.llm, s.base_url), context.run.trace()).run(name)
+        r.outputs[name] = {"answer": answer[:2000]}  # the agent's account, for the record
 
     def _step(self, name: str, fn) -> None:
         r = self.state.current
@@ -158,7 +151,11 @@ class RetrainingLoop(Flow[LoopState]):
     @listen("retrain")
     def curate(self) -> None:
         def run(r: Round) -> None:
-            r.dataset = self._kickoff_step(r, "curate").get("fingerprint")
+            self._kickoff_step(r, "curate")
+            summary = self._round_context(r).summary
+            if summary is None:
+                raise ModelcrewError(f"the curator finished without curating {self._round_context(r).goal.data}")
+            r.dataset = summary.fingerprint
         self._step("curate", run)
 
     @listen(curate)
@@ -167,7 +164,6 @@ class RetrainingLoop(Flow[LoopState]):
             context = self._round_context(r)
             if context.result is not None:  # trained before a kill: never twice
                 self._say(f"round {r.number}: run {r.run_id} finished training before the interruption")
-                r.outputs.setdefault("context", {})["run_id"] = r.run_id
                 return
             version, path = policy.production(self._ws, self.state.goal)
             if version is not None and version.weights == "full":

@@ -10,6 +10,8 @@ from training.contracts import Goal
 from training.errors import InputError, ModelcrewError
 from training.runs import Run, new_run_id
 
+STEPS = ("curate", "train", "evaluate", "deploy")
+
 
 def agents_llm(llm: str | None = None, base_url: str | None = None):
     """The agents' LLM for `--llm` / `--llm-base-url` (or their environment variables), and whether it is the
@@ -45,8 +47,10 @@ def run_goal(goal: Goal, goal_text: str, workspace: Path, llm, echo=None, run_id
     trace.write("goal", text=goal_text, goal=goal.model_dump(mode="json"), llm=llm_name)
     context = RunContext(workspace, goal, goal_text, run.run_id, author=llm_name)
     started = time.perf_counter()
+    crew = ModelCrew(context, llm, trace)
     try:
-        ModelCrew(context, llm, trace).crew().kickoff(inputs={"goal_json": goal.model_dump_json(), "run_id": run.run_id})
+        for name in STEPS:
+            crew.run(name)
     except ModelcrewError:
         raise
     except Exception as err:  # the LLM or a tool gave up after its retries: stop cleanly, say why

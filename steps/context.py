@@ -34,11 +34,25 @@ class RunContext:
     evaluation: Evaluation | None = None
     verdict: GateVerdict | None = None
     deployment: Deployment | None = None
+    reported: bool = False  # the evaluator wrote the run's report
     registered: str | None = None  # the version this run registered (the only one its deployer may promote)
 
     @property
     def run(self) -> Run:
         return Run(self.workspace, self.run_id)
+
+    def facts(self) -> dict:
+        """What the run's steps established, as code knows it (given to the next step, never an agent's account)."""
+        facts: dict = {"run_id": self.run_id}
+        if self.summary is not None:
+            facts["fingerprint"] = self.summary.fingerprint
+        if self.result is not None:
+            facts.update(status=self.result.status, steps=self.result.steps)
+        if self.verdict is not None:
+            facts.update(metric=self.verdict.metric, value=self.verdict.value, passed=self.verdict.passed)
+        if self.registered is not None:
+            facts["registered"] = self.registered
+        return facts
 
     def resume(self) -> "RunContext":
         """Fill in what an interrupted earlier attempt of this run left on disk (the loop after a kill)."""

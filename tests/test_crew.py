@@ -143,7 +143,9 @@ def scripted_server(decide=next_step, parsed=lambda goal: goal) -> tuple[FastAPI
                     "usage": {"prompt_tokens": 10, "completion_tokens": 10, "total_tokens": 20}}
         step = decide(body["messages"])
         message: dict = {"role": "assistant", "content": None}
-        if step.tool and body.get("tools"):
+        if isinstance(step, str):  # a raw reply, as a model that breaks the protocol writes it
+            message["content"] = step
+        elif step.tool and body.get("tools"):
             message["tool_calls"] = [{"id": f"call_{len(seen)}", "type": "function",
                                       "function": {"name": step.tool, "arguments": json.dumps(step.args)}}]
         elif step.tool:

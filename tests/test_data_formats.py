@@ -21,6 +21,13 @@ SCHEMA_CASES = [
      "pairs", "question,answer", {"prompt": "What is 0+0?", "response": "0"}),
     ([{"instruction": f"Summarise note {i}", "input": f"Note {i} says hello", "output": f"Greeting {i}"} for i in range(5)],
      "pairs", "instruction,input,output", {"prompt": "Summarise note 0\n\nNote 0 says hello", "response": "Greeting 0"}),
+    ([{"document": f"The council met on day {i} and agreed to repair {i} bridges before winter.", "summary": f"{i} bridges to be repaired"}
+      for i in range(5)],
+     "pairs", "document,summary", {"prompt": "The council met on day 0 and agreed to repair 0 bridges before winter.",
+                                   "response": "0 bridges to be repaired"}),
+    ([{"article": f"Storm number {i} closed {i} roads across the valley overnight.", "highlights": f"Storm {i} shut roads", "id": f"a{i}"}
+      for i in range(5)],
+     "pairs", "article,highlights", {"prompt": "Storm number 0 closed 0 roads across the valley overnight.", "response": "Storm 0 shut roads"}),
     ([{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi {i}"},
                     {"role": "assistant", "content": f"Hello {i}!"}]} for i in range(5)],
      "chat", "messages", {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 0"},
@@ -54,6 +61,13 @@ def test_csv_and_tsv_with_header(tmp_path):
     assert csv_s.format == tsv_s.format == "pairs"
     assert csv_s.records_after == tsv_s.records_after == 12
     assert csv_s.fingerprint == tsv_s.fingerprint
+
+
+def test_a_summarisation_csv_with_document_and_summary_columns_is_read_as_pairs(tmp_path):
+    rows = [{"document": f"Report {i}: sales rose in {i} regions while costs held steady.", "summary": f"Sales up in {i} regions"}
+            for i in range(10)]
+    s = curate(str(write_csv(tmp_path / "news.csv", rows))).summary
+    assert (s.format, s.schema_, s.records_after) == ("pairs", ["document,summary"], 10)
 
 
 def test_csv_columns_mapping(tmp_path):

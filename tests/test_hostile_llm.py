@@ -1,4 +1,4 @@
-"""The goal is held by code at every tool, proven against a hostile LLM.
+"""The goal is held by code at every tool, proven against a hostile or confused LLM.
 
 A scripted OpenAI-protocol server plays an agent that does what it should not — trains on another
 dataset, changes a hyper-parameter the goal fixed, shrinks and repeats the evaluation, writes a lesson
@@ -6,6 +6,9 @@ that carries instructions, deploys when the goal says never, registers and promo
 calls a tool it does not have, and lies in its final answers — through `--llm-base-url`, with the real
 crew, tools and engine on a tiny model. Every such call is refused in code with a reason the agent
 sees, and what the run records (plan, evaluation, verdict, registry, memory) is what the goal allowed.
+The replies real models give when they break CrewAI's protocol are replayed too: a task is done only
+when code sees its result, so the agent is told what is missing and tries again, or the run stops in
+one line.
 """
 
 from __future__ import annotations
@@ -163,3 +166,65 @@ def test_a_hostile_deployer_gets_staging_when_a_person_must_approve(fresh):
     assert Registry(ws).names() == ["help-bot"] and Registry(ws).state("help-bot").aliases == {"staging": "v1"}
     assert result["deployment"] == {"model_name": "help-bot", "version": "v1", "alias": "staging"}  # the registry's word
     assert run.deployment().deployed is False and "modelcrew models approve help-bot v1" in run.deployment().reason
+
+
+def test_the_crew_recovers_from_the_ways_real_models_break_the_protocol(fresh):
+    """Replies real models give: a thought with no action, a wrong tool name, an action and a final answer in one
+    reply, JSON in code fences with prose around it, a final answer missing most fields. A task is done when
+    code sees its result, so each is retried with what is missing, and the run ends as the goal says."""
+    ws, base_dir = fresh
+
+    played: set[str] = set()  # each glitch once, as a model that errs and then does better
+
+    def once(glitch: str) -> bool:
+        fresh = glitch not in played
+        played.add(glitch)
+        return fresh
+
+    def decide(messages):
+        task = read_task("\n".join(message_text(m) for m in messages if isinstance(m, dict) and m.get("role") == "user"))
+        step = next_step(messages)
+        if task.name == "curate" and once("no action"):
+            return "Thought: I will curate the data now."  # and then no action at all
+        if task.name == "evaluate" and once("wrong tool name"):
+            return Step("a near miss", "evaluate-model", {"run_id": task.run_id})  # CrewAI matches it to evaluate_model
+        if task.name == "evaluate" and step.tool == "write_report" and once("action and answer"):
+            return (f"Thought: both at once\nAction: write_report\nAction Input: {json.dumps(step.args)}\n"
+                    'Final Answer: {"passed": true}')
+        if task.name == "train" and step.tool is None:
+            return "Here is my answer:\n```json\n" + json.dumps(step.final) + "\n```\nHope this helps."
+        if task.name == "deploy" and step.tool is None:
+            return json.dumps({"deployed": step.final["deployed"]})  # most fields missing
+        return step
+
+    app, seen = scripted_server(decide)
+    with served(app) as url:
+        result = run_goal_text(_goal(base_dir, "so that perplexity is at most 100000, deploy as faq-bot"), ws, llm=LLM,
+                               base_url=url)
+    run = Run(ws, result["run_id"])
+    asked = [json.dumps(b["messages"]) for b in seen]
+    assert any("the data is not curated yet: call curate_dataset" in a for a in asked)  # told what is missing
+    assert played == {"no action", "wrong tool name", "action and answer"}
+    assert any(f"run {run.run_id} has no report yet: call write_report" in a for a in asked)
+    tools = [e["tool"] for e in run.trace_rows() if e["kind"] == "tool"]
+    assert tools.count("curate_dataset") == 1 and "write_report" in tools
+    evaluated = [json.loads(a)["already_evaluated"] for a in tool_answers(run, "evaluate_model")]
+    assert evaluated[0] is False and all(evaluated[1:])  # the retried task re-asked; the run was gated once
+    assert run.evaluation() is not None and result["gate"]["passed"] is True
+    assert result["deployment"] == {"model_name": "faq-bot", "version": "v1", "alias": "production"}
+
+
+def test_an_agent_that_calls_tools_forever_is_stopped_in_bounds_with_one_clear_line(fresh):
+    from training.errors import ModelcrewError
+
+    ws, base_dir = fresh
+    forever = [("search_memory", {"query": f"anything {i}"}) for i in range(200)]
+    app, seen = scripted_server(play({"train": (forever, lambda t: {})}))
+    started = time.monotonic()
+    with served(app) as url, pytest.raises(ModelcrewError) as stopped:
+        run_goal_text(_goal(base_dir, "and deploy as faq-bot"), ws, llm=LLM, base_url=url)
+    message = str(stopped.value)
+    assert message.startswith("the crew stopped:") and "\n" not in message
+    assert "failed guardrail validation after 2 retries. Last error: nothing is trained yet: call train_model" in message
+    assert time.monotonic() - started < 300 and len(seen) < 60  # bounded by the agent's iterations and retries
+    assert not Registry(ws).names() and not list((ws / "runs").glob("*/plan.json"))  # nothing trained, nothing deployed

@@ -203,4 +203,5 @@ class WriteReportTool(RunTool):
 
         path = write_report(self.workspace, self.this_run(run_id), self.context.goal_text, self.need("plan").dataset,
                             narrative, lesson, author=self.context.author)
+        self.context.reported = True
         return {"report": str(path), "lesson_stored": bool(lesson)}

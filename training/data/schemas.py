@@ -7,6 +7,8 @@ Accepted (extra keys are ignored):
     prompt, completion        -> pairs
     prompt, response          -> pairs (the curated form itself: a curated split can be curated again)
     question, answer          -> pairs
+    document, summary         -> pairs (summarisation: the document is the prompt, the summary the response)
+    article, highlights       -> pairs (the CNN/DailyMail layout of the same thing)
     instruction, input?, output -> pairs (input appended to the instruction)
     messages [{role, content}] -> chat
 """
@@ -23,9 +25,13 @@ SCHEMAS: list[tuple[str, frozenset[str], str]] = [
     ("prompt,completion", frozenset({"prompt", "completion"}), "pairs"),
     ("prompt,response", frozenset({"prompt", "response"}), "pairs"),
     ("question,answer", frozenset({"question", "answer"}), "pairs"),
+    ("document,summary", frozenset({"document", "summary"}), "pairs"),
+    ("article,highlights", frozenset({"article", "highlights"}), "pairs"),
     ("text,label", frozenset({"text", "label"}), "classification"),
     ("text", frozenset({"text"}), "text"),
 ]
+# the two-column pair schemas: which column is the prompt and which the response
+PAIR_KEYS = {name: tuple(name.split(",")) for name, _, fmt in SCHEMAS if fmt == "pairs" and name.count(",") == 1}
 ACCEPTED = " | ".join(name for name, _, _ in SCHEMAS)
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -81,12 +87,9 @@ def to_record(row: dict, where: str) -> tuple[Record, str]:
         extra = _string(row, "input", where, optional=True)
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         fields = {"prompt": prompt, "response": _string(row, "output", where)}
-    elif schema == "prompt,completion":
-        fields = {"prompt": _string(row, "prompt", where), "response": _string(row, "completion", where)}
-    elif schema == "prompt,response":
-        fields = {"prompt": _string(row, "prompt", where), "response": _string(row, "response", where)}
-    elif schema == "question,answer":
-        fields = {"prompt": _string(row, "question", where), "response": _string(row, "answer", where)}
+    elif schema in PAIR_KEYS:
+        prompt_key, response_key = PAIR_KEYS[schema]
+        fields = {"prompt": _string(row, prompt_key, where), "response": _string(row, response_key, where)}
     elif schema == "text,label":
         fields = {"text": _string(row, "text", where), "label": _string(row, "label", where).strip()}
     else:
