@@ -32,11 +32,15 @@ def run_command(
 ) -> None:
     """Run the crew on a goal: curate, train, evaluate and gate, report, deploy as the goal says."""
     with reported(debug):
-        from crews.run import agents_llm, run_goal, understand_goal
+        import time
+
+        from crews.run import agents_llm, llm_label, run_goal, understand_goal
 
         out = console(as_json)
         agents, offline = agents_llm(llm, llm_base_url)
+        started = time.perf_counter()
         parsed = understand_goal(goal, check_workspace(workspace), agents, offline)  # the one Goal shown, confirmed and run
+        parse_seconds = time.perf_counter() - started
         out.print(describe_goal(parsed), markup=False)
         if sys.stdin.isatty() and not yes and not typer.confirm("start the crew?", default=True):
             raise typer.Exit(1)
@@ -52,7 +56,8 @@ def run_command(
                 out.print(f"[dim]{event['t']:7.1f}s[/dim] [green]{event['agent']}[/green] done: {event['output'][:200]}",
                           highlight=False)
 
-        result = run_goal(parsed, goal, workspace, agents, echo=show, llm_name=llm or ("offline" if offline else "llm"))
+        result = run_goal(parsed, goal, workspace, agents, echo=show, llm_name=llm_label(llm, offline),
+                          parse_seconds=parse_seconds)
         if as_json:
             emit_json(result)
         gate = result["gate"]

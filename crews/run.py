@@ -33,8 +33,9 @@ def understand_goal(goal_text: str, workspace: Path, llm=None, offline: bool = T
 
 
 def run_goal(goal: Goal, goal_text: str, workspace: Path, llm, echo=None, run_id: str | None = None,
-             llm_name: str = "offline") -> dict:
-    """Run the crew on `goal` (already parsed, and confirmed by whoever asked); returns the run's summary."""
+             llm_name: str = "offline", parse_seconds: float = 0.0) -> dict:
+    """Run the crew on `goal` (already parsed, in `parse_seconds`, and confirmed by whoever asked); returns the
+    run's summary."""
     from llm.env import quiet_crewai
 
     workspace = Path(workspace)
@@ -44,7 +45,7 @@ def run_goal(goal: Goal, goal_text: str, workspace: Path, llm, echo=None, run_id
 
     run = Run(workspace, run_id or new_run_id(goal.task))
     trace = run.trace(echo=echo)
-    trace.write("goal", text=goal_text, goal=goal.model_dump(mode="json"), llm=llm_name)
+    trace.write("goal", text=goal_text, goal=goal.model_dump(mode="json"), llm=llm_name, parse_seconds=round(parse_seconds, 3))
     context = RunContext(workspace, goal, goal_text, run.run_id, author=llm_name)
     started = time.perf_counter()
     crew = ModelCrew(context, llm, trace)
@@ -57,10 +58,10 @@ def run_goal(goal: Goal, goal_text: str, workspace: Path, llm, echo=None, run_id
         trace.write("error", message=str(err))
         raise ModelcrewError(f"the crew stopped: {type(err).__name__}: {str(err).splitlines()[0][:300]} "
                              f"(trace: {run.trace_path})") from None
-    return collect(context, time.perf_counter() - started, trace)
+    return collect(context, time.perf_counter() - started, trace, llm_name, parse_seconds)
 
 
-def collect(context, wall: float, trace) -> dict:
+def collect(context, crew_seconds: float, trace, llm_name: str, parse_seconds: float) -> dict:
     """Record the deployment as the registry has it (whatever the deployer answered), and summarise the run
     from what its steps produced (`crew_result.json`)."""
     from steps.deploy import deployment_from_registry, record_deployment
@@ -69,8 +70,10 @@ def collect(context, wall: float, trace) -> dict:
     ev, verdict, plan = context.evaluation, context.verdict, context.plan
     if ev is None or verdict is None:
         raise ModelcrewError(f"the crew finished without evaluating run {context.run_id} (trace: {context.run.trace_path})")
+    after = time.perf_counter()
     deployment = context.deployment = deployment_from_registry(context.workspace, context.goal, context.run_id, verdict)
     record_deployment(context.workspace, context.run_id, deployment, context.goal_text, ev, plan, verdict)
+    after_seconds = time.perf_counter() - after
     key = metric_key(context.goal.metric, ev.metrics)
     tool_seconds = sum(e.get("seconds", 0) for e in trace.events if e["kind"] == "tool")
     result = {
@@ -81,7 +84,10 @@ def collect(context, wall: float, trace) -> dict:
         "gate": {"passed": verdict.passed, "reasons": verdict.reasons},
         "deployment": ({"model_name": deployment.model_name, "version": deployment.version, "alias": deployment.alias}
                        if deployment.version and deployment.alias else None),
-        "report": str(context.run.report_paths()[0]), "wall_seconds": round(wall, 2), "tool_seconds": round(tool_seconds, 2),
+        "report": str(context.run.report_paths()[0]), "llm": llm_name,
+        # wall = parsing the goal + the crew's four tasks + recording the deployment (registry, memory, report)
+        "wall_seconds": round(parse_seconds + crew_seconds + after_seconds, 2), "parse_seconds": round(parse_seconds, 2),
+        "crew_seconds": round(crew_seconds, 2), "after_seconds": round(after_seconds, 2), "tool_seconds": round(tool_seconds, 2),
     }
     context.run.write_crew_result(result)
     return result
@@ -90,5 +96,12 @@ def collect(context, wall: float, trace) -> dict:
 def run_goal_text(goal_text: str, workspace: Path, llm: str | None = None, base_url: str | None = None, echo=None) -> dict:
     """Parse `goal_text` once and run the crew on that Goal, with no confirmation (tests and benches)."""
     agents, offline = agents_llm(llm, base_url)
+    started = time.perf_counter()
     goal = understand_goal(goal_text, Path(workspace), agents, offline)
-    return run_goal(goal, goal_text, workspace, agents, echo=echo, llm_name=llm or ("offline" if offline else "llm"))
+    return run_goal(goal, goal_text, workspace, agents, echo=echo, llm_name=llm_label(llm, offline),
+                    parse_seconds=time.perf_counter() - started)
+
+
+def llm_label(llm: str | None, offline: bool) -> str:
+    """How a run names what drove its agents: `offline` (the rule-based policy, not a language model) or the model."""
+    return "offline" if offline else (llm or os.environ.get("MODELCREW_LLM") or "the model at --llm-base-url")
