@@ -16,11 +16,6 @@ LLM = Annotated[Optional[str], typer.Option("--llm", envvar="MODELCREW_LLM", hel
 LLMBaseURL = Annotated[Optional[str], typer.Option("--llm-base-url", envvar="MODELCREW_LLM_BASE_URL", help="An OpenAI-compatible server for the agents' LLM.")]
 
 
-def describe_goal(goal) -> str:
-    return (f"goal: {goal.task} {goal.base_model or goal.size or ''} on {goal.data}, metric {goal.metric}, "
-            f"deploy {goal.deploy}")
-
-
 def run_command(
     goal: Annotated[str, typer.Argument(help="The goal in plain words, quoted.")],
     llm: LLM = None,
@@ -41,7 +36,9 @@ def run_command(
         started = time.perf_counter()
         parsed = understand_goal(goal, check_workspace(workspace), agents, offline)  # the one Goal shown, confirmed and run
         parse_seconds = time.perf_counter() - started
-        out.print(describe_goal(parsed), markup=False)
+        from crews.goals import goal_sentence
+
+        out.print(f"goal: {goal_sentence(parsed)}", markup=False)  # the one sentence a person confirms
         if sys.stdin.isatty() and not yes and not typer.confirm("start the crew?", default=True):
             raise typer.Exit(1)
 

@@ -58,24 +58,25 @@ BASELINES = [(r"(?:the |its )?(?:base(?:line)?|original|starting|untrained|initi
              (r"(?:the )?(?:current |existing |deployed |live )?production(?: model| version)?(?:'s)?|"
               r"what(?:'s| is) (?:in production|deployed|live)|(?:the )?(?:current|deployed|live|existing) (?:model|version)(?:'s)?",
               "production")]
+BASELINE_WORDS = {"base": "the base model", "production": "the production model"}
 BASELINE = "(?P<bl>" + "|".join(f"(?:{p})" for p, _ in BASELINES) + r")\b"
 
 # which way the words of a target say the metric should move: down, up, or just "better" (either)
 DOWN_WORDS = (r"below|under|lower(?: than)?|less(?: than)?|smaller(?: than)?|fewer(?: than)?|down from|down to|at most|"
               r"no more than|not more than|no higher than|not above|drop(?:s|ped|ping)?|fall(?:s|ing)?|fell|"
-              r"decrease[sd]?|decreasing|reduce[sd]?|reducing|lower(?:s|ed|ing)|cut(?:s|ting)?|go(?:es)? down|halve[sd]?")
+              r"decrease[sd]?|decreasing|reduce[sd]?|reducing|lower(?:s|ed|ing)|cut(?:s|ting)?|go(?:es)? down|down|reduction|halve[sd]?")
 UP_WORDS = (r"above|over|higher(?: than)?|more(?: than)?|greater(?: than)?|up from|at least|no less than|not less than|"
             r"no lower than|not below|increase[sd]?|increasing|rise[sn]?|rose|raise[sd]?|grow(?:s|n)?|go(?:es)? up|"
-            r"boost(?:s|ed)?|double[sd]?")
+            r"boost(?:s|ed)?|up|gain|double[sd]?")
 WORSE_WORDS = r"worse(?: than)?"
-NEUTRAL_WORDS = (r"better(?: than)?|beat(?:s|ing)?|improve[sd]?|improving|improvement (?:over|on)|improve[sd]? (?:on|over|upon)|"
+NEUTRAL_WORDS = (r"better(?: than)?|beat(?:s|ing)?|improve[sd]?|improving|improvement(?: over| on)?|improve[sd]? (?:on|over|upon)|"
                  r"outperform(?:s|ing)?|surpass(?:es|ing)?|(?:at least )?as good as|no worse than|not worse than|on par with|"
                  r"match(?:es|ing)?")
 AT_LEAST = r"at least|no less than|not less than|no lower than|not below|above|over|more than|higher than|greater than"
 AT_MOST = r"at most|no more than|not more than|no higher than|not above|below|under|less than|lower than|smaller than|down to"
 CHANGE = (r"drop(?:s|ped|ping)?|fall(?:s|ing)?|fell|decrease[sd]?|reduce[sd]?|reducing|lower(?:s|ed|ing)?|cut(?:s|ting)?|"
           r"go(?:es)? down|increase[sd]?|rise[sn]?|rose|raise[sd]?|grow(?:s|n)?|go(?:es)? up|boost(?:s|ed)?|"
-          r"improve[sd]?|improving")
+          r"improve[sd]?|improving|down|up")
 NUM = r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>%|points?\b|pts\b)?"
 NOT_TIME = r"(?!\s*(?:seconds?|secs?|minutes?|mins?|hours?|hrs?|h\b|days?|steps?|epochs?|tokens?|k\b))"
 VERSUS = r"(?:than|vs\.?|versus|compared (?:to|with)|relative to|against|from|over|on|below|under|above)"
@@ -83,7 +84,8 @@ VERSUS = r"(?:than|vs\.?|versus|compared (?:to|with)|relative to|against|from|ov
 # forms of a target, most specific first: a later form never reads words an earlier one took
 RELATIVE_FORMS = [
     # "at least 20% below the base model", "drops by at least 30% below the base", "10% better than production"
-    rf"(?:(?:{CHANGE}|is|are|be|ends?|ends up)\s+)?(?:by\s+)?(?:at least\s+|no less than\s+)?{NUM}\s*"
+    rf"(?:(?P<verb>{CHANGE}|(?:an? )?improvement of|is|are|be|ends?|ends up)\s+(?:(?:the|its)\s+)?(?:(?P<m>{METRIC})\s+)?)?(?:by\s+)?"
+    rf"(?:at least\s+|no less than\s+)?{NUM}\s*"
     rf"(?P<cmp>{DOWN_WORDS}|{UP_WORDS}|{WORSE_WORDS}|{NEUTRAL_WORDS})\s+{BASELINE}",
     # "below the base by 20%"
     rf"(?P<cmp>{DOWN_WORDS}|{UP_WORDS}|{NEUTRAL_WORDS})\s+{BASELINE}\s+by\s+(?:at least\s+)?{NUM}",
@@ -93,6 +95,9 @@ RELATIVE_FORMS = [
     # "reduce perplexity by 20% vs the base model", "perplexity drops 10%", "cut perplexity in half"
     rf"\b(?P<cmp>{CHANGE})\s+(?:(?:the|its)\s+)?(?:(?P<m>{METRIC})\s+)?(?:(?:by|in)\s+)?(?:at least\s+)?{NUM}{NOT_TIME}"
     rf"(?:\s+{VERSUS}\s+{BASELINE})?",
+    # "a 10% drop in perplexity versus production", "a 20% reduction in perplexity"
+    rf"{NUM}\s*(?P<cmp>drop|fall|decrease|reduction|cut|increase|rise|gain|improvement)\b"
+    rf"(?:\s+in\s+(?:(?:the|its)\s+)?(?P<m>{METRIC}))?(?:\s+{VERSUS}\s+{BASELINE})?",
     # "halve the perplexity", "double the accuracy"
     rf"\b(?P<cmp>halve[sd]?|double[sd]?)\s+(?:(?:the|its)\s+)?(?P<m>{METRIC})(?:\s+(?:of|{VERSUS})\s+{BASELINE})?",
     # no number: "beat the base model", "lower perplexity than production", "as good as the base"
@@ -137,6 +142,7 @@ NOT_NAMES = {"a", "an", "the", "it", "is", "soon", "well", "usual", "long", "bef
 def words_to_numbers(text: str) -> str:
     """'twenty five minutes' -> '25 minutes', 'two hundred steps' -> '200 steps', 'a quarter' -> '25%'."""
     text = re.sub(r"\ban hour and a half\b", "90 minutes", text)  # before "half" becomes 50%
+    text = re.sub(r"\ba quarter of an hour\b", "15 minutes", text)  # before "a quarter" does
     for pattern, repl in FRACTIONS:
         text = re.sub(pattern, repl, text)
     text = re.sub(r"\bhalf an hour\b", "30 minutes", text)
@@ -216,11 +222,12 @@ class Reading:
         cut = r"[,;!?]\s|\.(?:\s|$)|:\s|\s-\s|\s(?:and|but|so that|so|such that|until|then|to|while|with|where)\s"
         left = max([m.end() for m in re.finditer(cut, self.low[:start])], default=0)
         right = next((m.start() + end for m in re.finditer(cut, self.low[end:])), len(self.low))
-        text = self.low[left:right].strip(" .,;:!?")
+        text = re.sub(r"^(?:(?:and|but|so that|so|then|to|with|while)\s+)+", "", self.low[left:right].strip(" .,;:!?"))
         at = self.original.lower().find(text)
         return self.original[at:at + len(text)] if at >= 0 and text else text
 
     def sentence(self, start: int, end: int) -> tuple[int, int]:
+        """Where the sentence holding a span starts and ends in `low`."""
         left = max([m.end() for m in re.finditer(r"[.;!?](?:\s|$)", self.low[:start])], default=0)
         right = next((m.start() + end for m in re.finditer(r"[.;!?](?:\s|$)", self.low[end:])), len(self.low))
         return left, right
@@ -248,7 +255,7 @@ def parse_goal(text: str, workspace: Path | None = None) -> Goal:
     data = _find_data(r)
     base, unknown = _find_base(r)
     task = _find_task(r, base)
-    base, registered, note = _base_from_registry(r, task, base, unknown, workspace)
+    base, registered, note = _base_from_registry(r, task, base, workspace)
     if unknown and not base and task != "pretrain":
         raise InputError(f"base_model: unknown model {unknown!r}; use {', '.join(EMBEDDED)}, a local "
                          "model directory or a hub id like org/name")
@@ -261,9 +268,7 @@ def parse_goal(text: str, workspace: Path | None = None) -> Goal:
     metric, target = _find_target(r, task)
     budget = _find_budget(r)
     deploy, name = _find_deploy(r, data, registered)
-    approval = "required" if re.search(r"\b(?:human|manual|my|our|a person'?s?|someone'?s?)\s+(?:approv|sign[\s-]?off)|"
-                                       r"\bafter (?:i|we) approve|\b(?:needs?|requires?|wait for|with|after|pending|without)"
-                                       r" approval\b", r.low) else "none"
+    approval = _find_approval(r)
     method = "full" if task == "pretrain" else _find_method(r, base, lora)
     size = _find_size(r) if task == "pretrain" else None
     _refuse_what_was_not_understood(r)
@@ -298,7 +303,7 @@ def _find_data(r: Reading) -> str | None:
     """The one data source the goal names; two are refused (a directory holds several files)."""
     found: list[str] = []
     for pattern, name in CORPORA.items():
-        for m in re.finditer(rf"\b{pattern}\b", r.low):
+        for m in re.finditer(rf"(?<![\w./-]){pattern}(?![\w/-]|\.\w)", r.low):  # not inside a path (bbc-news.jsonl)
             found.append(name)
             r.take(m.start(), m.end())
     tokens = [t.rstrip(".,;:") for t in re.findall(r"[\w./~:-]+", r.original)]
@@ -362,53 +367,57 @@ def _find_task(r: Reading, base: str | None) -> str | None:
                              "or pretrain from scratch")
         return "pretrain"
     if re.search(rf"\b(?:fine[\s-]*tun|finetun|adapt|train|{IMPROVE})", r.low):
+        # "improve smollm2 on new.jsonl": the task's verb; "improve perplexity" without a number is a criterion
+        for m in re.finditer(rf"\b(?:{IMPROVE})\s+(?!(?:the |its )?(?:{METRIC})|it\b|on\b|upon\b|over\b|by\b|"
+                             rf"(?:the )?(?:base|production|current)\b)", r.low):
+            r.take(m.start(), m.end())
         return "finetune"
     if re.search(r"\b(?:evaluate|score|measure|benchmark)\b", r.low):
         return "evaluate"
     return "finetune" if base else None
 
 
-def _base_from_registry(r: Reading, task: str | None, base: str | None, unknown: str | None,
+REGISTERED = (rf"\b({IMPROVE}|fine[\s-]*tune|finetune|train|adapt|start(?:ing)? from|on top of|build on)\s+"
+              rf"(?:the\s+|our\s+|my\s+)?(?:(?:registered\s+)?model\s+)?([a-z0-9][a-z0-9-]{{1,62}})(@[\w-]+)?(?![\w./])")
+
+
+def _base_from_registry(r: Reading, task: str | None, base: str | None,
                         workspace: Path | None) -> tuple[str | None, str | None, str]:
-    """(base, registered name, note): a goal that improves a registered model ("improve support-bot on new.jsonl")
-    starts from that model's production version, whose directory is a local base; a name that is not in
-    production here is refused rather than replaced by some other model."""
+    """(base, registered name, note). A goal that improves a registered model ("improve support-bot on
+    new.jsonl") starts from that model's production version, whose directory is a local base. A name that
+    is not there is refused: replacing it with some other model would train something nobody asked for."""
     if base and not (task == "finetune" and "@" in base):
-        return base, None, ""
-    m = re.search(rf"\b({IMPROVE}|fine[\s-]*tune|finetune|train|adapt|start(?:ing)? from|on top of|build on)\s+"
-                  rf"(?:the\s+|our\s+|my\s+)?(?:(?:registered\s+)?model\s+)?([a-z0-9][a-z0-9-]{{1,62}})(@[\w-]+)?(?![\w./])", r.low)
-    if base:  # "fine-tune support-bot@production": the registered version, as a directory
-        name, ref = base.split("@")[0], base
-    elif m and m.group(2) not in STOPWORDS and not re.fullmatch(METRIC, m.group(2)):
-        name, ref = m.group(2), m.group(2) + (m.group(3) or "@production")
+        return base, None, ""  # a named base; an "@" reference stays one for evaluation
+    m = re.search(REGISTERED, r.low)
+    if base:  # "fine-tune support-bot@production"
+        name, ref, explicit = base.split("@")[0], base, True
+    elif m and m.group(2) not in STOPWORDS and not re.fullmatch(METRIC, m.group(2)) and task in (None, "finetune"):
+        name, ref, explicit = m.group(2), m.group(2) + (m.group(3) or "@production"), bool(re.fullmatch(IMPROVE, m.group(1)))
     else:
         return None, None, ""
-    if task is not None and task != "finetune":
-        return base, None, ""
     registry = None
     if workspace is not None:
-        from serving.registry import Registry  # lazily: the registry is not needed to read most goals
+        # imported here: most goals never need the registry
+        from serving.registry import Registry
 
         registry = Registry(workspace)
-    known = registry is not None and name in registry.names()
-    asked_to_improve = bool(m and re.fullmatch(IMPROVE, m.group(1)))
-    if not known:
-        if asked_to_improve or base:
-            raise InputError(f"base_model: {name} is not in production in this workspace; name a base model "
-                             f"({', '.join(EMBEDDED)}, a directory or a hub id)")
-        return None, None, ""
+    if registry is None or name not in registry.names():
+        if not explicit:
+            return None, None, ""  # "fine-tune llama-70b-ultra": an unknown model, refused as such
+        raise InputError(f"base_model: {ref.replace('@', ' is not in ', 1)} in this workspace; name a base model "
+                         f"({', '.join(EMBEDDED)}, a directory or a hub id)")
     try:
         _, version, path = registry.resolve(ref)
     except InputError:
-        raise InputError(f"base_model: {name} is not in production in this workspace; name a base model "
+        raise InputError(f"base_model: {ref.replace('@', ' is not in ', 1)} in this workspace; name a base model "
                          f"({', '.join(EMBEDDED)}, a directory or a hub id)") from None
-    if not (path / "config.json").is_file():  # a separate adapter is no base to start from
-        raise InputError(f"base_model: {name}'s {ref.split('@')[1]} version {version.version} is a separate LoRA adapter, "
+    which = ref.split("@")[1]
+    if not (path / "config.json").is_file():  # a separate adapter is not a whole model to start from
+        raise InputError(f"base_model: {name}'s {which} version {version.version} is a separate LoRA adapter, "
                          "not a whole model to start from; name a base model")
     if m:
         r.take(m.start(), m.end())
-    which = ref.split("@")[1]
-    return str(path), name, f"starts from {name}'s {which} version {version.version} ({path})"
+    return str(path), name, f"starts from {name}'s {which} version {version.version}"
 
 
 def _settle_task(r: Reading, task: str | None, base: str | None, lora: LoraSettings | None) -> str:
@@ -474,6 +483,8 @@ def _target(r: Reading, m: re.Match, kind: str, task: str) -> Target:
     lower = lower_is_better(metric)
     phrase = r.clause(m.start(), m.end())
     way = _way(said.get("cmp") or "")
+    if said.get("cmp") == "over" and said.get("verb") and re.fullmatch(rf"{CHANGE}|(?:an? )?improvement of", said["verb"]):
+        way = _way(said["verb"])  # "reduce perplexity by 20% over the base": there "over" means relative to
     if way is not None and way != ("down" if lower else "up"):
         raise InputError(f"target: {METRIC_WORDS[metric]} improves {'downwards' if lower else 'upwards'}, but "
                          f"'{phrase}' asks it to move the other way; say {'lower' if lower else 'higher'}")
@@ -490,24 +501,24 @@ def _target(r: Reading, m: re.Match, kind: str, task: str) -> Target:
         elif number is None:
             value = 0.0  # "beat the base": no worse than it
         elif unit == "%":
-            value = number / 100
+            value = round(number / 100, 6)  # 66.67% -> 0.6667, not 0.6667000000000001
         else:
             raise InputError(f"target: '{phrase}' gives no percentage; say how much {'below' if lower else 'above'} "
-                             f"the {baseline} as a percentage (e.g. 20%), or give an absolute value")
+                             f"{BASELINE_WORDS[baseline]} as a percentage (e.g. 20%), or give an absolute value")
         return _checked_target(metric=metric, direction="lower" if lower else "higher", kind="relative", value=value,
                                baseline=baseline)
     if lower:  # perplexity: a number of at least 1, never a percentage
         if unit:
-            raise InputError(f"target: perplexity is a number (1 or more), not a percentage; say e.g. 'perplexity under 20' "
-                             f"(or '20% below the base model')")
+            raise InputError("target: perplexity is a number (1 or more), not a percentage; say e.g. 'perplexity under 20' "
+                             "(or '20% below the base model')")
         if number < 1:
             raise InputError(f"target: perplexity is never below 1; {number:g} cannot be reached")
         value = number
     elif unit:
-        value = number / 100
+        value = round(number / 100, 6)  # 66.67% -> 0.6667, not 0.6667000000000001
     elif number > 1:  # "accuracy at least 1.5": neither a fraction nor clearly a percentage
         raise InputError(f"target: {metric} is a fraction between 0 and 1; {number:g} cannot be reached "
-                         f"(write {min(number, 100):g}% or a fraction like 0.85)")
+                         "(write a percentage like 85% or a fraction like 0.85)")
     else:
         value = number
     if not lower and value > 1:
@@ -523,7 +534,7 @@ def _checked_target(**fields) -> Target:
 
 
 def _way(words: str) -> str | None:
-    """down, up or None (just "better"), from a target's comparison words."""
+    """down, up, worse or None (just "better"): which way a target's comparison words move the metric."""
     if not words or re.fullmatch(NEUTRAL_WORDS, words):
         return None
     if re.fullmatch(WORSE_WORDS, words):
@@ -554,7 +565,7 @@ def _metric_near(r: Reading, start: int, end: int) -> str:
 
 def _find_budget(r: Reading) -> GoalBudget:
     """Minutes and steps, each stated once, above zero; epochs and tokens are refused (not a goal budget)."""
-    sign = r"(?P<neg>(?:(?<=\s)|^)-\s*|\bminus\s+)?"
+    sign = r"(?P<neg>(?:(?<=\s)|^)-(?=\d)|\bminus\s+)?"  # "-50 steps", not the dash in "smollm2 - 50 steps"
     lead = r"(?:(?:for|in|within|under|at most|no more than|not more than|less than|max(?:imum)?|up to|about|or)\s+)?"
     minutes: list[tuple[float, str]] = []
     for m in re.finditer(rf"{lead}{sign}(?P<n>\d+(?:\.\d+)?)\s*(?P<u>hours?|hrs?|hr|h|minutes?|mins?|min|seconds?|secs?|sec|"
@@ -591,36 +602,41 @@ def _find_budget(r: Reading) -> GoalBudget:
 
 # ---- deploy ----------------------------------------------------------------------------------------------
 
+NEVER = (rf"\b(?:{NEGATION})\s+(?:\w+\s+)?(?:be\s+)?(?:{DEPLOY_WORD})|\bdeploy(?:ment)?\s*[:=]\s*(?:no|none|never|false|off)\b|"
+         r"\bdeploy nothing\b|\bkeep it (?:out of|away from) production\b|\bnot (?:for|to|into|in) production\b|"
+         r"\b(?:just|only) train\b|\btrain only\b|\bdry[\s-]run\b")
+FAILING = r"if (?:it )?(?:fails|doesn't pass|does not pass|is worse|misses|underperforms)|if not|otherwise|else"
+CONDITION_AFTER = rf"\W*(?:\w+\W+){{0,3}}?(?:unless|until|{FAILING}|without (?:\w+\s+)?(?:approv|sign[\s-]?off|review))"
+CONDITION_BEFORE = rf"(?:{FAILING})\W*$"
+ALWAYS = (r"whatever the (?:score|result|outcome|gate says)|regardless(?: of (?:the )?(?:score|result|gate|outcome))?|"
+          r"no matter what|either way|always (?:deploy|ship)|(?:deploy|ship|release)(?: it)? (?:anyway|unconditionally|"
+          r"in any case)|even if it (?:fails|doesn't pass|does not pass)|pass or fail")
+
+
 def _find_deploy(r: Reading, data: str, registered: str | None) -> tuple[str, str | None]:
     """never, if_passed or always, and the registry name. A negation of deploying in any common wording
-    means never, unless it is a condition ("don't deploy unless it passes"); saying both is refused."""
+    means never, unless it is a condition ("don't deploy unless it passes", "if it fails, don't ship it");
+    a goal that says both never and deploy is refused."""
     name = _find_model_name(r)
-    low = r.low
     never, conditional = [], False
-    for m in re.finditer(rf"\b(?:{NEGATION})\s+(?:\w+\s+)?(?:be\s+)?(?:{DEPLOY_WORD})|"
-                         rf"\bdeploy(?:ment)?\s*[:=]\s*(?:no|none|never|false|off)\b|"
-                         rf"\bkeep it (?:out of|away from) production\b|\bnot (?:for|to|into|in) production\b|"
-                         rf"\b(?:just|only) train\b|\btrain only\b|\bdry[\s-]run\b", low):
-        after = low[m.end():m.end() + 80]
-        if re.match(r"\W*(?:\w+\W+){0,3}?(?:unless|until|otherwise|else|if not|if (?:it )?(?:fails|doesn't|does not|is worse|"
-                    r"misses|underperforms)|without (?:\w+\s+)?(?:approv|sign[\s-]?off|review))", after):
-            conditional = True  # "don't deploy unless it passes": deploy if it passes
+    for m in re.finditer(NEVER, r.low):
+        before, after = r.low[max(0, m.start() - 40):m.start()], r.low[m.end():m.end() + 80]
+        if re.match(CONDITION_AFTER, after) or re.search(CONDITION_BEFORE, before):
+            conditional = True  # a refusal to deploy a failing model: deploy the one that passes
         else:
             never.append(m)
         r.take(m.start(), m.end())
-    always = re.search(r"whatever the (?:score|result|outcome|gate says)|regardless(?: of (?:the )?(?:score|result|gate|outcome))?|"
-                       r"no matter what|either way|always (?:deploy|ship)|(?:deploy|ship|release)(?: it)? (?:anyway|"
-                       r"unconditionally|in any case)|even if it (?:fails|doesn't pass|does not pass)|pass or fail", low)
+    always = re.search(ALWAYS, r.low)
     if always:
         r.take(always.start(), always.end())
-    wanted = [m for m in re.finditer(rf"\b(?:{DEPLOY_WORD})", r.rest())]
+    wanted = list(re.finditer(rf"\b(?:{DEPLOY_WORD})", r.rest()))
     if never and (wanted or always):
         said = r.clause(never[0].start(), never[0].end())
         other = r.clause(*(always.span() if always else wanted[0].span()))
         raise InputError(f"deploy: the goal says both '{said}' and '{other}'; say whether to deploy")
     if never:
         return "never", name
-    fallback = registered or default_name(data)
+    fallback = registered or default_name(data)  # improving support-bot deploys as support-bot
     if always:
         return "always", name or fallback
     if name or wanted or conditional:
@@ -628,9 +644,16 @@ def _find_deploy(r: Reading, data: str, registered: str | None) -> tuple[str, st
     return "never", None
 
 
+def _find_approval(r: Reading) -> str:
+    """required when a person must approve before production ("after human approval", "with my sign-off")."""
+    said = re.search(r"\b(?:human|manual|my|our|a person'?s?|someone'?s?)\s+(?:approv|sign[\s-]?off)|\bafter (?:i|we) approve|"
+                     r"\b(?:needs?|requires?|wait for|with|after|pending|once i give) approval\b", r.low)
+    return "required" if said else "none"
+
+
 def _find_model_name(r: Reading) -> str | None:
     """The registry name: 'deploy it as support-bot', 'call it helpdesk-v2' (not 'deploy as soon as')."""
-    for m in re.finditer(r"\b(?:deploy|ship|publish|serve|release|register)\b[^.;]{0,40}?\s(?:as|under(?: the name)?|named|"
+    for m in re.finditer(r"\b(?:deploy|ship|publish|serve|release|register|push|put|promote)\b[^.;]{0,40}?\s(?:as|under(?: the name)?|named|"
                          r"called)\s+[\"'`]?([^\s\"'`,;]+)|\b(?:call|name)\s+it\s+[\"'`]?([^\s\"'`,;]+)", r.original, re.I):
         name = (m.group(1) or m.group(2)).rstrip(".!?:")
         if name.lower() in NOT_NAMES:
@@ -651,23 +674,29 @@ def default_name(data: str) -> str:
 
 # ---- method, LoRA, size ------------------------------------------------------------------------------------
 
+LORA_FIELDS = [  # (setting, how people write it): the number is group 1, a percent sign group 2
+    ("rank", r"\b(?:rank|r)\s*(?:=|of|:|-)?\s*(-?\d+)\b()"),  # "rank 8", "r=16", "rank-4"
+    ("rank", r"\b(\d+)[\s-]+rank\b()"),  # "an 8-rank adapter"
+    ("alpha", r"\balpha\s*(?:=|of|:)?\s*(-?\d+)\b()"),
+    ("dropout", r"\bdropout\s*(?:=|of|:)?\s*(-?\d*\.?\d+)\s*(%)?"),
+]
+
+
 def _find_lora(r: Reading) -> LoraSettings | None:
     """LoRA rank, alpha and dropout, each stated once."""
-    values: dict[str, float] = {}
-    for key, pattern in (("rank", r"\b(?:rank|r)\s*(?:=|of|:|-)?\s*(-?\d+)\b"), ("alpha", r"\balpha\s*(?:=|of|:)?\s*(-?\d+)\b"),
-                         ("dropout", r"\bdropout\s*(?:=|of|:)?\s*(-?\d*\.?\d+)\s*(%)?")):
-        seen = []
+    seen: dict[str, list[float]] = {}
+    for key, pattern in LORA_FIELDS:
         for m in re.finditer(pattern, r.low):
-            seen.append(_number(m.group(1)) / (100 if m.lastindex == 2 and m.group(2) else 1))
-            r.take(m.start(), m.end())
-        if len(set(seen)) > 1:
-            raise InputError(f"lora.{key}: the goal gives two values ({', '.join(f'{v:g}' for v in seen)}); keep one")
-        if seen:
-            values[key] = seen[0] if key == "dropout" else int(seen[0])
-    if not values:
+            if r.free(m.start(), m.end()):
+                seen.setdefault(key, []).append(_number(m.group(1)) / (100 if m.group(2) else 1))
+                r.take(m.start(), m.end())
+    for key, values in seen.items():
+        if len(set(values)) > 1:
+            raise InputError(f"lora.{key}: the goal gives two values ({', '.join(f'{v:g}' for v in values)}); keep one")
+    if not seen:
         return None
     try:
-        return LoraSettings(**values)
+        return LoraSettings(**{k: v[0] if k == "dropout" else int(v[0]) for k, v in seen.items()})
     except ValidationError as err:
         first = err.errors()[0]
         raise InputError(f"lora.{first['loc'][0]}: {first['msg']}") from None
@@ -720,7 +749,7 @@ def _refuse_what_was_not_understood(r: Reading) -> None:
     stray percentage or metric value. Dropping any of them would train something other than was asked."""
     rest = r.rest()
     for pattern, setting in SETTINGS.items():
-        m = re.search(rf"(?:{pattern})[^,;.]{{0,12}}?\d", rest)
+        m = re.search(rf"(?:{pattern})[^,;.]{{0,12}}?\d|\d\S*\s+(?:{pattern})", rest)  # "lr 1e-4", "10 warmup steps"
         if m:
             raise InputError(f"goal: I did not understand: '{r.clause(m.start(), m.end())}'; a goal cannot set the "
                              f"{setting} (the planner chooses it), so drop it")
@@ -742,7 +771,7 @@ def goal_sentence(goal: Goal) -> str:
         what = f"Fine-tune {goal.base_model} with LoRA" + (_lora_words(goal.lora) if goal.lora else "")
     else:
         what = f"Fine-tune all the weights of {goal.base_model}"
-    what += f" on {goal.data}" + (f" as {goal.format} data" if goal.format else "")
+    what += f" on {goal.data}" + (f" as {FORMAT_WORDS[goal.format]}" if goal.format else "")
     limits = [f"{goal.budget.steps:,} step{'s' * (goal.budget.steps != 1)}"] if goal.budget.steps else []
     if goal.budget.minutes:
         limits.append(_minutes_words(goal.budget.minutes))
@@ -757,6 +786,10 @@ def goal_sentence(goal: Goal) -> str:
     if goal.notes:
         parts.append(f"note: {goal.notes}")
     return "; ".join(parts) + "."
+
+
+FORMAT_WORDS = {"text": "plain text", "pairs": "prompt-response pairs", "chat": "chat conversations",
+                "classification": "labelled text"}
 
 
 def _lora_words(lora: LoraSettings) -> str:
@@ -782,7 +815,7 @@ def _success_words(goal: Goal) -> str:
     if target.kind == "absolute":
         value = f"{target.value:g}" if goal.metric == "perplexity" else _percent(target.value)
         return f"{measured} at {'most' if target.direction == 'lower' else 'least'} {value}"
-    baseline = "the base model" if target.baseline == "base" else "the production model"
+    baseline = BASELINE_WORDS[target.baseline]
     if target.value == 0:
         return f"{measured} no worse than {baseline}"
     return f"{measured} at least {_percent(target.value)} {'below' if target.direction == 'lower' else 'above'} {baseline}"

@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,22 @@ def test_a_second_run_reuses_memory_and_an_impossible_target_is_not_deployed(bas
     assert "Memory suggested: the settings of run" in (ws / "runs" / result["run_id"] / "report.md").read_text()
 
 
+@contextmanager
+def served(app):
+    """`app` on a free loopback port for the block; yields its /v1 base URL."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -163,18 +180,9 @@ def scripted_server(decide=next_step, parsed=lambda goal: goal) -> tuple[FastAPI
 def test_the_real_llm_path_against_a_scripted_openai_server(base, monkeypatch):
     ws, base_dir = base
     app, seen = scripted_server()
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-        result = run_goal_text(_goal(base_dir, "and do not deploy"), ws, llm="scripted-model", base_url=f"http://127.0.0.1:{port}/v1")
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    with served(app) as url:
+        result = run_goal_text(_goal(base_dir, "and do not deploy"), ws, llm="scripted-model", base_url=url)
     tools = _check_run(ws, result)
     assert set(tools) >= TOOLS_OF - {"register_model", "promote_model"} and "register_model" not in tools
     assert result["deployment"] is None

@@ -14,13 +14,10 @@ one line.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from crews.run import run_goal_text
 from llm.offline import Step, message_text, next_step, observations
@@ -29,7 +26,7 @@ from memory.store import MemoryStore
 from serving.registry import Registry
 from steps.evaluate import compare_with_history
 from tests.helpers import qa_rows, write_jsonl
-from tests.test_crew import _free_port, _goal, base, scripted_server  # noqa: F401  (base: a fixture)
+from tests.test_crew import _goal, base, scripted_server, served  # noqa: F401  (base: a fixture)
 from training.data import curate_to_workspace
 from training.runs import Run
 
@@ -52,21 +49,6 @@ def play(scenario: dict):
         return Step("(scripted) done", final=final(task))
 
     return decide
-
-
-@contextmanager
-def served(app):
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def fingerprint(task) -> str:
