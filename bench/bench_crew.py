@@ -15,13 +15,10 @@ the rule-based policy, not a language model). Target: overhead (wall minus train
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
-from common import WORKSPACE, git_commit, result_json, write_json, write_section
+from common import WORKSPACE, result_json, stamp, write_json, write_section
 
 OUT = result_json("bench_crew")
 TARGET = 0.03
@@ -63,8 +60,7 @@ def main() -> None:
     out = {"run_id": run_id, "goal": result["goal"], "llm": llm, "wall_s": wall, "parse_s": parse_s, "after_s": after_s,
            "train_s": train_s, "evaluate_s": eval_s,
            "tools_s": tools, "other_tools_s": other_tools, "crew_and_llm_s": crew_s, "overhead_s": overhead,
-           "overhead_share": overhead / wall, "crew_share": crew_s / wall, "commit": git_commit(), "cores": os.cpu_count(),
-           "platform": platform.platform(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+           "overhead_share": overhead / wall, "crew_share": crew_s / wall, **stamp()}
     write_json(OUT, out)
     met = out["overhead_share"] <= TARGET
     lines = ["", "## Crew orchestration overhead (`bench/bench_crew.py`)", "",
@@ -82,8 +78,9 @@ def main() -> None:
     lines += [f"| CrewAI and the agents' LLM (outside every tool) | {crew_s:.2f} | {crew_s / wall:.2%} |",
               f"| after the crew: deployment record, memory, report | {after_s:.2f} | {after_s / wall:.2%} |",
               f"| **overhead: everything but training and evaluation** | {overhead:.1f} | **{out['overhead_share']:.2%}** |", "",
-              f"Target: overhead <= {TARGET:.0%} of the wall time -> {'MET' if met else 'MISSED'}. Machine: {out['platform']}, "
-              f"{out['cores']} cores; commit {out['commit']}, {out['date']}.", ""]
+              f"Target: overhead <= {TARGET:.0%} of the wall time -> {'MET' if met else 'MISSED'}. Machine: {out['cpu']}, "
+              f"{out['platform']}, {out['cores']} cores, load average {out['load_avg']:.2f} when the section was written; "
+              f"engine commit {out['commit']}, {out['date']}.", ""]
     write_section("bench_crew", lines)
     print("\n".join(lines[1:-1]))
 

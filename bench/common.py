@@ -77,14 +77,7 @@ def machine_info(packages: tuple[str, ...] = TORCH_PACKAGES) -> dict:
         except PackageNotFoundError:
             return "-"
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = None
     try:
         m = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
@@ -154,15 +147,29 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
+def cpu_model() -> str:
+    """The CPU's model name and the matrix features that decide its speed (AMX, AVX512-BF16, AVX-512, AVX2)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    features = [label for flag, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"),
+                                          ("avx2", "AVX2")) if flag in flags]
+    return f"{name} ({', '.join(features) or 'no AVX2'})"
+
+
 def stamp() -> dict:
-    """Where and when a one-table bench ran: cores, load average (now, at its end), commit, platform, date."""
-    return {"cores": os.cpu_count(), "load_avg": os.getloadavg()[0], "commit": git_commit(), "platform": platform.platform(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    """Where and when a one-table bench ran: CPU, cores, load average (now, at its end), commit, platform, date."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg": os.getloadavg()[0], "commit": git_commit(),
+            "platform": platform.platform(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def stamp_rows(out: dict, threads: str = "") -> list[tuple[str, str]]:
     """The rows of a one-table section saying where (`stamp()` in `out`) and at which commit it ran."""
-    return [("machine", f"{out['platform']}, {out['cores']} cores, {threads}load average {out['load_avg']:.2f} at the end"),
+    return [("machine", f"{out.get('cpu', 'CPU not recorded')}, {out['platform']}, {out['cores']} cores, {threads}"
+                        f"load average {out['load_avg']:.2f} at the end"),
             ("engine commit / date (UTC)", f"{out['commit']} / {out['date']}")]
 
 
