@@ -271,13 +271,15 @@ def parse_goal(text: str, workspace: Path | None = None) -> Goal:
     approval = _find_approval(r)
     method = "full" if task == "pretrain" else _find_method(r, base, lora)
     size = _find_size(r) if task == "pretrain" else None
+    attempts = _find_attempts(r)
     _refuse_what_was_not_understood(r)
     if metric == "accuracy":
         _check_labelled(data, fmt, workspace)
     try:
         return Goal(task=task, data=data, base_model=base or "", method=method, format=fmt, metric=metric, target=target,
                     budget=budget, deploy=deploy, approval=approval, model_name=name, lora=lora,
-                    size=size or ("tiny" if task == "pretrain" else None), notes="; ".join(n for n in (note, notes) if n))
+                    size=size or ("tiny" if task == "pretrain" else None), attempts=attempts,
+                    notes="; ".join(n for n in (note, notes) if n))
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "goal"
@@ -680,6 +682,20 @@ LORA_FIELDS = [  # (setting, how people write it): the number is group 1, a perc
     ("alpha", r"\balpha\s*(?:=|of|:)?\s*(-?\d+)\b()"),
     ("dropout", r"\bdropout\s*(?:=|of|:)?\s*(-?\d*\.?\d+)\s*(%)?"),
 ]
+
+
+def _find_attempts(r: Reading) -> int:
+    """"trying up to 3 configurations", "try at most 2 configs", "3 attempts": how many training configurations
+    the crew may try within the budget (1 when the goal does not say)."""
+    m = re.search(r"(?:\btry(?:ing)?\s+)?(?:up to|at most|no more than)?\s*(\d+)\s+(?:configurations?|configs?|attempts?|tries)\b",
+                  r.low)
+    if not m or not r.free(m.start(), m.end()):
+        return 1
+    r.take(m.start(), m.end())
+    n = int(_number(m.group(1)))
+    if not 1 <= n <= 5:
+        raise InputError(f"attempts: {n} configurations; say between 1 and 5")
+    return n
 
 
 def _find_lora(r: Reading) -> LoraSettings | None:

@@ -46,7 +46,7 @@ def run_goal(goal: Goal, goal_text: str, workspace: Path, llm, echo=None, run_id
     run = Run(workspace, run_id or new_run_id(goal.task))
     trace = run.trace(echo=echo)
     trace.write("goal", text=goal_text, goal=goal.model_dump(mode="json"), llm=llm_name, parse_seconds=round(parse_seconds, 3))
-    context = RunContext(workspace, goal, goal_text, run.run_id, author=llm_name)
+    context = RunContext(workspace, goal, goal_text, run.run_id, author=llm_name, max_attempts=goal.attempts)
     started = time.perf_counter()
     crew = ModelCrew(context, llm, trace)
     try:
@@ -71,26 +71,39 @@ def collect(context, crew_seconds: float, trace, llm_name: str, parse_seconds: f
     if ev is None or verdict is None:
         raise ModelcrewError(f"the crew finished without evaluating run {context.run_id} (trace: {context.run.trace_path})")
     after = time.perf_counter()
-    deployment = context.deployment = deployment_from_registry(context.workspace, context.goal, context.run_id, verdict)
-    record_deployment(context.workspace, context.run_id, deployment, context.goal_text, ev, plan, verdict)
+    trained = Run(context.workspace, context.trained_run_id)  # the attempt evaluated and gated
+    deployment = context.deployment = deployment_from_registry(context.workspace, context.goal, trained.run_id, verdict)
+    record_deployment(context.workspace, trained.run_id, deployment, context.goal_text, ev, plan, verdict)
     after_seconds = time.perf_counter() - after
     key = metric_key(context.goal.metric, ev.metrics)
     tool_seconds = sum(e.get("seconds", 0) for e in trace.events if e["kind"] == "tool")
     result = {
-        "run_id": context.run_id, "goal": context.goal_text, "parsed_goal": context.goal.model_dump(mode="json"),
+        "run_id": trained.run_id, "goal": context.goal_text, "parsed_goal": context.goal.model_dump(mode="json"),
         "fingerprint": plan.dataset,
         "base_val_perplexity": ev.metrics.get("base_val_perplexity"), "val_perplexity": ev.metrics.get("val_perplexity"),
         "metric": key, "base_value": ev.metrics.get(f"base_{key}"), "value": ev.metrics.get(key),
         "gate": {"passed": verdict.passed, "reasons": verdict.reasons},
         "deployment": ({"model_name": deployment.model_name, "version": deployment.version, "alias": deployment.alias}
                        if deployment.version and deployment.alias else None),
-        "report": str(context.run.report_paths()[0]), "llm": llm_name,
+        "report": str(trained.report_paths()[0]), "llm": llm_name,
+        "attempts": [{k: a[k] for k in ("attempt", "run_id", "lr", "steps", "val_perplexity", "met_on_validation")}
+                     for a in context.attempts],
+        "attempts_ended": attempts_ended(context),
         # wall = parsing the goal + the crew's four tasks + recording the deployment (registry, memory, report)
         "wall_seconds": round(parse_seconds + crew_seconds + after_seconds, 2), "parse_seconds": round(parse_seconds, 2),
         "crew_seconds": round(crew_seconds, 2), "after_seconds": round(after_seconds, 2), "tool_seconds": round(tool_seconds, 2),
     }
-    context.run.write_crew_result(result)
+    trained.write_crew_result(result)
     return result
+
+
+def attempts_ended(context) -> str | None:
+    """Why the crew tried no further configuration (None when the goal allowed one)."""
+    from steps.train import budget_left, why_stop
+
+    if not context.attempts:
+        return None
+    return why_stop(context.max_attempts, context.attempts, budget_left(context.attempts[0]["budget"], context.attempts))
 
 
 def run_goal_text(goal_text: str, workspace: Path, llm: str | None = None, base_url: str | None = None, echo=None) -> dict:

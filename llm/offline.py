@@ -7,6 +7,9 @@ real model, with no network. It does not understand language: a goal is parsed b
 before the crew starts, and this policy only follows each task's fixed sequence of tools. It finds the
 task, the goal and the run id through the task header of `llm.protocol`, and reads the tools' JSON answers.
 
+Its one decision from observation: when `train_model` answers that the target is missed on validation and
+the budget has room (`may_try_again`), it trains again with `next_configuration` (documented rules).
+
 `next_step(messages)` is the whole policy; `OfflineLLM` renders it as ReAct text, and the test's
 scripted OpenAI-protocol server renders the same steps as OpenAI tool calls.
 """
@@ -106,11 +109,34 @@ def _train(goal, run_id, context, calls, results, done) -> Step:
                     {"query": f"{goal['method']} {goal['task']} of {goal.get('base_model') or 'a new model'} on data like "
                               f"{goal['data']}", "kind": "evaluations", "k": 3})
     if "train_model" not in calls:
+        args = {"fingerprint": fingerprint}
+        attempts, budget = goal.get("attempts", 1), (goal.get("budget") or {}).get("steps")
+        if attempts > 1 and budget:  # leave room for the configurations after this one
+            args.update(steps=max(budget // attempts, 5), reason=f"the default plan on 1/{attempts} of the step budget")
         return Step("I train within the goal's budget; the plan starts from memory's best config when there is one.",
-                    "train_model", {"fingerprint": fingerprint})
+                    "train_model", args)
     r = results["train_model"]
+    if r.get("may_try_again"):
+        return Step("The target is missed on validation and the budget has room: I try another configuration.",
+                    "train_model", next_configuration(fingerprint, r))
     return Step("Training finished.", final={"run_id": r["run_id"], "status": r["status"], "steps": r["steps"],
                                             "best_val_loss": r["best_val_loss"], "reused_from": r.get("reused_from")})
+
+
+def next_configuration(fingerprint: str, last: dict) -> dict:
+    """The rules the offline trainer tries again by, from what the last attempt's answer showed:
+    overfitting (best validation early, then rising) -> a third of its learning rate; still improving at
+    the end or levelled off -> three times its learning rate (at most 1e-2). Steps: an even share of the
+    budget left over the configurations left (code bounds both again)."""
+    if last["curve"].startswith("overfitting"):
+        lr, why = last["lr"] / 3, f"attempt {last['attempt']} overfit at lr {last['lr']:.3g}: a third of it"
+    else:
+        lr, why = min(last["lr"] * 3, 1e-2), f"attempt {last['attempt']} was {last['curve']} at lr {last['lr']:.3g}: three times it"
+    args = {"fingerprint": fingerprint, "lr": lr, "reason": why}
+    left = (last.get("budget_left") or {}).get("steps")
+    if left:
+        args["steps"] = max(left // max(last["of"] - last["attempt"], 1), 1)
+    return args
 
 
 def _evaluate(goal, run_id, context, calls, results, done) -> Step:

@@ -94,7 +94,7 @@ def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
             "deployment": deployment, "phases": phases, "rows": rows, "history": history, "lengths": lengths,
             "memory_used": run.memory_used(), "recommendations": recommendations(rows, m, summary, gate), "fmt": fmt,
             "general": (fmt(m.get("base_general_perplexity")), fmt(m.get("general_perplexity"))),
-            "code_version": _code_version(), "narrative": None}
+            "code_version": _code_version(), "narrative": None, "attempts": run.attempts()}
 
 
 def _history(workspace: Path, run_id: str, dataset: str, summary: DatasetSummary, key: str) -> list[dict]:

@@ -34,6 +34,11 @@ class RunContext:
     evaluation: Evaluation | None = None
     verdict: GateVerdict | None = None
     deployment: Deployment | None = None
+    max_attempts: int = 1  # configurations the crew may try (the goal's `attempts`; the loop's rounds try one)
+    attempts: list[dict] = field(default_factory=list)  # each configuration trained, as `steps.train.attempt_record`
+    trained: dict = field(default_factory=dict)  # run id -> (TrainPlan, RunResult) of every attempt
+    base_val_perplexity: float | None = None  # the base model on the validation split, measured once
+    picked: str | None = None  # the attempt's run the evaluator judges (the best on validation); None: run_id
     reported: bool = False  # the evaluator wrote the run's report
     registered: str | None = None  # the version this run registered (the only one its deployer may promote)
 
@@ -41,13 +46,19 @@ class RunContext:
     def run(self) -> Run:
         return Run(self.workspace, self.run_id)
 
+    @property
+    def trained_run_id(self) -> str:
+        """The run evaluated, gated and deployed: the attempt picked on validation (the first when only one)."""
+        return self.picked or self.run_id
+
     def facts(self) -> dict:
         """What the run's steps established, as code knows it (given to the next step, never an agent's account)."""
         facts: dict = {"run_id": self.run_id}
         if self.summary is not None:
             facts["fingerprint"] = self.summary.fingerprint
         if self.result is not None:
-            facts.update(status=self.result.status, steps=self.result.steps)
+            facts.update(status=self.result.status, steps=self.result.steps, trained_run=self.trained_run_id,
+                         attempts=len(self.attempts) or 1)
         if self.verdict is not None:
             facts.update(metric=self.verdict.metric, value=self.verdict.value, passed=self.verdict.passed)
         if self.registered is not None:

@@ -246,3 +246,34 @@ def test_estimate_and_search_tools_answer_in_short_json(base):
     assert not (ws / "runs" / "r-est").exists()  # estimating trains nothing and leaves no run
     hits = json.loads(SearchMemoryTool(workspace=ws).run(query="support questions", kind="datasets", k=2))["hits"]
     assert hits and hits[0]["id"] == fp and len(json.dumps(hits)) < 2000
+
+
+def test_a_missed_target_is_tried_again_within_the_budget_and_the_gate_judges_the_pick_once(base, tmp_path):
+    """The default configuration under-trains the tiny model; the offline trainer reads each attempt's curve
+    and validation perplexity and tries a higher learning rate, within the goal's 60 steps."""
+    from training.runs import Run
+
+    ws, base_dir = tmp_path / "ws", base[1]  # a fresh workspace: no memory of the module's other runs
+    result = run_goal_text(f"fine-tune the model {base_dir} on {FAQ} with LoRA rank 4 for 60 steps, trying up to 3 "
+                           "configurations, so that perplexity ends at least 1.5% below the base model", ws)
+    attempts = result["attempts"]
+    assert [a["met_on_validation"] for a in attempts] == [False, False, True]
+    assert sum(a["steps"] for a in attempts) <= 60 and attempts[1]["lr"] == pytest.approx(3 * attempts[0]["lr"])
+    assert result["attempts_ended"] == "the target is met on the validation split"
+    assert result["run_id"] == attempts[2]["run_id"] and result["gate"]["passed"] is True
+    # the picked attempt alone was evaluated on test and gated; the others were judged on validation only
+    assert [Run(ws, a["run_id"]).evaluation() is not None for a in attempts] == [False, False, True]
+    report = Run(ws, result["run_id"]).report_paths()[0].read_text()
+    assert "## Attempts" in report and "3 (picked)" in report
+    assert "attempt 2 was still improving at the end at lr 0.0006: three times it" in report
+
+
+def test_when_the_budget_is_spent_the_crew_stops_with_the_best_attempt_and_says_so(base, tmp_path):
+    ws, base_dir = tmp_path / "ws", base[1]
+    result = run_goal_text(f"fine-tune the model {base_dir} on {FAQ} with LoRA rank 4 for 40 steps, trying up to 2 "
+                           "configurations, so that perplexity ends at least 50% below the base model", ws)
+    attempts = result["attempts"]
+    assert len(attempts) == 2 and sum(a["steps"] for a in attempts) == 40 and not any(a["met_on_validation"] for a in attempts)
+    assert result["attempts_ended"] == "the step budget is spent (0 left)"
+    best = min(attempts, key=lambda a: a["val_perplexity"])
+    assert result["run_id"] == best["run_id"] and result["gate"]["passed"] is False

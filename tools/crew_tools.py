@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 from memory.store import MemoryStore
 from tools.base import RunTool, ToolArgs, WorkspaceTool
 from training.errors import InputError
-from training.runs import RUN_ID
+from training.contracts import TrainPlan
+from training.runs import RUN_ID, Run
 
 FINGERPRINT = r"^[0-9a-f]{16}$"
 
@@ -122,6 +123,7 @@ class EstimatePlanTool(PlanningTool):
 
 class TrainArgs(PlanArgs):
     steps: int | None = Field(None, ge=1, le=100_000, description="fewer steps than the goal's budget, if wanted")
+    reason: str | None = Field(None, max_length=200, description="why this configuration (shown in the report)")
 
 
 class TrainModelTool(PlanningTool):
@@ -130,19 +132,66 @@ class TrainModelTool(PlanningTool):
                         "budget, validating as it goes and keeping the best checkpoint. Returns the run's result.")
     args_schema: type[BaseModel] = TrainArgs
 
-    def act(self, fingerprint: str, lr: float | None = None, lora_rank: int | None = None, steps: int | None = None) -> dict:
-        from steps.train import train_planned
+    def act(self, fingerprint: str, lr: float | None = None, lora_rank: int | None = None, steps: int | None = None,
+            reason: str | None = None) -> dict:
+        from steps import train as attempts
 
         ctx = self.context
         plan, reused = self.plan(fingerprint, lr, lora_rank, steps)
-        already = ctx.result is not None  # one training run per crew run: a second call answers with the first
-        if not already:
-            ctx.plan, ctx.result = train_planned(self.workspace, ctx.run_id, plan, reused)  # a bar on stderr
-            ctx.reused_from = reused
+        if ctx.result is not None:  # a further configuration: only while the target is missed and the budget has room
+            left = attempts.budget_left(ctx.attempts[0]["budget"], ctx.attempts) if ctx.attempts else None
+            stop = attempts.why_stop(ctx.max_attempts, ctx.attempts, left) if ctx.attempts else "one training run per crew run"
+            if stop:
+                return {**self.answer(), "already_trained": True, "may_try_again": False, "why_not": stop}
+            plan = TrainPlan.model_validate({**plan.model_dump(), "budget": {
+                "steps": min(x for x in (plan.budget.steps, left["steps"]) if x is not None) if left["steps"] is not None else plan.budget.steps,
+                "minutes": left["minutes"] if left["minutes"] is not None else plan.budget.minutes}})
+        number = len(ctx.attempts) + 1
+        run_id = attempts.attempt_run_id(ctx.run_id, number)
+        plan, result = attempts.train_planned(self.workspace, run_id, plan, reused)  # a bar on stderr
+        ctx.trained[run_id] = (plan, result)
+        ctx.reused_from = ctx.reused_from or reused
+        if ctx.max_attempts > 1:
+            self.record_attempt(number, run_id, plan, result, reason)
+        else:
+            ctx.plan, ctx.result = plan, result
+        return self.answer()
+
+    def record_attempt(self, number: int, run_id: str, plan, result, reason: str | None) -> None:
+        """Judge the attempt on validation and pick the best so far (the evaluator gates that one, on test)."""
+        from steps import train as attempts
+        from training.plan_from_goal import budget_for
+
+        ctx = self.context
+        ppl, ctx.base_val_perplexity, threshold = attempts.on_validation(self.workspace, ctx.goal, plan, result,
+                                                                         ctx.base_val_perplexity)
+        why = f"{reason} (the agent, {ctx.author})" if reason else "the plan code made for the goal"
+        record = attempts.attempt_record(number, run_id, plan, result, ppl, threshold, why)
+        record["budget"] = budget_for(ctx.goal).model_dump()  # the goal's, shared by every attempt
+        ctx.attempts.append(record)
+        best = min(ctx.attempts, key=lambda a: (a["val_perplexity"] is None, a["val_perplexity"] or 0.0))
+        ctx.picked = None if best["run_id"] == ctx.run_id else best["run_id"]
+        ctx.plan, ctx.result = ctx.trained[best["run_id"]]
+        shown = [{k: v for k, v in a.items() if k != "budget"} | {"picked": a is best} for a in ctx.attempts]
+        Run(self.workspace, ctx.trained_run_id).write_attempts(shown)
+
+    def answer(self) -> dict:
+        from steps import train as attempts
+
+        ctx = self.context
         r = ctx.result
-        return {"run_id": r.run_id, "status": r.status, "message": r.message, "steps": r.steps, "best_step": r.best_step,
-                "best_val_loss": r.best_val_loss, "tokens_per_second": r.tokens_per_second,
-                "reused_from": ctx.reused_from, "already_trained": already}
+        out = {"run_id": r.run_id, "status": r.status, "message": r.message, "steps": r.steps, "best_step": r.best_step,
+               "best_val_loss": r.best_val_loss, "tokens_per_second": r.tokens_per_second, "reused_from": ctx.reused_from,
+               "already_trained": False}
+        if ctx.attempts:
+            last = ctx.attempts[-1]
+            left = attempts.budget_left(ctx.attempts[0]["budget"], ctx.attempts)
+            stop = attempts.why_stop(ctx.max_attempts, ctx.attempts, left)
+            out.update(attempt=last["attempt"], of=ctx.max_attempts, lr=last["lr"], curve=last["curve"],
+                       val_perplexity=last["val_perplexity"], threshold=last["threshold"],
+                       met_on_validation=last["met_on_validation"], budget_left=left, may_try_again=stop is None, why_not=stop,
+                       picked=ctx.trained_run_id)
+        return out
 
 
 # ---- evaluator ------------------------------------------------------------------------------------
@@ -166,10 +215,11 @@ class EvaluateModelTool(RunTool):
         self.this_run(run_id)
         already = ctx.evaluation is not None and ctx.verdict is not None  # a second call cannot re-draw the sample
         if not already:
-            ctx.evaluation, ctx.verdict = evaluate_and_gate(self.workspace, run_id, ctx.goal, ctx.eval_examples,
+            ctx.evaluation, ctx.verdict = evaluate_and_gate(self.workspace, ctx.trained_run_id, ctx.goal, ctx.eval_examples,
                                                             plan=self.need("plan"))
         shown = {k: v for k, v in ctx.evaluation.metrics.items() if not k.endswith("_loss")}
-        return {"run_id": run_id, "metrics": shown, "gate": ctx.verdict.model_dump(), "already_evaluated": already}
+        return {"run_id": run_id, "evaluated_run": ctx.trained_run_id, "metrics": shown, "gate": ctx.verdict.model_dump(),
+                "already_evaluated": already}
 
 
 class CompareWithHistoryTool(RunTool):
@@ -201,7 +251,8 @@ class WriteReportTool(RunTool):
     def act(self, run_id: str, lesson: str | None = None, narrative: str | None = None) -> dict:
         from steps.report import write_report
 
-        path = write_report(self.workspace, self.this_run(run_id), self.context.goal_text, self.need("plan").dataset,
+        self.this_run(run_id)
+        path = write_report(self.workspace, self.context.trained_run_id, self.context.goal_text, self.need("plan").dataset,
                             narrative, lesson, author=self.context.author)
         self.context.reported = True
         return {"report": str(path), "lesson_stored": bool(lesson)}

@@ -35,7 +35,7 @@ class RegisterModelTool(RunTool):
         ctx = self.context
         self.this_run(run_id)
         check_register(ctx.goal, ctx.verdict, model_name)
-        version, now = register_once(self.workspace, model_name, run_id)
+        version, now = register_once(self.workspace, model_name, ctx.trained_run_id)  # the attempt the gate judged
         ctx.registered = version.version
         return {"model_name": model_name, "version": version.version, "run_id": run_id, "registered_now": now,
                 "gate": "none" if version.gate is None else ("passed" if version.gate.passed else "failed")}

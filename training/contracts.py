@@ -263,6 +263,7 @@ class Goal(BaseModel):
     model_name: str | None = None
     lora: LoraSettings | None = None
     size: str | None = Field(None, description="pretrain: tiny, small or 124m")
+    attempts: int = Field(1, ge=1, le=5, description="training configurations the crew may try within the budget")
     notes: str = ""
 
     @model_validator(mode="after")

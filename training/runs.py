@@ -15,6 +15,7 @@ No other module builds a run's path or reads a run's file by hand (tests/test_ru
     lessons.jsonl      lessons stored about this run (memory's source of truth for them)
     trace.jsonl        every agent step and tool call of a crew run
     crew_result.json   the crew's one-object summary of the run
+    attempts.json      the configurations the crew tried before it picked this run (when it tried several)
     report.md, report.html
 
 Artefacts are written whole (temporary name, fsync, rename): a reader sees the old file or the new one.
@@ -157,6 +158,12 @@ class Run:
 
     def write_crew_result(self, payload: dict) -> None:
         self._write_json("crew_result.json", payload)
+
+    def attempts(self) -> list[dict]:
+        return self._read_json("attempts.json", {}).get("attempts", [])
+
+    def write_attempts(self, attempts: list[dict]) -> None:
+        self._write_json("attempts.json", {"attempts": attempts})
 
     def narrative(self) -> str | None:
         return self._read_json("narrative.json", {}).get("template")
