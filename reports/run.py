@@ -244,17 +244,19 @@ def plots(data: dict) -> list[tuple[str, str]]:
     return figures
 
 
-def render(workspace: Path, run_id: str, goal_text: str | None = None, narrative: str | None = None) -> tuple[Path, Path]:
+def render(workspace: Path, run_id: str, goal_text: str | None = None, narrative: str | None = None,
+           author: str = "unknown") -> tuple[Path, Path]:
     """Write report.md and report.html for `run_id`; returns their paths. A `narrative` (the evaluator's
-    template) is checked, kept in the run and used by every later render."""
+    template, written by `author`) is checked, kept in the run and used by every later render."""
     data = gather(workspace, run_id, goal_text)
     run = Run(workspace, run_id)
     if narrative is not None:
         narrative_text(narrative, data)  # refuse before anything is written
-        run.write_narrative(narrative)
+        run.write_narrative(narrative, author)
     saved = run.narrative()
     if saved is not None:
         data["narrative"] = narrative_text(saved, data)
+        data["narrative_author"] = run.narrative_author() or "unknown"
     md, html = run.report_paths()
     write_rendered(md, "report.md.j2", **data)
     write_rendered(html, "report.html.j2", **data, plots=plots(data))

@@ -12,7 +12,7 @@ def write_report(workspace: Path, run_id: str, goal_text: str | None, dataset: s
                  lesson: str | None = None, author: str = "unknown") -> Path:
     """Render report.md and report.html from the run's artefacts (refusing a narrative that carries its own
     numbers or contradicts the verdict) and store `lesson` under its `author`; returns the Markdown path."""
-    md, _ = render(Path(workspace), run_id, goal_text or None, narrative)
+    md, _ = render(Path(workspace), run_id, goal_text or None, narrative, author)
     if lesson:
         MemoryStore(workspace).add_lesson(lesson, run_id, dataset, author=author)
     return md

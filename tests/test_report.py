@@ -132,12 +132,14 @@ def test_the_narrative_gets_its_numbers_from_code_and_cannot_contradict_the_verd
         with pytest.raises(InputError, match=message):
             render(ws, failed, narrative=text)
     assert not (ws / "runs" / failed / "narrative.json").exists()  # a refused narrative leaves nothing behind
-    md, html = render(ws, failed, narrative="The run failed its gate: {metric} ended at {value} against {threshold}.")
+    md, html = render(ws, failed, narrative="The run failed its gate: {metric} ended at {value} against {threshold}.",
+                      author="gpt-test")
     ev = Evaluation.model_validate_json((ws / "runs" / failed / "evaluation.json").read_text())
     key = results["failed"]["metric"]
     expected = f"The run failed its gate: {key} ended at {ev.metrics[key]:.4g} against 1.5."
     assert expected in md.read_text() and expected in html.read_text()
     assert expected in render(ws, failed)[0].read_text()  # kept across re-renders
+    assert "Written by the evaluator (gpt-test)" in md.read_text()  # an LLM's words are shown as its own
     passed = results["passed"]["run_id"]
     with pytest.raises(InputError, match="it says the run failed, but the gate passed it"):
         render(ws, passed, narrative="It failed to improve on {base}.")

@@ -324,6 +324,7 @@ def test_deployer_tools_hold_the_goal_in_code_whatever_the_agent_asks(ws, tmp_pa
     assert call(register, model_name="support-bot", run_id="other")["error"].startswith("run_id: this crew's run is good")
     assert call(register, model_name="rival-bot", run_id="good")["error"].startswith("model_name: this goal deploys as support-bot")
     assert call(promote, model_name="support-bot", version="v1")["error"].startswith("promote: this run registered no version")
+    assert call(promote, model_name="rival-bot", version="v1")["error"].startswith("model_name: this goal deploys as support-bot")
     assert call(register, model_name="support-bot", run_id="good") == {
         "model_name": "support-bot", "version": "v1", "run_id": "good", "registered_now": True, "gate": "passed"}
     assert call(register, model_name="support-bot", run_id="good")["registered_now"] is False  # a retried step registers once

@@ -168,8 +168,12 @@ class Run:
     def narrative(self) -> str | None:
         return self._read_json("narrative.json", {}).get("template")
 
-    def write_narrative(self, template: str) -> None:
-        self._write_json("narrative.json", {"template": template})
+    def write_narrative(self, template: str, author: str = "unknown") -> None:
+        """Keep the evaluator's narrative with who wrote it (an LLM's text is data, shown as theirs)."""
+        self._write_json("narrative.json", {"template": template, "author": author})
+
+    def narrative_author(self) -> str | None:
+        return self._read_json("narrative.json", {}).get("author")
 
     def metrics_rows(self) -> list[dict]:
         return _jsonl(self.metrics_path)
