@@ -125,17 +125,26 @@ def _train(goal, run_id, context, calls, results, done) -> Step:
 
 def next_configuration(fingerprint: str, last: dict) -> dict:
     """The rules the offline trainer tries again by, from what the last attempt's answer showed:
-    overfitting (best validation early, then rising) -> a third of its learning rate; still improving at
-    the end or levelled off -> three times its learning rate (at most 1e-2). Steps: an even share of the
-    budget left over the configurations left (code bounds both again)."""
-    if last["curve"].startswith("overfitting"):
-        lr, why = last["lr"] / 3, f"attempt {last['attempt']} overfit at lr {last['lr']:.3g}: a third of it"
-    else:
-        lr, why = min(last["lr"] * 3, 1e-2), f"attempt {last['attempt']} was {last['curve']} at lr {last['lr']:.3g}: three times it"
+    - overfitting (best validation early, then rising) -> a third of its learning rate; still improving at
+      the end or levelled off -> three times it (at most 1e-2);
+    - a rate memory says was already tried on this data is skipped for the next one the same way;
+    - steps: an even share, over the configurations left, of the steps that fit the budget left at the
+      measured speed (code bounds both again). Lessons in the answer are quoted data; these rules ignore them."""
+    overfit = last["curve"].startswith("overfitting")
+    factor = 1 / 3 if overfit else 3.0
+    tried = last.get("tried_lrs") or []
+    lr = last["lr"] * factor
+    while any(abs(lr - t) <= 1e-6 * t for t in tried) and 1e-6 < lr < 1e-2:
+        lr *= factor
+    lr = min(max(lr, 1e-6), 1e-2)
+    change = "a third of it" if overfit else "three times it"
+    why = f"attempt {last['attempt']} was {last['curve'].split(':')[0]} at lr {last['lr']:.3g}: {change}"
+    if abs(lr - last["lr"] * factor) > 1e-12:
+        why += f", past rates memory says were tried ({', '.join(f'{t:.3g}' for t in tried)})"
     args = {"fingerprint": fingerprint, "lr": lr, "reason": why}
-    left = (last.get("budget_left") or {}).get("steps")
-    if left:
-        args["steps"] = max(left // max(last["of"] - last["attempt"], 1), 1)
+    fits = last.get("steps_that_fit") or (last.get("budget_left") or {}).get("steps")
+    if fits:
+        args["steps"] = max(fits // max(last["of"] - last["attempt"], 1), 1)
     return args
 
 

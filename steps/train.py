@@ -96,3 +96,23 @@ def attempt_record(number: int, run_id: str, plan: TrainPlan, result: RunResult,
             "minutes": round(result.wall_seconds / 60, 3), "status": result.status, "curve": curve,
             "val_perplexity": ppl, "threshold": threshold,
             "met_on_validation": threshold is not None and ppl is not None and ppl <= threshold, "why": why}
+
+
+def record_tried(workspace: Path, run_id: str, plan: TrainPlan, result: RunResult, ppl: float | None,
+                 base_ppl: float | None, val_records: int, fmt: str) -> None:
+    """An attempt enters memory as tried: a validation-only evaluation (no test metrics, no gate) in its run, so
+    later plans on similar data know this configuration and its validation perplexity. The attempt the gate
+    judges is evaluated in full later and replaces it."""
+    from datetime import datetime, timezone
+
+    from memory.store import MemoryStore
+    from training.contracts import Evaluation
+    from training.runs import Run
+
+    metrics = {k: v for k, v in (("val_perplexity", ppl), ("base_val_perplexity", base_ppl)) if v is not None}
+    evaluation = Evaluation(run_id=run_id, dataset=plan.dataset, format=fmt, base_model=plan.base_model or None,
+                            model_dir=result.best_dir or result.final_dir, metrics=metrics, examples={"val": val_records},
+                            samples=[], general_corpus="", seconds=0.0,
+                            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    Run(workspace, run_id).write_evaluation(evaluation)
+    MemoryStore(workspace).add_evaluation(evaluation, plan)

@@ -261,8 +261,13 @@ def test_a_missed_target_is_tried_again_within_the_budget_and_the_gate_judges_th
     assert sum(a["steps"] for a in attempts) <= 60 and attempts[1]["lr"] == pytest.approx(3 * attempts[0]["lr"])
     assert result["attempts_ended"] == "the target is met on the validation split"
     assert result["run_id"] == attempts[2]["run_id"] and result["gate"]["passed"] is True
-    # the picked attempt alone was evaluated on test and gated; the others were judged on validation only
-    assert [Run(ws, a["run_id"]).evaluation() is not None for a in attempts] == [False, False, True]
+    # the picked attempt alone was evaluated on test and gated; the others were judged on validation only ...
+    runs = [Run(ws, a["run_id"]) for a in attempts]
+    assert ["test_perplexity" in r.evaluation().metrics for r in runs] == [False, False, True]
+    assert [r.gate() is not None for r in runs] == [False, False, True]
+    # ... and every attempt is in memory as tried, with its learning rate
+    tried = {p.run_id: p.plan.lr for p in MemoryStore(ws).history(fingerprint=runs[2].plan().dataset)}
+    assert tried == {a["run_id"]: pytest.approx(a["lr"]) for a in attempts}
     report = Run(ws, result["run_id"]).report_paths()[0].read_text()
     assert "## Attempts" in report and "3 (picked)" in report
     assert "attempt 2 was still improving at the end at lr 0.0006: three times it" in report
@@ -277,3 +282,18 @@ def test_when_the_budget_is_spent_the_crew_stops_with_the_best_attempt_and_says_
     assert result["attempts_ended"] == "the step budget is spent (0 left)"
     best = min(attempts, key=lambda a: a["val_perplexity"])
     assert result["run_id"] == best["run_id"] and result["gate"]["passed"] is False
+
+
+def test_the_offline_trainer_skips_rates_memory_says_were_tried_and_sizes_steps_to_the_budget():
+    from llm.offline import next_configuration
+
+    improving = {"attempt": 1, "of": 3, "lr": 2e-4, "curve": "still improving at the end", "steps_that_fit": 40,
+                 "tried_lrs": [2e-4, 6e-4]}
+    chosen = next_configuration("f" * 16, improving)
+    assert chosen["lr"] == pytest.approx(1.8e-3) and chosen["steps"] == 20  # 6e-4 was tried: on to 1.8e-3; 40 over 2
+    assert "past rates memory says were tried (0.0002, 0.0006)" in chosen["reason"]
+    overfit = {**improving, "attempt": 2, "lr": 9e-4, "curve": "overfitting: validation loss was best early and then rose",
+               "tried_lrs": [], "steps_that_fit": 12}
+    chosen = next_configuration("f" * 16, overfit)
+    assert chosen["lr"] == pytest.approx(3e-4) and chosen["steps"] == 12
+    assert chosen["reason"] == "attempt 2 was overfitting at lr 0.0009: a third of it"

@@ -166,6 +166,8 @@ class TrainModelTool(PlanningTool):
         ppl, ctx.base_val_perplexity, threshold = attempts.on_validation(self.workspace, ctx.goal, plan, result,
                                                                          ctx.base_val_perplexity)
         why = f"{reason} (the agent, {ctx.author})" if reason else "the plan code made for the goal"
+        attempts.record_tried(self.workspace, run_id, plan, result, ppl, ctx.base_val_perplexity,
+                              ctx.summary.splits.get("val", 0), ctx.summary.format)
         record = attempts.attempt_record(number, run_id, plan, result, ppl, threshold, why)
         record["budget"] = budget_for(ctx.goal).model_dump()  # the goal's, shared by every attempt
         ctx.attempts.append(record)
@@ -191,7 +193,24 @@ class TrainModelTool(PlanningTool):
                        val_perplexity=last["val_perplexity"], threshold=last["threshold"],
                        met_on_validation=last["met_on_validation"], budget_left=left, may_try_again=stop is None, why_not=stop,
                        picked=ctx.trained_run_id)
+            if stop is None:
+                out.update(self.what_else_is_known(last, left))
         return out
+
+    def what_else_is_known(self, last: dict, left: dict) -> dict:
+        """For choosing the next configuration: the learning rates memory knows were tried on this (or the same)
+        data, its lessons (quoted data), and how many steps fit the budget left at the measured speed."""
+        from steps.evaluate import quoted_lesson
+
+        ctx = self.context
+        store = MemoryStore(self.workspace)
+        best = store.best_known_config(ctx.summary)
+        lessons = store.search(f"lessons about {ctx.summary.fingerprint}", "lessons", k=3) if store.count("lessons") else []
+        seconds_per_step = last["minutes"] * 60 / max(last["steps"], 1)
+        fits = [x for x in (left["steps"], int(left["minutes"] * 60 / seconds_per_step) if left["minutes"] else None)
+                if x is not None]
+        return {"tried_lrs": best.tried_lrs if best else [], "lessons": [quoted_lesson(h) for h in lessons],
+                "seconds_per_step": round(seconds_per_step, 3), "steps_that_fit": min(fits) if fits else None}
 
 
 # ---- evaluator ------------------------------------------------------------------------------------
