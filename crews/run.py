@@ -99,11 +99,9 @@ def collect(context, crew_seconds: float, trace, llm_name: str, parse_seconds: f
 
 def attempts_ended(context) -> str | None:
     """Why the crew tried no further configuration (None when the goal allowed one)."""
-    from steps.train import budget_left, why_stop
+    from steps.train import attempts_left
 
-    if not context.attempts:
-        return None
-    return why_stop(context.max_attempts, context.attempts, budget_left(context.attempts[0]["budget"], context.attempts))
+    return attempts_left(context.goal, context.max_attempts, context.attempts)[1] if context.attempts else None
 
 
 def run_goal_text(goal_text: str, workspace: Path, llm: str | None = None, base_url: str | None = None, echo=None) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.contracts import RunResult, TrainPlan
+from training.contracts import Budget, RunResult, TrainPlan
 from training.loop import train
 from training.runs import Run
 
@@ -70,6 +70,21 @@ def budget_left(budget: dict, attempts: list[dict]) -> dict:
     steps = None if budget.get("steps") is None else budget["steps"] - sum(a["steps"] for a in attempts)
     minutes = None if budget.get("minutes") is None else budget["minutes"] - sum(a["minutes"] for a in attempts)
     return {"steps": steps, "minutes": None if minutes is None else round(minutes, 2)}
+
+
+def attempts_left(goal, max_attempts: int, attempts: list[dict]) -> tuple[dict, str | None]:
+    """(the goal's budget not yet spent by the attempts, why no further attempt is allowed or None)."""
+    from training.plan_from_goal import budget_for
+
+    left = budget_left(budget_for(goal).model_dump(), attempts)
+    return left, why_stop(max_attempts, attempts, left) if attempts else "one training run per crew run"
+
+
+def within(budget: Budget, left: dict) -> Budget:
+    """`budget` cut down to what is left of the goal's."""
+    steps = budget.steps if left["steps"] is None else min(budget.steps or left["steps"], left["steps"])
+    minutes = budget.minutes if left["minutes"] is None else min(budget.minutes or left["minutes"], left["minutes"])
+    return Budget(steps=steps, minutes=minutes, tokens=budget.tokens)
 
 
 def why_stop(max_attempts: int, attempts: list[dict], left: dict) -> str | None:

@@ -139,13 +139,10 @@ class TrainModelTool(PlanningTool):
         ctx = self.context
         plan, reused = self.plan(fingerprint, lr, lora_rank, steps)
         if ctx.result is not None:  # a further configuration: only while the target is missed and the budget has room
-            left = attempts.budget_left(ctx.attempts[0]["budget"], ctx.attempts) if ctx.attempts else None
-            stop = attempts.why_stop(ctx.max_attempts, ctx.attempts, left) if ctx.attempts else "one training run per crew run"
+            left, stop = attempts.attempts_left(ctx.goal, ctx.max_attempts, ctx.attempts)
             if stop:
                 return {**self.answer(), "already_trained": True, "may_try_again": False, "why_not": stop}
-            plan = TrainPlan.model_validate({**plan.model_dump(), "budget": {
-                "steps": min(x for x in (plan.budget.steps, left["steps"]) if x is not None) if left["steps"] is not None else plan.budget.steps,
-                "minutes": left["minutes"] if left["minutes"] is not None else plan.budget.minutes}})
+            plan = TrainPlan.model_validate({**plan.model_dump(), "budget": attempts.within(plan.budget, left).model_dump()})
         number = len(ctx.attempts) + 1
         run_id = attempts.attempt_run_id(ctx.run_id, number)
         plan, result = attempts.train_planned(self.workspace, run_id, plan, reused)  # a bar on stderr
@@ -160,7 +157,6 @@ class TrainModelTool(PlanningTool):
     def record_attempt(self, number: int, run_id: str, plan, result, reason: str | None) -> None:
         """Judge the attempt on validation and pick the best so far (the evaluator gates that one, on test)."""
         from steps import train as attempts
-        from training.plan_from_goal import budget_for
 
         ctx = self.context
         ppl, ctx.base_val_perplexity, threshold = attempts.on_validation(self.workspace, ctx.goal, plan, result,
@@ -168,14 +164,11 @@ class TrainModelTool(PlanningTool):
         why = f"{reason} (the agent, {ctx.author})" if reason else "the plan code made for the goal"
         attempts.record_tried(self.workspace, run_id, plan, result, ppl, ctx.base_val_perplexity,
                               ctx.summary.splits.get("val", 0), ctx.summary.format)
-        record = attempts.attempt_record(number, run_id, plan, result, ppl, threshold, why)
-        record["budget"] = budget_for(ctx.goal).model_dump()  # the goal's, shared by every attempt
-        ctx.attempts.append(record)
+        ctx.attempts.append(attempts.attempt_record(number, run_id, plan, result, ppl, threshold, why))
         best = min(ctx.attempts, key=lambda a: (a["val_perplexity"] is None, a["val_perplexity"] or 0.0))
         ctx.picked = None if best["run_id"] == ctx.run_id else best["run_id"]
         ctx.plan, ctx.result = ctx.trained[best["run_id"]]
-        shown = [{k: v for k, v in a.items() if k != "budget"} | {"picked": a is best} for a in ctx.attempts]
-        Run(self.workspace, ctx.trained_run_id).write_attempts(shown)
+        Run(self.workspace, ctx.trained_run_id).write_attempts([{**a, "picked": a is best} for a in ctx.attempts])
 
     def answer(self) -> dict:
         from steps import train as attempts
@@ -187,8 +180,7 @@ class TrainModelTool(PlanningTool):
                "already_trained": False}
         if ctx.attempts:
             last = ctx.attempts[-1]
-            left = attempts.budget_left(ctx.attempts[0]["budget"], ctx.attempts)
-            stop = attempts.why_stop(ctx.max_attempts, ctx.attempts, left)
+            left, stop = attempts.attempts_left(ctx.goal, ctx.max_attempts, ctx.attempts)
             out.update(attempt=last["attempt"], of=ctx.max_attempts, lr=last["lr"], curve=last["curve"],
                        val_perplexity=last["val_perplexity"], threshold=last["threshold"],
                        met_on_validation=last["met_on_validation"], budget_left=left, may_try_again=stop is None, why_not=stop,
