@@ -18,6 +18,7 @@ from crews.loop_state import (LoopState, Round, Trigger, add_to_pool, clear, loo
 from training.contracts import Goal
 from training.data.store import load_contamination, load_summary, write_jsonl
 from training.errors import InputError
+from steps.evaluate import production
 from training.gate import lower_is_better
 
 
@@ -68,17 +69,6 @@ def round_dir(workspace: Path, r: Round) -> Path:
 def round_goal(workspace: Path, state: LoopState, r: Round) -> Goal:
     """The loop's goal, on this round's data."""
     return state.goal.model_copy(update={"data": str(round_dir(workspace, r) / "data.jsonl")})
-
-
-def production(workspace: Path, goal: Goal):
-    """(version, path) of the goal's model in production, or (None, None)."""
-    from serving.registry import Registry
-
-    try:
-        _, version, path = Registry(workspace).resolve(f"{goal.model_name}@production")
-    except InputError:
-        return None, None
-    return version, path
 
 
 # ---- the check: is there a reason for a round? ------------------------------------------------------

@@ -38,15 +38,23 @@ def evaluate_and_gate(workspace: Path, run_id: str, goal: Goal | None = None, ma
     return evaluation, verdict
 
 
+def production(workspace: Path, goal: Goal):
+    """(version, path) of the goal's model in production, or (None, None) when nothing is there yet."""
+    if not goal.model_name:
+        return None, None
+    try:
+        _, version, path = Registry(workspace).resolve(f"{goal.model_name}@production")
+    except InputError:
+        return None, None
+    return version, path
+
+
 def score_production(workspace: Path, goal: Goal, plan: TrainPlan, max_examples: int) -> dict[str, float] | None:
     """Production's metrics on this run's evaluation set, or None when the goal deploys nowhere or nothing is there yet."""
-    if not goal.model_name or goal.deploy == "never":
+    if goal.deploy == "never":
         return None
-    try:
-        _, _, path = Registry(workspace).resolve(f"{goal.model_name}@production")
-    except InputError:
-        return None  # nothing in production yet: the gate compares with the base and says so
-    return score_directory(workspace, path, plan.dataset, plan.seq_len, max_examples)
+    _, path = production(workspace, goal)  # nothing in production yet: the gate compares with the base and says so
+    return None if path is None else score_directory(workspace, path, plan.dataset, plan.seq_len, max_examples)
 
 
 def compare_with_history(workspace: Path, evaluation: Evaluation, metric: str) -> dict:

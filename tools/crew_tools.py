@@ -137,11 +137,13 @@ class TrainModelTool(PlanningTool):
         from steps import train as attempts
 
         ctx = self.context
-        plan, reused = self.plan(fingerprint, lr, lora_rank, steps)
+        left = None
         if ctx.result is not None:  # a further configuration: only while the target is missed and the budget has room
             left, stop = attempts.attempts_left(ctx.goal, ctx.max_attempts, ctx.attempts)
             if stop:
                 return {**self.answer(), "already_trained": True, "may_try_again": False, "why_not": stop}
+        plan, reused = self.plan(fingerprint, lr, lora_rank, steps)
+        if left is not None:
             plan = TrainPlan.model_validate({**plan.model_dump(), "budget": attempts.within(plan.budget, left).model_dump()})
         number = len(ctx.attempts) + 1
         run_id = attempts.attempt_run_id(ctx.run_id, number)
