@@ -130,17 +130,18 @@ def plan_command(
         from training.estimate import estimate
 
         parsed = parse_goal(goal, check_workspace(workspace))
-        plan, estimated = None, None
+        plan, estimated, fit = None, None, None
         if parsed.task != "evaluate":
             if with_estimate:
-                summary = curate_to_workspace(parsed.data, workspace, format=parsed.format).summary
+                curated = curate_to_workspace(parsed.data, workspace, format=parsed.format)
             else:
-                summary = curate(parsed.data, format=parsed.format).summary  # in memory: the fingerprint and format
-            plan, _ = plan_goal(workspace, parsed, summary, use_memory=False)
+                curated = curate(parsed.data, format=parsed.format)  # in memory: the fingerprint, format and splits
+            plan, _, fit = plan_goal(workspace, parsed, curated.summary, use_memory=False,
+                                     train_records=curated.splits["train"], convert=with_estimate)
             if with_estimate:
                 estimated = estimate(plan, workspace, measure_steps=2).model_dump()
         payload = {"goal": parsed.model_dump(mode="json"), "plan": plan.model_dump(mode="json") if plan else None,
-                   "estimate": estimated}
+                   "records_fit": fit.sentence("training", plan.seq_len) if fit else None, "estimate": estimated}
         if as_json:
             emit_json(payload)
         console(as_json).print_json(json.dumps(payload))

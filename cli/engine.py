@@ -78,7 +78,7 @@ def estimate_command(
 
 def eval_command(
     run_id: Annotated[str, typer.Argument(help="The run to evaluate (runs/<run_id>/).")],
-    max_examples: Annotated[int, typer.Option("--max-examples", min=1, max=10_000, help="Test examples to answer.")] = 24,
+    max_examples: Annotated[Optional[int], typer.Option("--max-examples", min=1, max=100_000, help="At most this many test records for the task metrics (default: the whole test split).")] = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     as_json: Json = False,
     debug: Debug = False,

@@ -23,7 +23,7 @@ class RunContext:
     goal_text: str
     run_id: str
     author: str = "offline"  # who drives the agents (the --llm): text they write is stored under this name
-    eval_examples: int = 24  # test examples the task metrics are scored on: set by code, never by an agent
+    eval_examples: int | None = None  # test records the task metrics score (None: all); set by code, never by an agent
     use_memory: bool = True  # False: plan as if no earlier run existed (the memory benchmark's baseline)
     warm_start: str | None = None  # the retraining loop starts from production's weights
     related: list[str] = field(default_factory=list)  # earlier versions of this data (their eval records are its own)

@@ -9,12 +9,12 @@ from serving.registry import Registry
 from training.contracts import Evaluation, GateVerdict, Goal, TrainPlan
 from training.data.store import load_contamination
 from training.errors import InputError
-from training.evaluate import evaluate_run, score_directory
+from training.evaluate import Scores, add_reference, evaluate_run, forgetting_corpus, score_directory
 from training.gate import gate, lower_is_better, metric_key
 from training.runs import Run
 
 
-def evaluate_and_gate(workspace: Path, run_id: str, goal: Goal | None = None, max_examples: int = 24,
+def evaluate_and_gate(workspace: Path, run_id: str, goal: Goal | None = None, max_examples: int | None = None,
                       plan: TrainPlan | None = None) -> tuple[Evaluation, GateVerdict | None]:
     """Score the run's best model beside its base; with a goal, also beside production (when the goal deploys
     to a model that has one) and judge it with the gate. The run keeps evaluation.json and gate.json, and
@@ -25,13 +25,12 @@ def evaluate_and_gate(workspace: Path, run_id: str, goal: Goal | None = None, ma
     if goal is None:
         verdict = run.gate()
     else:
-        production = score_production(workspace, goal, plan, max_examples)
-        key = metric_key(goal.metric, evaluation.metrics)
-        if production is not None and key in production:
-            evaluation.metrics[f"production_{key}"] = production[key]
+        production = score_production(workspace, goal, plan, max_examples, evaluation)
+        if production is not None:  # production on the same records, paired with the candidate
+            add_reference(evaluation, "production", evaluation.per_record["candidate"], production.values)
             run.write_evaluation(evaluation)
         contaminated = len(load_contamination(workspace, plan.dataset) or [])
-        verdict = gate(goal, evaluation, production, contaminated)
+        verdict = gate(goal, evaluation, None, contaminated)
         run.write_gate(verdict)
     deployment = run.deployment()
     MemoryStore(workspace).add_evaluation(evaluation, plan, verdict, bool(deployment and deployment.deployed))
@@ -49,12 +48,27 @@ def production(workspace: Path, goal: Goal):
     return version, path
 
 
-def score_production(workspace: Path, goal: Goal, plan: TrainPlan, max_examples: int) -> dict[str, float] | None:
-    """Production's metrics on this run's evaluation set, or None when the goal deploys nowhere or nothing is there yet."""
+def score_production(workspace: Path, goal: Goal, plan: TrainPlan, max_examples: int | None,
+                     evaluation: Evaluation) -> Scores | None:
+    """Production's per-record scores on this run's evaluation set (the same records, the same forgetting
+    corpus), or None when the goal deploys nowhere or nothing is there yet."""
     if goal.deploy == "never":
         return None
     _, path = production(workspace, goal)  # nothing in production yet: the gate compares with the base and says so
-    return None if path is None else score_directory(workspace, path, plan.dataset, plan.seq_len, max_examples)
+    if path is None:
+        return None
+    forgetting, _ = forgetting_corpus(workspace, _reference_dir(evaluation))
+    return score_directory(workspace, path, plan.dataset, plan.seq_len, max_examples, forgetting)
+
+
+def _reference_dir(evaluation: Evaluation) -> str | None:
+    import json
+
+    lineage = Path(evaluation.model_dir) / "lineage.json"
+    if not lineage.exists():
+        return None
+    data = json.loads(lineage.read_text(encoding="utf-8"))
+    return data.get("reference_dir") or data.get("base_dir")
 
 
 def compare_with_history(workspace: Path, evaluation: Evaluation, metric: str) -> dict:

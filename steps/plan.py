@@ -1,19 +1,25 @@
-"""The training plan for a goal: code's defaults, memory's best config on similar data, bounded overrides."""
+"""The training plan for a goal: code's defaults, memory's best config on similar data, bounded overrides,
+and a sequence length measured on the data with the base's own tokenizer."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from memory.store import MemoryStore
+from training.batches import Fit, fit_records, read_split, render_chat, to_messages
 from training.contracts import DatasetSummary, Goal, TrainPlan
-from training.plan_from_goal import plan_for
+from training.data.store import datasets_dir
+from training.plan_from_goal import plan_for, seq_len_for
 
 
 def plan_goal(workspace: Path, goal: Goal, summary: DatasetSummary, *, use_memory: bool = True,
               warm_start: str | None = None, lr: float | None = None, lora_rank: int | None = None,
-              steps: int | None = None) -> tuple[TrainPlan, str | None]:
-    """(plan, the earlier run whose settings it took). `lr`, `lora_rank` and `steps` are an agent's
-    overrides, already bounded by its tool's schema; `steps` never goes beyond the goal's budget."""
+              steps: int | None = None, train_records: list[dict] | None = None,
+              convert: bool = True) -> tuple[TrainPlan, str | None, Fit | None]:
+    """(plan, the earlier run whose settings it took, how the training records fit its seq_len).
+    `lr`, `lora_rank` and `steps` are an agent's overrides, already bounded by its tool's schema; `steps`
+    never goes beyond the goal's budget. `train_records` default to the curated dataset's train split;
+    `convert=False` measures only when the base is already a local checkpoint (nothing is written)."""
     best = MemoryStore(workspace).best_known_config(summary) if goal.task == "finetune" and use_memory else None
     plan, reused = plan_for(goal, summary, best)
     update: dict = {"init_from": warm_start} if warm_start else {}
@@ -23,4 +29,32 @@ def plan_goal(workspace: Path, goal: Goal, summary: DatasetSummary, *, use_memor
         update["lora"] = plan.lora.model_copy(update={"rank": lora_rank, "alpha": 2 * lora_rank})
     if steps is not None:
         update["budget"] = plan.budget.model_copy(update={"steps": min(steps, plan.budget.steps or steps)})
-    return TrainPlan.model_validate(plan.model_copy(update=update).model_dump()), reused  # re-check the plan's rules
+    fit = None
+    tokenizer, context = _base_tokenizer(workspace, plan, convert) if summary.format != "text" else (None, None)
+    if tokenizer is not None:
+        if train_records is None:
+            train_records = read_split(datasets_dir(workspace) / summary.fingerprint, "train")
+        lengths = [len(render_chat(tokenizer, to_messages(r, summary.format))) for r in train_records]
+        update["seq_len"] = seq_len_for(lengths, context)
+        fit = fit_records(tokenizer, train_records, summary.format, update["seq_len"])[1]
+    plan = TrainPlan.model_validate(plan.model_copy(update=update).model_dump())  # re-check the plan's rules
+    return plan, reused, fit
+
+
+def _base_tokenizer(workspace: Path, plan: TrainPlan, convert: bool):
+    """(tokenizer, context length) of a fine-tuning plan's base, or (None, None) when it is not at hand."""
+    if plan.task != "finetune":
+        return None, None
+    import json
+
+    from transformers import AutoTokenizer
+
+    from training.models import EMBEDDED, base_dir
+
+    if not convert:
+        local = Path(workspace) / "models" / "base" / plan.base_model if plan.base_model in EMBEDDED else Path(plan.base_model)
+        if not local.is_dir():
+            return None, None
+    path = base_dir(plan.base_model, workspace)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return AutoTokenizer.from_pretrained(str(path)), config.get("max_position_embeddings")

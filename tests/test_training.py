@@ -136,7 +136,7 @@ def test_chat_loss_mask_covers_only_assistant_tokens(tiny_base):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
                 {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
                 {"role": "assistant", "content": "See you."}]
-    ex = supervised_example(tok, messages, seq_len=512)
+    ex = supervised_example(tok, messages)
     assert len(ex.input_ids) == len(ex.labels)
     trained = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != IGNORE]
     assert [lab for lab in ex.labels if lab != IGNORE] == trained

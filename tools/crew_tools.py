@@ -114,9 +114,10 @@ class EstimatePlanTool(PlanningTool):
     def act(self, fingerprint: str, lr: float | None = None, lora_rank: int | None = None) -> dict:
         from training.estimate import estimate
 
-        plan, reused = self.plan(fingerprint, lr, lora_rank)
+        plan, reused, fit = self.plan(fingerprint, lr, lora_rank)
         est = estimate(plan, Path(self.workspace), measure_steps=0)
         return {"plan": plan.model_dump(mode="json", exclude_defaults=True), "reused_from": reused,
+                "records_fit": fit.sentence("training", plan.seq_len) if fit else None,
                 "trainable_params": est.trainable_params, "total_params": est.total_params,
                 "memory_gb": {k: round(v, 2) for k, v in est.memory_gb.items()}}
 
@@ -142,7 +143,7 @@ class TrainModelTool(PlanningTool):
             left, stop = attempts.attempts_left(ctx.goal, ctx.max_attempts, ctx.attempts)
             if stop:
                 return {**self.answer(), "already_trained": True, "may_try_again": False, "why_not": stop}
-        plan, reused = self.plan(fingerprint, lr, lora_rank, steps)
+        plan, reused, _ = self.plan(fingerprint, lr, lora_rank, steps)
         if left is not None:
             plan = TrainPlan.model_validate({**plan.model_dump(), "budget": attempts.within(plan.budget, left).model_dump()})
         number = len(ctx.attempts) + 1
@@ -178,6 +179,7 @@ class TrainModelTool(PlanningTool):
         ctx = self.context
         r = ctx.result
         out = {"run_id": r.run_id, "status": r.status, "message": r.message, "steps": r.steps, "best_step": r.best_step,
+               "records": r.records,
                "best_val_loss": r.best_val_loss, "tokens_per_second": r.tokens_per_second, "reused_from": ctx.reused_from,
                "already_trained": False}
         if ctx.attempts:

@@ -6,6 +6,10 @@
   the assistant's tokens, so the loss is only on responses;
 - classification: label generation — the text is the prompt and the label the response.
 
+A record longer than `seq_len` is cut in its input, never in its answer: the text, prompt or earliest
+turns lose their tail until the whole fits (`fit_record`); a record whose answer alone does not fit is
+dropped. `Fit` counts both per split, so nothing is lost in silence.
+
 `BatchStream` yields batches in an order fixed by (seed, epoch), and its position is two integers,
 so a resumed run continues exactly where the killed one stopped.
 """
@@ -29,6 +33,32 @@ class Example:
 
     input_ids: np.ndarray
     labels: np.ndarray
+    record: int = -1  # index of the record it came from (-1: a packed window of several)
+
+
+@dataclass
+class Fit:
+    """How one split's records fit `seq_len`: whole, cut (their input shortened) or dropped (the answer
+    alone is longer), and how many input tokens the cuts removed."""
+
+    records: int = 0
+    whole: int = 0
+    cut: int = 0
+    dropped: int = 0
+    cut_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+    def sentence(self, split: str, seq_len: int) -> str:
+        if not self.cut and not self.dropped:
+            return f"all {self.records} {split} records fit {seq_len} tokens whole"
+        parts = [f"{self.whole} of {self.records} {split} records fit {seq_len} tokens whole"]
+        if self.cut:
+            parts.append(f"{self.cut} had their input cut ({self.cut_tokens} tokens in all; answers kept)")
+        if self.dropped:
+            parts.append(f"{self.dropped} were dropped (the answer alone is longer)")
+        return ", ".join(parts)
 
 
 def read_split(dataset_dir: Path, split: str) -> list[dict]:
@@ -61,7 +91,7 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     return list(out)
 
 
-def supervised_example(tokenizer, messages: list[dict], seq_len: int) -> Example:
+def supervised_example(tokenizer, messages: list[dict], record: int = -1) -> Example:
     """Token ids of a conversation with labels only on assistant turns (found by rendering prefixes)."""
     ids = render_chat(tokenizer, messages)
     labels = [IGNORE] * len(ids)
@@ -71,7 +101,72 @@ def supervised_example(tokenizer, messages: list[dict], seq_len: int) -> Example
         start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
         end = len(render_chat(tokenizer, messages[: i + 1]))
         labels[start:end] = ids[start:end]
-    return Example(np.asarray(ids[:seq_len], dtype=np.int32), np.asarray(labels[:seq_len], dtype=np.int32))
+    return Example(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32), record)
+
+
+INPUT_FIELD = {"classification": "text", "pairs": "prompt"}
+
+
+def fit_record(tokenizer, record: dict, fmt: str, seq_len: int) -> tuple[dict | None, int]:
+    """`record` with its input cut so that its rendered conversation fits `seq_len` tokens, and the number
+    of input tokens cut; (None, 0) when even an empty input leaves no room for the answer.
+
+    classification and pairs lose the tail of their text or prompt; chat loses its earliest turns
+    (a system message stays) and then the tail of its last user turn. Answers are never cut."""
+    overflow = len(render_chat(tokenizer, to_messages(record, fmt))) - seq_len
+    if overflow <= 0:
+        return record, 0
+    cut = 0
+    if fmt == "chat":
+        messages = list(record["messages"])
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        while overflow > 0 and first < last_user:  # whole earlier turns go first: the last exchange is what is learned
+            dropped = messages.pop(first)
+            last_user -= 1
+            cut += len(tokenizer(dropped["content"], add_special_tokens=False)["input_ids"])
+            overflow = len(render_chat(tokenizer, messages)) - seq_len
+        record = {**record, "messages": messages}
+        if overflow <= 0:
+            return record, cut
+        if last_user < 0:
+            return None, 0
+    for _ in range(4):  # re-tokenising a cut text can shift a token or two: converge in a few tries
+        if fmt == "chat":
+            content = record["messages"][last_user]["content"]
+        else:
+            content = record[INPUT_FIELD[fmt]]
+        ids = tokenizer(content, add_special_tokens=False)["input_ids"]
+        keep = len(ids) - overflow
+        if keep < 1:
+            return None, 0
+        shorter = tokenizer.decode(ids[:keep])
+        cut += len(ids) - keep
+        if fmt == "chat":
+            messages = list(record["messages"])
+            messages[last_user] = {**messages[last_user], "content": shorter}
+            record = {**record, "messages": messages}
+        else:
+            record = {**record, INPUT_FIELD[fmt]: shorter}
+        overflow = len(render_chat(tokenizer, to_messages(record, fmt))) - seq_len
+        if overflow <= 0:
+            return record, cut
+    return None, 0
+
+
+def fit_records(tokenizer, records: list[dict], fmt: str, seq_len: int) -> tuple[list[tuple[int, dict]], Fit]:
+    """(index, fitted record) for every record that fits `seq_len` whole or cut, and the count of each."""
+    fit, kept = Fit(records=len(records)), []
+    for i, r in enumerate(records):
+        fitted, cut = fit_record(tokenizer, r, fmt, seq_len)
+        if fitted is None:
+            fit.dropped += 1
+            continue
+        fit.cut += fitted is not r
+        fit.whole += fitted is r
+        fit.cut_tokens += cut
+        kept.append((i, fitted))
+    return kept, fit
 
 
 def packed_examples(tokenizer, texts: list[str], seq_len: int) -> list[Example]:
@@ -86,10 +181,17 @@ def packed_examples(tokenizer, texts: list[str], seq_len: int) -> list[Example]:
 
 
 def build_examples(tokenizer, records: list[dict], fmt: str, seq_len: int) -> list[Example]:
+    return fitted_examples(tokenizer, records, fmt, seq_len)[0]
+
+
+def fitted_examples(tokenizer, records: list[dict], fmt: str, seq_len: int) -> tuple[list[Example], Fit]:
+    """The training sequences of `records` and how they fit (text is packed: its records are never cut
+    one by one; only the tail shorter than one window is left out)."""
     if fmt == "text":
-        return packed_examples(tokenizer, [r["text"] for r in records], seq_len)
-    examples = [supervised_example(tokenizer, to_messages(r, fmt), seq_len) for r in records]
-    return [e for e in examples if (e.labels != IGNORE).any()]  # truncation may cut the whole answer
+        examples = packed_examples(tokenizer, [r["text"] for r in records], seq_len)
+        return examples, Fit(records=len(records), whole=len(records))
+    kept, fit = fit_records(tokenizer, records, fmt, seq_len)
+    return [supervised_example(tokenizer, to_messages(r, fmt), i) for i, r in kept], fit
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

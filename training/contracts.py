@@ -181,10 +181,34 @@ class RunResult(BaseModel):
     total_params: int
     final_dir: str
     best_dir: str | None
+    records: dict[str, dict[str, int]] = Field(default_factory=dict, description=(
+        "per split (train, val): records, whole, cut (input shortened to fit seq_len), dropped, cut_tokens"))
+
+
+class Interval(BaseModel):
+    """A metric's two-sided bootstrap interval at the evaluation's confidence, over `n` records."""
+
+    n: int
+    low: float
+    high: float
+
+
+class Comparison(BaseModel):
+    """Candidate vs a reference model on the same records (paired): a difference, or for perplexity a
+    relative change (candidate / reference − 1), with its interval."""
+
+    kind: Literal["difference", "ratio"]
+    change: float
+    low: float
+    high: float
+    n: int
 
 
 class Evaluation(BaseModel):
-    """How a trained model did, each number beside its baseline (`runs/<run_id>/evaluation.json`)."""
+    """How a trained model did, each number beside its baseline (`runs/<run_id>/evaluation.json`).
+
+    `per_record` keeps every model's per-record scores (`[summed loss, tokens]` per record for
+    perplexities), so intervals, comparisons and the gate's verdict can be recomputed from the file."""
 
     run_id: str
     dataset: str
@@ -192,11 +216,19 @@ class Evaluation(BaseModel):
     base_model: str | None
     model_dir: str
     metrics: dict[str, float] = Field(description="val/test/general perplexity, task metrics; base_* for the base model")
-    examples: dict[str, int] = Field(description="examples scored per split")
+    examples: dict[str, int] = Field(description="records scored per split")
     samples: list[dict] = Field(description="validation prompts: reference, base answer, candidate answer")
-    general_corpus: str
+    general_corpus: str = Field(description="what the forgetting check (general_perplexity) was measured on")
     seconds: float
     created_at: str | None = None
+    confidence: float = Field(0.9, gt=0, lt=1, description="level of every interval and of the gate's decisions")
+    intervals: dict[str, Interval] = Field(default_factory=dict, description="per metrics key (base_*, production_* too)")
+    comparisons: dict[str, dict[str, Comparison]] = Field(default_factory=dict, description="'base' / 'production' -> metric")
+    per_record: dict[str, dict[str, list]] = Field(default_factory=dict, description="'candidate' / 'base' / 'production' -> metric -> values")
+    records: dict[str, dict[str, int]] = Field(default_factory=dict, description="per split: how records fit seq_len (whole, cut, dropped)")
+    scoring: dict[str, str] = Field(default_factory=dict, description="how each task metric was computed")
+    base_source: str | None = Field(None, description="where the base's weights came from when that matters (dequantized GGUF)")
+    warnings: list[str] = Field(default_factory=list)
 
 
 class GateVerdict(BaseModel):
@@ -207,6 +239,9 @@ class GateVerdict(BaseModel):
     value: float | None = None
     threshold: float | None = None
     reasons: list[str] = Field(default_factory=list, description="one line per check, failing ones first")
+    evidence: Literal["enough", "not enough"] | None = Field(None, description=(
+        "whether the target's interval decided it; 'not enough': the estimate meets it but the interval straddles it"))
+    records_needed: int | None = Field(None, description="test records that would settle an undecided target")
 
 
 # ---- goals (what a user asked for, parsed) --------------------------------------------------------

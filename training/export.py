@@ -40,6 +40,7 @@ Trained by modelcrew: {card['task']} ({card['method']}) from {card['base_model']
 |---|---|
 | run | `{card['run_id']}` |
 | base model | {card['base_model'] or 'none (pretrained from scratch)'} |
+| base weights | {card.get('base_source') or 'as published'} |
 | dataset fingerprint | `{card['dataset']}` |
 | dataset | {card['dataset_description']} |
 | weights | {card['weights']} |

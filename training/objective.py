@@ -41,10 +41,20 @@ class NextTokenLoss(torch.nn.Module):
             hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             keep = labels[:, 1:] != IGNORE
             hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
+        return F.cross_entropy(self.logits(hidden).flatten(0, -2), targets, ignore_index=IGNORE, reduction="sum")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return F.cross_entropy(logits.flatten(0, -2), targets, ignore_index=IGNORE, reduction="sum")
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def per_row(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, supervised tokens) of each row: per-record scores for evaluation's intervals."""
+        hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        keep = labels[:, 1:] != IGNORE
+        losses = F.cross_entropy(self.logits(hidden[:, :-1][keep]), labels[:, 1:][keep], reduction="none")
+        rows = keep.nonzero()[:, 0]
+        sums = torch.zeros(len(input_ids), device=losses.device, dtype=losses.dtype).index_add_(0, rows, losses)
+        return sums, keep.sum(1)
 
 
 def autocast(device: torch.device):

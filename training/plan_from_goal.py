@@ -49,8 +49,7 @@ def plan_for(goal: Goal, summary: DatasetSummary, best=None) -> tuple[TrainPlan,
                       lr=2e-4 if goal.method == "lora" else 5e-5, batch_size=8, seq_len=seq_len, warmup_steps=5)
     reused = None
     if best is not None and goal.task == "finetune" and best.plan.task == "finetune" and best.plan.method == goal.method:
-        fields.update(lr=best.plan.lr, batch_size=best.plan.batch_size, seq_len=best.plan.seq_len,
-                      grad_accum=best.plan.grad_accum)
+        fields.update(lr=best.plan.lr, batch_size=best.plan.batch_size, grad_accum=best.plan.grad_accum)
         if not best.passed:
             fields["lr"] = next_lr(best.plan.lr, best.tried_lrs, MAX_FINETUNE_LR[goal.method])
         if goal.lora is None and goal.method == "lora":
@@ -58,6 +57,20 @@ def plan_for(goal: Goal, summary: DatasetSummary, best=None) -> tuple[TrainPlan,
         reused = best.run_id
     return TrainPlan(dataset=summary.fingerprint, budget=budget_for(goal), eval_every=10, eval_batches=4,
                      checkpoint_every=10, patience=3, **fields), reused
+
+
+MAX_SEQ_LEN = {"cpu": 512, "cuda": 2048}  # longer records are cut in their input (training.batches.fit_record)
+
+
+def seq_len_for(lengths: list[int], context: int | None = None) -> int:
+    """The shortest multiple of 64 that holds the longest record whole, within what the device trains at a
+    useful speed and the model's context. Batches are padded to their longest record, not to seq_len, so a
+    generous seq_len costs only on the records that need it."""
+    cap = MAX_SEQ_LEN["cuda" if torch.cuda.is_available() else "cpu"]
+    if context:
+        cap = min(cap, context)
+    longest = max(lengths, default=64)
+    return max(64, min(cap, -(-longest // 64) * 64))
 
 
 def next_lr(lr: float, tried: list[float], cap: float) -> float:

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from training.batches import Example, build_examples, read_split
+from training.batches import Example, Fit, fitted_examples, read_split
 from training.contracts import TrainPlan
 from training.data.store import datasets_dir, load_summary
 from training.errors import InputError
 from training.progress import Bar
 from training.runs import Run
-from training.models import apply_lora, base_dir, build_scratch, check_qlora, count_params, load_base, resolve_size
+from training.models import apply_lora, base_dir, base_source, build_scratch, check_qlora, count_params, load_base, resolve_size
 from training.tokenizer import train_bpe
 
 
@@ -126,6 +126,7 @@ class PreparedRun:
     lineage: dict
     dist: Distributed
     show_progress: bool
+    fits: dict[str, Fit] = field(default_factory=dict)  # how train and val fit seq_len (whole / cut / dropped)
     trainable_params: int = 0
     total_params: int = 0
     _rss_start: float = field(default=0.0)
@@ -214,8 +215,9 @@ def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: 
     if summary.format != "text" and not getattr(tokenizer, "chat_template", None):
         raise InputError(f"base_model: {plan.base_model} has no chat template, so it cannot learn {summary.format} data; "
                          "use an instruct model or curate the data with --format text")
-    train_examples = build_examples(tokenizer, train_records, summary.format, plan.seq_len)
-    val_examples = build_examples(tokenizer, val_records, summary.format, plan.seq_len)
+    train_examples, train_fit = fitted_examples(tokenizer, train_records, summary.format, plan.seq_len)
+    val_examples, val_fit = fitted_examples(tokenizer, val_records, summary.format, plan.seq_len)
+    check_fit(train_fit, plan)
     micro = plan.batch_size // plan.grad_accum
     if micro % dist.world:
         raise InputError(f"batch_size: the micro-batch ({micro}) must split evenly over {dist.world} processes")
@@ -228,7 +230,7 @@ def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: 
     lineage = {"run_id": run_id, "dataset": plan.dataset, "dataset_description": summary.description,
                "base_model": plan.base_model, "base_dir": str(weights) if base else None, "task": plan.task,
                "reference_dir": str(base) if base else None, "init_from": plan.init_from,
-               "method": plan.method, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+               "method": plan.method, "base_source": base_source(base) if base else None, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if dist.is_main:
         run.dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -237,4 +239,15 @@ def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: 
                 shutil.rmtree(run.checkpoints_dir)
     dist.barrier()
     return PreparedRun(plan, run, device, model, tokenizer, train_examples, val_examples, lineage, dist,
-                      show_progress, trainable, total)
+                       show_progress, {"train": train_fit, "val": val_fit}, trainable, total)
+
+
+MAX_DROPPED = 0.05  # a larger share of training records lost to seq_len refuses the run
+
+
+def check_fit(fit: Fit, plan: TrainPlan) -> None:
+    """Refuse a run that would silently train on a fraction of its data (answers longer than seq_len)."""
+    if fit.records and fit.dropped / fit.records > MAX_DROPPED:
+        raise InputError(f"dataset {plan.dataset}: {fit.dropped} of {fit.records} training records "
+                         f"({fit.dropped / fit.records:.0%}) have answers longer than seq_len {plan.seq_len} and would "
+                         f"be dropped; raise seq_len (e.g. {plan.seq_len * 2}) or shorten the answers")
