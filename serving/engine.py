@@ -1,10 +1,11 @@
 """Text generation for the server: one worker thread per loaded model that batches concurrent requests.
 
 Requests wait in a queue; the worker takes every request waiting (up to `max_batch`, after a few ms
-for stragglers), left-pads their prompts into one batch and decodes them together with a KV cache —
-one forward pass per token for the whole batch instead of one per request. Each request keeps its
-own sampling settings (temperature, top_p, seed), stop sequences and token budget, and receives its
-tokens as events as soon as they are decoded (streaming), ending with exactly one finish reason.
+for stragglers; the prompts of one call always together), left-pads their prompts into one batch and
+decodes them together with a KV cache — one forward pass per token for the whole batch instead of one
+per request. Each request keeps its own sampling settings (temperature, top_p, seed), stop sequences
+and token budget, and receives its tokens as events as soon as they are decoded (streaming), ending
+with exactly one finish reason.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class LoadedModel:
         eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        # ids a client may send: the tokenizer must decode them (echo) and the embedding must hold them
+        self.vocab = min(len(self.tokenizer), int(getattr(config, "vocab_size", None) or len(self.tokenizer)))
 
     def _dtype(self):
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
@@ -73,18 +76,22 @@ class Batcher(threading.Thread):
         self.queue: queue.Queue = queue.Queue()
         self.batches, self.batched_requests = 0, 0  # for /health and tests: how much batching happened
 
-    def submit(self, request: Request) -> None:
-        self.queue.put(request)
+    def submit(self, *requests: Request) -> None:
+        """Queue requests; those given together (one call's prompts) are decoded in the same batch, in chunks
+        of max_batch, so a list prompt never waits on the timing of its own parts."""
+        for i in range(0, len(requests), self.max_batch):
+            self.queue.put(list(requests[i:i + self.max_batch]))
 
     def stop(self) -> None:
         self.queue.put(DONE)
 
     def run(self) -> None:
+        held = None  # a group that did not fit the last batch: it starts the next one
         while True:
-            first = self.queue.get()
+            first, held = (held if held is not None else self.queue.get()), None
             if first is DONE:
                 return
-            batch, stopping = [first], False
+            batch, stopping = list(first), False
             deadline = time.monotonic() + self.wait
             while len(batch) < self.max_batch:
                 try:
@@ -94,7 +101,10 @@ class Batcher(threading.Thread):
                 if nxt is DONE:
                     stopping = True
                     break
-                batch.append(nxt)
+                if len(batch) + len(nxt) > self.max_batch:
+                    held = nxt
+                    break
+                batch.extend(nxt)
             self.batches += 1
             self.batched_requests += len(batch)
             try:
@@ -164,7 +174,10 @@ def generate(loaded: LoadedModel, batch: list[Request]) -> None:
             if token in loaded.eos_ids:
                 active[i] = False
                 _flush(tok, r, generated[i], sent, i, final=True)
-                r.emit({"type": "finish", "reason": "stop", "completion_tokens": len(generated[i])})
+                # the end token's logprob rides on the finish event: completions list it (lm-eval's echo scoring
+                # drops the last entry as the generated token, so one must be there); chat leaves it out
+                entry = _logprob_entry(tok, logp_all[i], token, r.logprobs) if r.logprobs is not None else None
+                r.emit({"type": "finish", "reason": "stop", "completion_tokens": len(generated[i]), "logprob": entry})
                 continue
             generated[i].append(token)
             entry = _logprob_entry(tok, logp_all[i], token, r.logprobs) if r.logprobs is not None else None

@@ -4,6 +4,9 @@
     POST /v1/completions         (echo + logprobs, so lm-evaluation-harness's local-completions can score it)
     POST /v1/chat/completions    (the model's chat template)
 
+A completion's `prompt` is text, token ids, or a list of either: several prompts are decoded as one batch
+and answered as one choice each, in order, with summed usage (streaming takes one prompt).
+
 Streaming is server-sent events in OpenAI's chunk format ending with `data: [DONE]`. Errors come in
 OpenAI's shape: bad parameters 400, missing or wrong key 401 (when an API key is set), unknown model 404.
 Serving `name@production` follows promotions and rollbacks without a restart: each request resolves
@@ -41,6 +44,9 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+MAX_STOPS = 16
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -59,13 +65,14 @@ class CommonParams(BaseModel):
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise APIError(400, "stop: at most 4 non-empty sequences", param="stop")
+        # OpenAI allows 4; lm-eval's local-completions sends a task's `until` plus the end-of-text string (often more)
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
+            raise APIError(400, f"stop: at most {MAX_STOPS} non-empty sequences", param="stop")
         return stops
 
 
 class CompletionParams(CommonParams):
-    prompt: str | list[int]
+    prompt: str | list  # text, token ids, or a list of either; checked by _prompts for a clear message
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
     max_tokens: int | None = Field(16, ge=0)
@@ -167,12 +174,14 @@ def create_app(ref: str, workspace: Path | None = None, api_key: str | None = No
     async def completions(params: CompletionParams):
         check_model(params.model)
         key, loaded, batcher = slot.get()
-        ids = list(params.prompt) if isinstance(params.prompt, list) else loaded.tokenizer(params.prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise APIError(400, "prompt: empty", param="prompt")
-        req = _request(params, ids, loaded, params.max_tokens, params.logprobs, params.echo and params.logprobs is not None)
-        prompt_text = params.prompt if isinstance(params.prompt, str) else loaded.tokenizer.decode(ids)
-        return await _respond(req, batcher, params, "text_completion", key, echo=prompt_text if params.echo else None)
+        prompts = _prompts(params.prompt, loaded)
+        if params.stream and len(prompts) > 1:
+            raise APIError(400, f"stream: streaming takes one prompt, not {len(prompts)}; send a list without stream",
+                           param="stream")
+        reqs = [_request(params, ids, loaded, params.max_tokens, params.logprobs, params.echo and params.logprobs is not None)
+                for ids, _ in prompts]  # all checked before any is queued: a bad prompt fails the whole request
+        echoes = [text for _, text in prompts] if params.echo else None
+        return await _respond(reqs, batcher, params, "text_completion", key, echoes)
 
     @app.post("/v1/chat/completions")
     async def chat(params: ChatParams):
@@ -185,7 +194,7 @@ def create_app(ref: str, workspace: Path | None = None, api_key: str | None = No
         ids = render_chat(loaded.tokenizer, [m.model_dump() for m in params.messages], add_generation_prompt=True)
         top = (params.top_logprobs or 0) if params.logprobs else None
         req = _request(params, ids, loaded, params.max_completion_tokens or params.max_tokens, top, False)
-        return await _respond(req, batcher, params, "chat.completion", key)
+        return await _respond([req], batcher, params, "chat.completion", key)
 
     return app
 
@@ -204,17 +213,51 @@ def _request(params: CommonParams, ids: list[int], loaded: LoadedModel, max_toke
                    logprobs=logprobs, echo_logprobs=echo_logprobs)
 
 
-async def _respond(req: Request, batcher: Batcher, params, kind: str, version: str, echo: str | None = None):
+def _prompts(prompt: str | list, loaded: LoadedModel) -> list[tuple[list[int], str]]:
+    """Each prompt's token ids and text: a string, token ids, or a non-empty list of strings or of token-id lists."""
+    def is_ids(x) -> bool:
+        return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str) or (prompt and is_ids(prompt)):
+        items = [prompt]
+    elif prompt and (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) and is_ids(p) for p in prompt)):
+        items = prompt
+    else:
+        raise APIError(400, "prompt: an empty list" if prompt == [] else "prompt: give a string, a list of strings, a list "
+                       "of token ids or a list of lists of token ids (not a mix)", param="prompt")
+    out = []
+    for i, item in enumerate(items):
+        where = "prompt" if len(items) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            ids = loaded.tokenizer(item, add_special_tokens=False)["input_ids"]
+        else:
+            ids = item
+            bad = next((t for t in ids if not 0 <= t < loaded.vocab), None)
+            if bad is not None:
+                raise APIError(400, f"{where}: token id {bad} is outside the vocabulary (size {loaded.vocab})", param="prompt")
+        if not ids:
+            raise APIError(400, f"{where}: empty", param="prompt")
+        out.append((list(ids), item if isinstance(item, str) else loaded.tokenizer.decode(ids)))
+    return out
+
+
+async def _respond(reqs: list[Request], batcher: Batcher, params, kind: str, version: str, echoes: list[str] | None = None):
+    """Queue every request at once (the batcher decodes them together) and answer one choice per request, in order."""
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    req.emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+    queues: list[asyncio.Queue] = []
+    for req in reqs:
+        events: asyncio.Queue = asyncio.Queue()
+        req.emit = lambda event, q=events: loop.call_soon_threadsafe(q.put_nowait, event)
+        queues.append(events)
     rid = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     model = params.model
-    batcher.submit(req)
-    prompt_tokens = len(req.prompt_ids)
+    batcher.submit(*reqs)
 
     if params.stream:
+        req, events, echo = reqs[0], queues[0], echoes[0] if echoes else None
+        prompt_tokens = len(req.prompt_ids)
+
         async def stream():
             def chunk(payload: dict) -> str:
                 return f"data: {json.dumps(payload)}\n\n"
@@ -251,31 +294,41 @@ async def _respond(req: Request, batcher: Batcher, params, kind: str, version: s
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"X-Model-Version": version})
 
-    text, entries, prompt_entries = [], [], None
-    while True:
-        event = await events.get()
-        if event["type"] == "error":
-            raise APIError(500, event["message"], "server_error")
-        if event["type"] == "prompt_logprobs":
-            prompt_entries = event["entries"]
-        elif event["type"] == "text":
-            text.append(event["text"])
-            if event.get("logprob"):
-                entries.append(event["logprob"])
-        elif event["type"] == "finish":
-            break
-    completion = "".join(text)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": event["completion_tokens"],
-             "total_tokens": prompt_tokens + event["completion_tokens"]}
-    if kind == "chat.completion":
-        choice = {"index": 0, "message": {"role": "assistant", "content": completion}, "finish_reason": event["reason"],
-                  "logprobs": {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
-                                            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in e["top"].items()]}
-                                           for e in entries]} if req.logprobs is not None else None}
-    else:
-        choice = {"index": 0, "text": (echo or "") + completion, "finish_reason": event["reason"],
-                  "logprobs": _completion_logprobs(prompt_entries, entries, echo) if req.logprobs is not None else None}
-    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice], "usage": usage}
+    async def collect(events: asyncio.Queue) -> tuple[str, list[dict], list | None, dict]:
+        text, entries, prompt_entries = [], [], None
+        while True:
+            event = await events.get()
+            if event["type"] == "error":
+                raise APIError(500, event["message"], "server_error")
+            if event["type"] == "prompt_logprobs":
+                prompt_entries = event["entries"]
+            elif event["type"] == "text":
+                text.append(event["text"])
+                if event.get("logprob"):
+                    entries.append(event["logprob"])
+            elif event["type"] == "finish":
+                return "".join(text), entries, prompt_entries, event
+
+    choices, completion_tokens = [], 0
+    for index, (req, (completion, entries, prompt_entries, finish)) in enumerate(
+            zip(reqs, await asyncio.gather(*(collect(q) for q in queues)))):
+        completion_tokens += finish["completion_tokens"]
+        if kind == "chat.completion":
+            choices.append({"index": index, "message": {"role": "assistant", "content": completion},
+                            "finish_reason": finish["reason"],
+                            "logprobs": {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
+                                                      "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in e["top"].items()]}
+                                                     for e in entries]} if req.logprobs is not None else None})
+        else:
+            echo = echoes[index] if echoes else None
+            if finish.get("logprob"):
+                entries = entries + [finish["logprob"]]
+            choices.append({"index": index, "text": (echo or "") + completion, "finish_reason": finish["reason"],
+                            "logprobs": _completion_logprobs(prompt_entries, entries, echo) if req.logprobs is not None else None})
+    prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, "usage": usage}
     return JSONResponse(body, headers={"X-Model-Version": version})
 
 
