@@ -21,7 +21,7 @@ from training.contracts import DatasetSummary, GateVerdict
 from training.errors import InputError
 from training.runs import Run, evaluated_runs
 
-METRIC_KEYS = ("val_perplexity", "test_perplexity", "general_perplexity", "accuracy", "exact_match", "f1", "rougeL")
+METRIC_KEYS = ("val_perplexity", "test_perplexity", "general_perplexity", "accuracy", "accuracy_raw", "exact_match", "f1", "rougeL")
 PHASES = {"curate_dataset": "curate", "train_model": "train", "evaluate_model": "evaluate", "compare_with_history": "report",
           "write_report": "report", "register_model": "deploy", "promote_model": "deploy"}
 
@@ -59,6 +59,9 @@ def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
         verdict, passed = f"Passed: {gate.reasons[0]}.", True
     else:
         verdict, passed = f"Failed: {gate.reasons[0]}.", False
+    n_test = ev.intervals[key].n if key in ev.intervals else ev.examples.get("test")
+    if gate is not None and n_test:
+        verdict += f" Judged on {n_test} test records at {ev.confidence:.0%} confidence."
     if deployment is not None:
         if deployment.alias:
             verdict += f" Deployed as {deployment.model_name}@{deployment.alias} ({deployment.version})."
@@ -69,9 +72,11 @@ def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
     for name in METRIC_KEYS:
         if name in m:
             base, prod = m.get(f"base_{name}"), m.get(f"production_{name}")
-            metrics.append({"name": name, "base": fmt(base), "candidate": fmt(m[name]), "production": fmt(prod),
-                            "delta": f"{m[name] / base - 1:+.1%}" if base else "—",
-                            "target": fmt(gate.threshold) if gate and name == key else ""})
+            metrics.append({"name": name, "base": _with_interval(ev, f"base_{name}"), "candidate": _with_interval(ev, name),
+                            "production": _with_interval(ev, f"production_{name}"), "n": fmt(_n(ev, name)),
+                            "delta": _change(ev, name, base), "target": fmt(gate.threshold) if gate and name == key else ""})
+    fits = dict(result.records)
+    fits.update({k: v for k, v in ev.records.items() if k != "train"})
 
     phases: dict[str, float] = {}
     for e in trace:
@@ -93,8 +98,31 @@ def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
             "summary": summary, "contaminated": None if contamination is None else len(contamination),
             "deployment": deployment, "phases": phases, "rows": rows, "history": history, "lengths": lengths,
             "memory_used": run.memory_used(), "recommendations": recommendations(rows, m, summary, gate), "fmt": fmt,
-            "general": (fmt(m.get("base_general_perplexity")), fmt(m.get("general_perplexity"))),
+            "general": (fmt(m.get("base_general_perplexity")), fmt(m.get("general_perplexity"))), "fits": fits,
             "code_version": _code_version(), "narrative": None, "attempts": run.attempts()}
+
+
+def _n(ev, name: str) -> int | None:
+    return ev.intervals[name].n if name in ev.intervals else None
+
+
+def _with_interval(ev, key: str) -> str:
+    """`value (low–high)` at the evaluation's confidence, or the bare value when no interval was computed."""
+    value = ev.metrics.get(key)
+    if value is None:
+        return "—"
+    interval = ev.intervals.get(key)
+    return f"{fmt(value)} ({fmt(interval.low)}–{fmt(interval.high)})" if interval else fmt(value)
+
+
+def _change(ev, name: str, base: float | None) -> str:
+    """The candidate's change over its base, paired over the same records, with its interval."""
+    c = ev.comparisons.get("base", {}).get(name)
+    if c is not None:
+        if c.kind == "ratio":
+            return f"{c.change:+.1%} ({c.low:+.1%} to {c.high:+.1%})"
+        return f"{c.change:+.3g} ({c.low:+.3g} to {c.high:+.3g})"
+    return f"{ev.metrics[name] / base - 1:+.1%}" if base else "—"
 
 
 def _history(workspace: Path, run_id: str, dataset: str, summary: DatasetSummary, key: str) -> list[dict]:
@@ -145,8 +173,8 @@ def recommendations(rows: list[dict], m: dict, summary: DatasetSummary, gate: Ga
                        f"{fmt(vals[-1][1])}); more steps or a larger budget should help.")
     g, bg = m.get("general_perplexity"), m.get("base_general_perplexity")
     if g and bg and g > bg * 1.05:
-        out.append(f"Forgetting: general-text perplexity rose {g / bg - 1:+.1%} ({fmt(bg)} -> {fmt(g)}); consider LoRA, "
-                   "a lower lr or mixing general text back in.")
+        out.append(f"Forgetting: perplexity on what the base knew rose {g / bg - 1:+.1%} ({fmt(bg)} -> {fmt(g)}); "
+                   "consider LoRA, a lower lr or mixing that data back in.")
     if summary.splits.get("train", 0) < 200:
         out.append(f"Small data: {summary.splits.get('train', 0)} training records; validation numbers on "
                    f"{summary.splits.get('val', 0)} records are noisy.")
@@ -212,8 +240,16 @@ def plots(data: dict) -> list[tuple[str, str]]:
     m = data["ev"].metrics
     bars = [("base", m.get(f"base_{key}")), ("candidate", m.get(key)), ("production", m.get(f"production_{key}"))]
     bars = [(n, v) for n, v in bars if v is not None]
+    ev = data["ev"]
+    names = {"base": f"base_{key}", "candidate": key, "production": f"production_{key}"}
+    errors = [[0.0] * len(bars), [0.0] * len(bars)]  # the intervals, as error bars below and above each value
+    for i, (n, v) in enumerate(bars):
+        interval = ev.intervals.get(names[n])
+        if interval is not None:
+            errors[0][i], errors[1][i] = max(v - interval.low, 0.0), max(interval.high - v, 0.0)
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    ax.bar([n for n, _ in bars], [v for _, v in bars], color=["#8c8c8c", "#4c72b0", "#55a868"][: len(bars)])
+    ax.bar([n for n, _ in bars], [v for _, v in bars], yerr=errors, capsize=6,
+           color=["#8c8c8c", "#4c72b0", "#55a868"][: len(bars)])
     for i, (_, v) in enumerate(bars):
         ax.text(i, v, fmt(v), ha="center", va="bottom")
     gate_threshold = next((r["target"] for r in data["metrics"] if r["name"] == key and r["target"]), "")
@@ -221,7 +257,7 @@ def plots(data: dict) -> list[tuple[str, str]]:
         ax.axhline(float(gate_threshold), color="#c44e52", linestyle="--", label=f"target {gate_threshold}")
         ax.legend()
     ax.set_ylabel(key)
-    figures.append((f"{key}: base, candidate, production", png(fig)))
+    figures.append((f"{key}: base, candidate, production, with {ev.confidence:.0%} intervals", png(fig)))
 
     history = data["history"]
     fig, ax = plt.subplots(figsize=(6.4, 3.2))

@@ -11,6 +11,9 @@ import pytest
 from tests.helpers import write_jsonl
 from training.contracts import Budget, TrainPlan
 from training.data import curate_to_workspace
+from training.batches import IGNORE, read_split
+from training.data.store import datasets_dir
+from training.errors import InputError
 from training.evaluate import evaluate_run, exact_match, rouge_l, token_f1
 from training.loop import train
 
@@ -54,11 +57,19 @@ def test_classification_is_learned_and_scored_by_label_likelihood(ws, tiny_base,
     plan = TrainPlan(task="finetune", dataset=fp, base_model=str(tiny_base), method="full",
                      budget=Budget(steps=80), **TINY)
     train(plan, ws, "cls", show_progress=False)
-    ev = evaluate_run(ws, "cls", max_examples=24)
-    assert ev.format == "classification" and ev.examples["test"] >= 20
+    ev = evaluate_run(ws, "cls")
+    test_records = len(read_split(datasets_dir(ws) / fp, "test"))
+    assert ev.format == "classification" and ev.examples["test"] == test_records >= 20  # the whole test split
     assert ev.metrics["accuracy"] >= 0.9
     assert ev.metrics["accuracy"] > ev.metrics["base_accuracy"]
-    assert json.loads((ws / "runs" / "cls" / "evaluation.json").read_text())["metrics"]["accuracy"] == ev.metrics["accuracy"]
+    saved = json.loads((ws / "runs" / "cls" / "evaluation.json").read_text())
+    assert saved["metrics"]["accuracy"] == ev.metrics["accuracy"]
+    # every number with its sample size and interval, and the paired change over the base
+    interval = saved["intervals"]["accuracy"]
+    assert interval["n"] == test_records and interval["low"] <= ev.metrics["accuracy"] <= interval["high"] < 1.0 + 1e-9
+    change = saved["comparisons"]["base"]["accuracy"]
+    assert change["kind"] == "difference" and change["low"] > 0  # better than the base, and sure of it
+    assert len(saved["per_record"]["candidate"]["accuracy"]) == len(saved["per_record"]["base"]["accuracy"]) == test_records
 
 
 def test_pairs_evaluation_has_every_metric_beside_its_baseline_and_is_deterministic(ws, tiny_base):
@@ -79,3 +90,77 @@ def test_pretraining_run_has_no_baseline(ws, tiny_base):
     ev = evaluate_run(ws, "base", max_examples=2)
     assert ev.base_model is None and not any(k.startswith("base_") for k in ev.metrics)
     assert ev.samples == [] and "val_perplexity" in ev.metrics
+
+
+def test_texts_longer_than_seq_len_are_cut_never_dropped_and_every_record_trains(ws, tiny_base, tmp_path):
+    rng = random.Random(1)
+    words = ["rain", "station", "market", "river", "garden", "engine", "letter", "window", "winter", "ticket", "bridge",
+             "candle", "forest", "harbour", "pencil", "valley", "bottle", "meadow", "castle", "lantern"]
+    rows = [{"text": f"Note {i}: a {'cat' if i % 2 else 'dog'} was seen. " + " ".join(rng.choices(words, k=rng.randrange(10, 120))),
+             "label": "cat" if i % 2 else "dog"} for i in range(120)]
+    curated = curate_to_workspace(str(write_jsonl(tmp_path / "long.jsonl", rows)), ws)
+    plan = TrainPlan(task="finetune", dataset=curated.summary.fingerprint, base_model=str(tiny_base), method="full",
+                     budget=Budget(steps=2), **TINY)  # seq_len 64: most texts are several times longer
+    result = train(plan, ws, "long-cls", show_progress=False)
+    fit = result.records["train"]
+    assert fit["records"] == curated.summary.splits["train"] and fit["dropped"] == 0
+    assert fit["cut"] >= fit["records"] // 2 and fit["whole"] + fit["cut"] == fit["records"] and fit["cut_tokens"] > 0
+    from training.batches import fitted_examples
+    from training.models import load_base
+
+    _, tok = load_base(tiny_base)
+    examples, _ = fitted_examples(tok, read_split(datasets_dir(ws) / plan.dataset, "train"), "classification", 64)
+    assert len(examples) == fit["records"] and all(len(e.input_ids) <= 64 for e in examples)
+    for e, record in zip(examples, read_split(datasets_dir(ws) / plan.dataset, "train")):
+        answer = tok.decode(e.input_ids[e.labels != IGNORE])
+        assert answer.startswith(record["label"])  # the label survives every cut
+
+
+def test_answers_longer_than_seq_len_refuse_the_run_with_the_fix(ws, tiny_base, tmp_path):
+    rows = [{"prompt": f"Question {i}?", "response": "A long answer that keeps going and going. " * 20} for i in range(40)]
+    fp = curate_to_workspace(str(write_jsonl(tmp_path / "long-answers.jsonl", rows)), ws).summary.fingerprint
+    plan = TrainPlan(task="finetune", dataset=fp, base_model=str(tiny_base), method="full", budget=Budget(steps=2), **TINY)
+    with pytest.raises(InputError, match=r"training records \(100%\) have answers longer than seq_len 64 .* raise seq_len"):
+        train(plan, ws, "long-answers", show_progress=False)
+
+
+def test_exact_match_moves_for_a_model_trained_on_short_answers(ws, tiny_base, tmp_path):
+    colours = {"sky": "blue", "grass": "green", "snow": "white", "coal": "black"}
+    rows = [{"prompt": f"Question {i}: what colour is the {thing}?", "response": colour}
+            for i in range(160) for thing, colour in [list(colours.items())[i % 4]]]
+    fp = curate_to_workspace(str(write_jsonl(tmp_path / "colours.jsonl", rows)), ws).summary.fingerprint
+    plan = TrainPlan(task="finetune", dataset=fp, base_model=str(tiny_base), method="full",
+                     budget=Budget(steps=60), **TINY)
+    train(plan, ws, "colours", show_progress=False)
+    ev = evaluate_run(ws, "colours")
+    assert ev.metrics["base_exact_match"] == 0.0
+    assert ev.metrics["exact_match"] >= 0.5 and ev.intervals["exact_match"].low > 0
+    assert "stopped at the end of turn" in ev.scoring["answers"]
+
+
+BUSINESS = ["Shares in the bank fell sharply after it reported lower quarterly profits.",
+            "The central bank raised interest rates to curb inflation.",
+            "The company's annual revenue grew by ten percent, beating analysts' forecasts.",
+            "Oil prices rose as investors worried about supply from the Gulf.",
+            "The retailer will cut two thousand jobs after weak Christmas sales.",
+            "The merger of the two airlines was approved by regulators."]
+
+
+def test_length_normalised_accuracy_picks_the_long_right_label_where_the_raw_sum_picks_the_shortest(tmp_path):
+    """The embedded SmolLM2 (a real base, dequantized from its GGUF), zero-shot: summed log-likelihood charges a
+    long label for every extra token, so it answers 'sport' to business news; per character it does not."""
+    import torch
+
+    from training.evaluate import score_model
+    from training.models import base_dir, base_source, load_base
+
+    path = base_dir("smollm2-135m-instruct", tmp_path)
+    assert "dequantized from a 4-bit Q4_1 GGUF" in base_source(path)  # the base is what it is, and says so
+    model, tok = load_base(path)
+    long_label = "business, finance and the economy"
+    records = [{"text": t, "label": long_label} for t in BUSINESS] + [{"text": "The striker scored twice.", "label": "sport"}]
+    splits = {"train": records, "val": records[:1], "test": records[:-1]}  # every test record's truth is the long label
+    scores = score_model(model, tok, "classification", splits, ("General text.",), torch.device("cpu"), 256)
+    assert scores.values["accuracy_raw"] == [0.0] * len(BUSINESS)  # the raw sum picked the shortest label each time
+    assert scores.values["accuracy"] == [1.0] * len(BUSINESS)
+    assert "divided by the answer's length in characters" in scores.notes["accuracy"]

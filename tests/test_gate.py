@@ -68,3 +68,38 @@ def test_a_candidate_worse_than_production_on_the_same_set_fails_and_the_verdict
     # given explicitly, production wins over the file's value; with no production at all, no such check
     assert gate(goal(target), evaluation(production_test_perplexity=20.5), {"test_perplexity": 30.0}).passed
     assert not any(r.startswith("production:") for r in gate(goal(target), evaluation()).reasons)
+
+
+def _scored(n: int, correct: float, base_correct: float | None = None) -> Evaluation:
+    """An evaluation of `n` test records with per-record accuracy: the first `correct` share right."""
+    def values(share):
+        right = round(n * share)
+        return [1.0] * right + [0.0] * (n - right)
+
+    per_record = {"candidate": {"accuracy": values(correct)}}
+    metrics = {"accuracy": correct}
+    if base_correct is not None:
+        per_record["base"] = {"accuracy": values(base_correct)}
+        metrics["base_accuracy"] = base_correct
+    return Evaluation(run_id="r", dataset="fp", format="classification", base_model="b", model_dir="x", metrics=metrics,
+                      examples={"test": n}, samples=[], general_corpus="", seconds=0, per_record=per_record)
+
+
+def test_the_same_effect_passes_on_a_large_test_set_and_is_not_enough_evidence_on_a_tiny_one():
+    target = goal({"metric": "accuracy", "direction": "higher", "kind": "absolute", "value": 0.8}, "accuracy")
+    large, tiny = gate(target, _scored(400, 0.9)), gate(target, _scored(10, 0.9))
+    assert large.passed and large.evidence == "enough" and "400 test records" in large.reasons[0]
+    assert not tiny.passed and tiny.evidence == "not enough"
+    assert "not enough evidence" in tiny.reasons[0] and "10 test records" in tiny.reasons[0]
+    assert 10 < tiny.records_needed <= 400  # what would settle it: more than it has, fewer than the large set
+    missed = gate(target, _scored(400, 0.7))
+    assert not missed.passed and missed.evidence == "enough" and "NOT met" in missed.reasons[0]
+
+
+def test_relative_targets_are_paired_with_the_base_on_the_same_records():
+    rel = goal({"metric": "accuracy", "direction": "higher", "kind": "relative", "value": 0.2, "baseline": "base"}, "accuracy")
+    assert gate(rel, _scored(400, 0.9, 0.6)).passed  # 0.9 >= 0.72, decided
+    undecided = gate(rel, _scored(12, 0.75, 0.58))  # the estimate meets 0.70, the interval of 12 records does not
+    assert not undecided.passed and undecided.evidence == "not enough", undecided.reasons
+    zero = gate(rel, _scored(400, 0.1, 0.0))  # 20% above nothing asks for nothing
+    assert not zero.passed and "asks for nothing" in zero.reasons[0] and "absolute target" in zero.reasons[0]

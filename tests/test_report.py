@@ -51,6 +51,14 @@ def _same(shown: str, value) -> bool:
     return NUMBER.match(shown) is not None and abs(float(shown.replace(",", "")) - value) <= 5e-4 * max(1.0, abs(value))
 
 
+def _same_with_interval(shown: str, value, interval) -> bool:
+    """`value (low–high)`: each number the one in evaluation.json."""
+    if interval is None:
+        return _same(shown, value)
+    match = re.fullmatch(r"(\S+) \((\S+)–(\S+)\)", shown)
+    return bool(match) and all(_same(got, want) for got, want in zip(match.groups(), (value, interval.low, interval.high)))
+
+
 @pytest.mark.parametrize("which", ["passed", "failed"])
 def test_every_number_shown_is_the_one_in_evaluation_json(runs, which):
     ws, results = runs
@@ -58,13 +66,18 @@ def test_every_number_shown_is_the_one_in_evaluation_json(runs, which):
     md_path, html_path = render(ws, run_id)
     ev = Evaluation.model_validate_json((ws / "runs" / run_id / "evaluation.json").read_text())
     md, html = md_path.read_text(), html_path.read_text()
-    md_rows, html_rows = _table(md, "| metric | base |"), _html_rows(html)
+    md_rows, html_rows = _table(md, "| metric | records |"), _html_rows(html)
     assert [r[0] for r in md_rows] == [r[0] for r in html_rows] and len(md_rows) >= 4
     for md_row, html_row in zip(md_rows, html_rows):
         name = md_row[0]
-        for shown_md, shown_html, value in zip(md_row[1:4], html_row[1:4],
-                                               (ev.metrics.get(f"base_{name}"), ev.metrics[name], ev.metrics.get(f"production_{name}"))):
-            assert _same(shown_md, value) and _same(shown_html, value), (name, shown_md, shown_html, value)
+        assert md_row[1] == html_row[1] == str(ev.intervals[name].n)  # the sample size beside every number
+        keys = (f"base_{name}", name, f"production_{name}")
+        for shown_md, shown_html, key in zip(md_row[2:5], html_row[2:5], keys):
+            value, interval = ev.metrics.get(key), ev.intervals.get(key)
+            assert _same_with_interval(shown_md, value, interval) and _same_with_interval(shown_html, value, interval), \
+                (name, shown_md, shown_html, value, interval)
+    assert ev.intervals["test_perplexity"].low < ev.metrics["test_perplexity"] < ev.intervals["test_perplexity"].high
+    assert f"Judged on {ev.intervals['test_perplexity'].n} test records at 90% confidence." in md
     goal = results[which]["goal"]
     assert f"> {goal}" in md and goal in html  # quoted verbatim
 
