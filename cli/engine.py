@@ -77,18 +77,38 @@ def estimate_command(
 
 
 def eval_command(
-    run_id: Annotated[str, typer.Argument(help="The run to evaluate (runs/<run_id>/).")],
+    run_id: Annotated[str, typer.Argument(help="The run to evaluate (runs/<run_id>/), or whose records an endpoint is scored on.")],
     max_examples: Annotated[Optional[int], typer.Option("--max-examples", min=1, max=100_000, help="At most this many test records for the task metrics (default: the whole test split).")] = None,
+    served: Annotated[Optional[str], typer.Option("--served", help="Score the model behind this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000) on the run's records, through HTTP, instead of the run's own model.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="With --served: the served model's name.")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MODELCREW_API_KEY", help="With --served: the endpoint's key.")] = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
-    """Evaluate a run's best model beside its base model; writes runs/<run_id>/evaluation.json and indexes it in memory."""
+    """Evaluate a run's best model beside its base model (every metric with its interval); writes
+    runs/<run_id>/evaluation.json and indexes it in memory. With --served, score a deployed endpoint on the
+    same records instead (nothing is written)."""
     with reported(debug):
         from reports.terminal import evaluation_table
         from steps.evaluate import evaluate_and_gate
 
-        ev, _ = evaluate_and_gate(check_workspace(workspace), run_id, goal=None, max_examples=max_examples)
+        workspace = check_workspace(workspace)
+        if served:
+            from serving.remote import evaluate_served
+
+            if not model:
+                raise InputError("--model: name the served model to score (see GET /v1/models)")
+            result = evaluate_served(workspace, run_id, served, model, api_key, max_examples)
+            if as_json:
+                emit_json(result)
+            for metric, value in result["metrics"].items():
+                i = result["intervals"][metric]
+                console(as_json).print(f"{metric} {value:.4g} ({i['low']:.4g} to {i['high']:.4g}, {i['n']} records)")
+            return
+        if model:
+            raise InputError("--model: only with --served")
+        ev, _ = evaluate_and_gate(workspace, run_id, goal=None, max_examples=max_examples)
         if as_json:
             emit_json(ev.model_dump())
         console(as_json).print(evaluation_table(ev))

@@ -71,7 +71,7 @@ def gather(workspace: Path, run_id: str, goal_text: str | None = None) -> dict:
     metrics = []
     for name in METRIC_KEYS:
         if name in m:
-            base, prod = m.get(f"base_{name}"), m.get(f"production_{name}")
+            base = m.get(f"base_{name}")
             metrics.append({"name": name, "base": _with_interval(ev, f"base_{name}"), "candidate": _with_interval(ev, name),
                             "production": _with_interval(ev, f"production_{name}"), "n": fmt(_n(ev, name)),
                             "delta": _change(ev, name, base), "target": fmt(gate.threshold) if gate and name == key else ""})

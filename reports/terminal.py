@@ -82,15 +82,31 @@ def run_table(r: RunResult) -> Table:
 
 
 def evaluation_table(e: Evaluation) -> Table:
-    table = Table(title=f"evaluation of {e.run_id} ({e.format})", title_justify="left")
-    for col in ("metric", "candidate", "base", "change"):
+    level = f"{e.confidence:.0%}"
+    table = Table(title=f"evaluation of {e.run_id} ({e.format}; intervals at {level})", title_justify="left")
+    for col in ("metric", "records", "candidate", "base", "change vs base (paired)"):
         table.add_column(col, justify="right" if col != "metric" else "left")
+
+    def shown(key: str) -> str:
+        value, i = e.metrics.get(key), e.intervals.get(key)
+        if value is None:
+            return "-"
+        return f"{value:.4g} ({i.low:.4g}-{i.high:.4g})" if i else f"{value:.4g}"
+
     for name, value in e.metrics.items():
-        if name.startswith("base_") or name.endswith("_loss"):
+        if name.startswith(("base_", "production_")) or name.endswith("_loss"):
             continue
-        base = e.metrics.get(f"base_{name}")
-        change = "" if base in (None, 0) else f"{(value - base) / abs(base):+.1%}"
-        table.add_row(name, f"{value:.4g}", "-" if base is None else f"{base:.4g}", change)
+        c = e.comparisons.get("base", {}).get(name)
+        if c is not None:
+            change = (f"{c.change:+.1%} ({c.low:+.1%} to {c.high:+.1%})" if c.kind == "ratio"
+                      else f"{c.change:+.3g} ({c.low:+.3g} to {c.high:+.3g})")
+        else:
+            base = e.metrics.get(f"base_{name}")
+            change = "" if base in (None, 0) else f"{(value - base) / abs(base):+.1%}"
+        n = e.intervals[name].n if name in e.intervals else ""
+        table.add_row(name, str(n), shown(name), shown(f"base_{name}"), change)
+    for line in ([e.base_source] if e.base_source else []) + e.warnings:
+        table.caption = ((table.caption + "\n") if table.caption else "") + line
     return table
 
 

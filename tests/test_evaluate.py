@@ -151,7 +151,7 @@ def test_length_normalised_accuracy_picks_the_long_right_label_where_the_raw_sum
     long label for every extra token, so it answers 'sport' to business news; per character it does not."""
     import torch
 
-    from training.evaluate import score_model
+    from training.evaluate import InProcess, score_model
     from training.models import base_dir, base_source, load_base
 
     path = base_dir("smollm2-135m-instruct", tmp_path)
@@ -160,7 +160,7 @@ def test_length_normalised_accuracy_picks_the_long_right_label_where_the_raw_sum
     long_label = "business, finance and the economy"
     records = [{"text": t, "label": long_label} for t in BUSINESS] + [{"text": "The striker scored twice.", "label": "sport"}]
     splits = {"train": records, "val": records[:1], "test": records[:-1]}  # every test record's truth is the long label
-    scores = score_model(model, tok, "classification", splits, ("General text.",), torch.device("cpu"), 256)
+    scores = score_model(InProcess(model, tok, torch.device("cpu")), tok, "classification", splits, ("General text.",), 256)
     assert scores.values["accuracy_raw"] == [0.0] * len(BUSINESS)  # the raw sum picked the shortest label each time
     assert scores.values["accuracy"] == [1.0] * len(BUSINESS)
     assert "divided by the answer's length in characters" in scores.notes["accuracy"]

@@ -168,23 +168,38 @@ def answer_budget(tokenizer, references: list[str]) -> int:
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, conversations: list[list[dict]], device, max_new_tokens: int,
+def generate_answers(model, tokenizer, prompts: list[list[int]], device, max_new_tokens: int,
                      batch_size: int = 8) -> list[str]:
-    """Greedy answers to each conversation, generated in left-padded batches, stopped at the end of turn."""
+    """Greedy answers to each prompt (token ids), generated in left-padded batches, stopped at the end of turn."""
     answers = []
     stop = end_of_turn_ids(tokenizer)
-    for start in range(0, len(conversations), batch_size):
-        prompts = [render_chat(tokenizer, m, add_generation_prompt=True) for m in conversations[start : start + batch_size]]
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):
+        for row, p in enumerate(chunk):
             ids[row, width - len(p):] = torch.tensor(p)
             mask[row, width - len(p):] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
         answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     return answers
+
+
+class InProcess:
+    """Scores with a model loaded in this process. `serving.remote.Served` has the same two methods over HTTP,
+    so the exact artifact behind an endpoint is scored with the same code."""
+
+    def __init__(self, model, tokenizer, device) -> None:
+        self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
+
+    def losses(self, examples: list[Example]) -> list[list[float]]:
+        """[summed loss, tokens] over each example's supervised tokens."""
+        return record_losses(self.model, examples, self.device, self.tokenizer.pad_token_id)
+
+    def answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+        return generate_answers(self.model, self.tokenizer, prompts, self.device, max_new_tokens)
 
 
 def label_choices(tokenizer, record: dict, labels: list[str], seq_len: int) -> tuple[list[int], list[tuple[list[int], str]]] | None:
@@ -204,12 +219,10 @@ def label_choices(tokenizer, record: dict, labels: list[str], seq_len: int) -> t
     return context, choices
 
 
-@torch.no_grad()
-def label_loglikelihoods(model, tokenizer, records: list[dict], labels: list[str], device, seq_len: int,
-                         batch_size: int = 8) -> tuple[list[list[float]], list[list[int]], list[int]]:
+def label_loglikelihoods(scorer, tokenizer, records: list[dict], labels: list[str],
+                         seq_len: int) -> tuple[list[list[float]], list[list[int]], list[int]]:
     """Per scored record: each label's summed log-likelihood and its continuation's length in characters;
     and the indices of the records scored (a record with no room for an answer is not)."""
-    objective = NextTokenLoss(model)
     examples, chars, scored = [], [], []
     for i, record in enumerate(records):
         fitted = label_choices(tokenizer, record, labels, seq_len)
@@ -221,12 +234,7 @@ def label_loglikelihoods(model, tokenizer, records: list[dict], labels: list[str
             ids = np.asarray(context + continuation, dtype=np.int32)
             examples.append(Example(ids, np.asarray([IGNORE] * len(context) + continuation, dtype=np.int32)))
         chars.append([len(text) for _, text in choices])
-    scores: list[float] = []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], tokenizer.pad_token_id).items()}
-        with autocast(device):
-            sums, _ = objective.per_row(**batch)
-        scores += [-float(x) for x in sums]
+    scores = [-loss for loss, _ in scorer.losses(examples)]
     k = len(labels)
     return [scores[i * k:(i + 1) * k] for i in range(len(chars))], chars, scored
 
@@ -245,25 +253,24 @@ class Scores:
         return {k: stats.value(v) for k, v in self.values.items() if len(v)}
 
 
-def score_model(model, tokenizer, fmt: str, splits: dict[str, list[dict]], forgetting: tuple[str, ...], device,
+def score_model(scorer, tokenizer, fmt: str, splits: dict[str, list[dict]], forgetting: tuple[str, ...],
                 seq_len: int, max_examples: int | None = None) -> Scores:
-    """Per-record scores of one model on `splits` (and the forgetting corpus), inputs cut to `seq_len`."""
-    model.eval()
-    pad = tokenizer.pad_token_id
+    """Per-record scores of one model (an `InProcess` or a served one) on `splits` and the forgetting corpus,
+    inputs cut to `seq_len`."""
     scores = Scores()
     for split in ("val", "test"):
         examples, scores.fits[split] = fitted_examples(tokenizer, splits[split], fmt, seq_len)
         if examples:
-            scores.values[f"{split}_perplexity"] = record_losses(model, examples, device, pad)
+            scores.values[f"{split}_perplexity"] = scorer.losses(examples)
     window = min(seq_len, FORGETTING_WINDOW)
     general = fitted_examples(tokenizer, [{"text": t} for t in forgetting], "text", window)[0]
-    scores.values["general_perplexity"] = record_losses(model, general, device, pad)
+    scores.values["general_perplexity"] = scorer.losses(general)
     scores.notes["perplexity"] = (f"exp of the mean token loss over each split's records, inputs cut to fit seq_len "
                                   f"{seq_len} as in training; the forgetting corpus in windows of {window} tokens")
     test = splits["test"][:max_examples] if max_examples else splits["test"]
     if fmt == "classification":
         labels = sorted({r["label"] for rows in splits.values() for r in rows})
-        loglik, chars, scored = label_loglikelihoods(model, tokenizer, test, labels, device, seq_len)
+        loglik, chars, scored = label_loglikelihoods(scorer, tokenizer, test, labels, seq_len)
         truth = [labels.index(test[i]["label"]) for i in scored]
         normalised = [[s / max(c, 1) for s, c in zip(row, cs)] for row, cs in zip(loglik, chars)]
         scores.values["accuracy"] = [float(int(np.argmax(row)) == t) for row, t in zip(normalised, truth)]
@@ -278,15 +285,16 @@ def score_model(model, tokenizer, fmt: str, splits: dict[str, list[dict]], forge
         conversations = [to_messages(r, fmt) for r in kept if r is not None]
         references = [c[-1]["content"] for c in conversations]
         budget = answer_budget(tokenizer, references)
-        predictions = generate_answers(model, tokenizer, [c[:-1] for c in conversations], device, budget)
+        prompts = [render_chat(tokenizer, c[:-1], add_generation_prompt=True) for c in conversations]
+        predictions = scorer.answers(prompts, budget)
         for name, fn in (("exact_match", exact_match), ("f1", token_f1), ("rougeL", rouge_l)):
             scores.values[name] = [round(fn(p, r), 6) for p, r in zip(predictions, references)]
         scores.notes["answers"] = (f"greedy answers of at most {budget} new tokens (the references' 95th percentile "
                                    f"in tokens + 8), stopped at the end of turn; SQuAD-normalised text")
     if fmt != "text":
-        prompts = [to_messages(r, fmt)[:-1] for r in (fit_record(tokenizer, r, fmt, seq_len)[0] for r in splits["val"][:5])
-                   if r is not None]
-        scores.answers = generate_answers(model, tokenizer, prompts, device, MAX_NEW_TOKENS // 4)
+        prompts = [render_chat(tokenizer, to_messages(r, fmt)[:-1], add_generation_prompt=True)
+                   for r in (fit_record(tokenizer, r, fmt, seq_len)[0] for r in splits["val"][:5]) if r is not None]
+        scores.answers = scorer.answers(prompts, MAX_NEW_TOKENS // 4)
     return scores
 
 
@@ -349,13 +357,15 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int | None = None, 
     torch.manual_seed(0)
 
     model, tokenizer = _load_trained(model_dir, lineage, device)
-    candidate = score_model(model, tokenizer, summary.format, splits, forgetting, device, plan.seq_len, max_examples)
+    candidate = score_model(InProcess(model, tokenizer, device), tokenizer, summary.format, splits, forgetting, plan.seq_len,
+                            max_examples)
     del model
     base_scores = None
     if reference:
         base, base_tok = load_base(Path(reference))
         base.to(device)
-        base_scores = score_model(base, base_tok, summary.format, splits, forgetting, device, plan.seq_len, max_examples)
+        base_scores = score_model(InProcess(base, base_tok, device), base_tok, summary.format, splits, forgetting,
+                                  plan.seq_len, max_examples)
         del base
     base_answers = base_scores.answers if base_scores else []
     samples = []
@@ -425,7 +435,8 @@ def score_directory(workspace: Path, model_dir: Path, dataset: str, seq_len: int
     splits = {name: read_split(datasets_dir(workspace) / dataset, name) for name in ("train", "val", "test")}
     torch.manual_seed(0)
     model, tokenizer, device = load_exported(model_dir)
-    return score_model(model, tokenizer, summary.format, splits, forgetting or general_texts(), device, seq_len, max_examples)
+    return score_model(InProcess(model, tokenizer, device), tokenizer, summary.format, splits,
+                       forgetting or general_texts(), seq_len, max_examples)
 
 
 def perplexity_on(model_dir: Path, records: list[dict], fmt: str, seq_len: int) -> float | None:
