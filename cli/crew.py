@@ -127,6 +127,7 @@ def plan_command(
         from crews.goals import parse_goal
         from steps.plan import plan_goal
         from training.data import curate, curate_to_workspace
+        from training.plan_from_goal import test_size_warning
         from training.estimate import estimate
 
         parsed = parse_goal(goal, check_workspace(workspace))
@@ -141,7 +142,9 @@ def plan_command(
             if with_estimate:
                 estimated = estimate(plan, workspace, measure_steps=2).model_dump()
         payload = {"goal": parsed.model_dump(mode="json"), "plan": plan.model_dump(mode="json") if plan else None,
-                   "records_fit": fit.sentence("training", plan.seq_len) if fit else None, "estimate": estimated}
+                   "records_fit": fit.sentence("training", plan.seq_len) if fit else None,
+                   "test_split_warning": test_size_warning(parsed, curated.summary.splits.get("test", 0)) if plan else None,
+                   "estimate": estimated}
         if as_json:
             emit_json(payload)
         console(as_json).print_json(json.dumps(payload))

@@ -9,6 +9,7 @@ from memory.store import MemoryStore
 from training.batches import Fit, fit_records, read_split, render_chat, to_messages
 from training.contracts import DatasetSummary, Goal, TrainPlan
 from training.data.store import datasets_dir
+from training.errors import InputError
 from training.plan_from_goal import plan_for, seq_len_for
 
 
@@ -38,7 +39,37 @@ def plan_goal(workspace: Path, goal: Goal, summary: DatasetSummary, *, use_memor
         update["seq_len"] = seq_len_for(lengths, context)
         fit = fit_records(tokenizer, train_records, summary.format, update["seq_len"])[1]
     plan = TrainPlan.model_validate(plan.model_copy(update=update).model_dump())  # re-check the plan's rules
+    if tokenizer is not None:
+        check_relative_target(workspace, goal, plan, summary)
     return plan, reused, fit
+
+
+ZERO_CHECK_RECORDS = 32  # validation records the base is scored on before a relative "higher" target is accepted
+
+
+def check_relative_target(workspace: Path, goal: Goal, plan: TrainPlan, summary: DatasetSummary) -> None:
+    """Refuse "x% above the base" when the base scores 0 on the metric: the threshold would be 0 and any
+    model would pass. Scored on a few validation records (never the test split) before any training."""
+    target = goal.target
+    if target is None or target.kind != "relative" or target.direction != "higher" or not target.value:
+        return
+    import torch
+
+    from training.evaluate import InProcess, score_model
+    from training.models import base_dir, load_base
+
+    splits = {name: read_split(datasets_dir(workspace) / summary.fingerprint, name) for name in ("train", "val")}
+    if not splits["val"]:
+        return
+    model, tokenizer = load_base(base_dir(plan.base_model, workspace))
+    device = torch.device("cpu")
+    scores = score_model(InProcess(model, tokenizer, device), tokenizer, summary.format,
+                         {"train": splits["train"], "val": [], "test": splits["val"][:ZERO_CHECK_RECORDS]}, (), plan.seq_len)
+    values = scores.values.get(goal.metric)
+    if values and max(values) == 0:
+        raise InputError(f"target: the base scores 0 on {goal.metric} ({len(values)} validation records), so "
+                         f"'{target.value:.0%} above the base' asks for nothing; give an absolute target instead "
+                         f"(e.g. '{goal.metric.replace('_', ' ')} at least 0.3')")
 
 
 def _base_tokenizer(workspace: Path, plan: TrainPlan, convert: bool):

@@ -164,3 +164,23 @@ def test_length_normalised_accuracy_picks_the_long_right_label_where_the_raw_sum
     assert scores.values["accuracy_raw"] == [0.0] * len(BUSINESS)  # the raw sum picked the shortest label each time
     assert scores.values["accuracy"] == [1.0] * len(BUSINESS)
     assert "divided by the answer's length in characters" in scores.notes["accuracy"]
+
+
+def test_a_relative_target_over_a_base_that_scores_zero_is_refused_at_planning(ws, tiny_base):
+    from steps.plan import plan_goal
+    from training.contracts import Goal, Target
+    from training.data.store import load_summary
+
+    fp = curate_to_workspace(str(ROOT / "examples/data/support_faq.jsonl"), ws).summary.fingerprint
+    summary = load_summary(ws, fp)
+
+    def goal(kind: str, value: float) -> Goal:
+        target = Target(metric="exact_match", direction="higher", kind=kind, value=value,
+                        baseline="base" if kind == "relative" else "none")
+        return Goal(task="finetune", data="faq", base_model=str(tiny_base), method="full", metric="exact_match", target=target)
+
+    with pytest.raises(InputError, match=r"the base scores 0 on exact_match \(\d+ validation records\), so '20% above the base' "
+                                         r"asks for nothing; give an absolute target"):
+        plan_goal(ws, goal("relative", 0.2), summary, use_memory=False)
+    plan, _, fit = plan_goal(ws, goal("absolute", 0.3), summary, use_memory=False)  # an absolute target is fine
+    assert fit.records == summary.splits["train"] and fit.dropped == 0 and plan.seq_len % 64 == 0

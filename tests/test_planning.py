@@ -57,3 +57,19 @@ def test_a_warm_start_is_a_finetune_only_setting():
     assert warm.init_from == "/models/production"
     with pytest.raises(ValueError, match="init_from: only a fine-tuning run"):
         TrainPlan(task="pretrain", dataset="0123456789abcdef", size="tiny", init_from="/models/production")
+
+
+def test_a_test_split_too_small_to_decide_the_target_is_said_with_what_would_settle_it():
+    from training.contracts import Goal, Target
+    from training.plan_from_goal import test_size_warning
+
+    goal = Goal(task="finetune", data="bbc-news", base_model="smollm2-135m-instruct", method="lora", metric="accuracy",
+                target=Target(metric="accuracy", direction="higher", kind="absolute", value=0.8))
+    small = test_size_warning(goal, 14)
+    assert small.startswith("the test split has 14 records: a 90% interval on accuracy will be about ±0.18 wide")
+    assert "about 44 test records give ±0.10" in small
+    assert test_size_warning(goal, 210) is None
+    assert test_size_warning(goal.model_copy(update={"target": None}), 14) is None  # nothing to decide
+    ppl = Goal(task="finetune", data="faq.jsonl", base_model="smollm2-135m-instruct", method="lora", metric="perplexity",
+               target=Target(metric="perplexity", direction="lower", kind="relative", value=0.15, baseline="base"))
+    assert "at least 30 test records" in test_size_warning(ppl, 14) and test_size_warning(ppl, 40) is None

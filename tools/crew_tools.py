@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from memory.store import MemoryStore
 from tools.base import RunTool, ToolArgs, WorkspaceTool
 from training.errors import InputError
+from training.plan_from_goal import test_size_warning
 from training.contracts import TrainPlan
 from training.runs import RUN_ID, Run
 
@@ -54,7 +55,8 @@ class CurateDatasetTool(RunTool):
                 "description": s.description,
                 "similar": [{"fingerprint": x.fingerprint, "similarity": x.similarity} for x in recalled.similar
                             if x.similarity >= 0.5],
-                "contaminated": len(recalled.contaminated)}
+                "contaminated": len(recalled.contaminated),
+                "test_split_warning": test_size_warning(goal, s.splits.get("test", 0))}
 
 
 # ---- memory ---------------------------------------------------------------------------------------
@@ -118,6 +120,7 @@ class EstimatePlanTool(PlanningTool):
         est = estimate(plan, Path(self.workspace), measure_steps=0)
         return {"plan": plan.model_dump(mode="json", exclude_defaults=True), "reused_from": reused,
                 "records_fit": fit.sentence("training", plan.seq_len) if fit else None,
+                "test_split_warning": test_size_warning(self.context.goal, self.need("summary").splits.get("test", 0)),
                 "trainable_params": est.trainable_params, "total_params": est.total_params,
                 "memory_gb": {k: round(v, 2) for k, v in est.memory_gb.items()}}
 

@@ -172,7 +172,7 @@ def fit_records(tokenizer, records: list[dict], fmt: str, seq_len: int) -> tuple
 def packed_examples(tokenizer, texts: list[str], seq_len: int) -> list[Example]:
     """Documents joined by EOS and cut into windows of seq_len tokens (the tail shorter than one is dropped)."""
     stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    for ids in (tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
         stream.extend(ids)
         stream.append(tokenizer.eos_token_id)
     n = len(stream) // seq_len

@@ -73,6 +73,34 @@ def seq_len_for(lengths: list[int], context: int | None = None) -> int:
     return max(64, min(cap, -(-longest // 64) * 64))
 
 
+FRACTION_METRICS = ("accuracy", "exact_match", "f1", "rougeL")
+DECIDABLE = 0.10  # a test split whose interval is wider than this (either side) cannot decide a fraction target
+MIN_TEST = 30  # records below which a perplexity's interval is too wide to decide a target
+
+
+def test_size_warning(goal: Goal, test_records: int, level: float = 0.9) -> str | None:
+    """One line when the test split is too small for the goal's target to be decided at `level`, with what
+    would settle it; None when it is large enough (or there is no target to decide)."""
+    from training.stats import half_width_for
+
+    if goal.target is None or goal.task == "evaluate":
+        return None
+    n = test_records
+    if goal.metric in FRACTION_METRICS:
+        p = goal.target.value if goal.target.kind == "absolute" else 0.5
+        half = half_width_for(n, p, level)
+        if half <= DECIDABLE:
+            return None
+        enough = math.ceil(n * (half / DECIDABLE) ** 2)
+        return (f"the test split has {n} records: a {level:.0%} interval on {goal.metric} will be about ±{half:.2f} wide, "
+                f"too wide to decide the target unless the model is far from it; about {enough} test records give "
+                f"±{DECIDABLE:.2f} (curate with a larger test share, e.g. --split 0.7,0.1,0.2, or add data)")
+    if n < MIN_TEST:
+        return (f"the test split has {n} records: the interval on perplexity will be wide and a small effect will be "
+                f"'not enough evidence'; at least {MIN_TEST} test records are advised (a larger test share or more data)")
+    return None
+
+
 def next_lr(lr: float, tried: list[float], cap: float) -> float:
     """After a miss: lr x3 (at most `cap`) unless tried already, else lr / 3 unless tried, else lr again."""
     for option in (min(lr * LR_STEP, cap), lr / LR_STEP):
