@@ -81,6 +81,9 @@ def test_pairs_evaluation_has_every_metric_beside_its_baseline_and_is_determinis
     for key in ("val_perplexity", "test_perplexity", "general_perplexity", "exact_match", "f1", "rougeL"):
         assert key in first.metrics and f"base_{key}" in first.metrics
     assert first.metrics["val_perplexity"] > 1 and first.metrics["general_perplexity"] > 1
+    # forgetting is measured on what this workspace's base knew: its own pretraining validation split, not news text
+    pretrain_val = read_split(datasets_dir(ws) / json.loads((tiny_base / "lineage.json").read_text())["dataset"], "val")
+    assert first.general_corpus.startswith("the base's own competence") and f"{len(pretrain_val)} records" in first.general_corpus
     assert len(first.samples) == 5
     assert all(s["reference"] and s["base"] is not None and s["candidate"] is not None for s in first.samples)
     assert evaluate_run(ws, "qa", max_examples=4).metrics == first.metrics

@@ -26,7 +26,7 @@ REL = {"metric": "perplexity", "direction": "lower", "kind": "relative", "baseli
 @pytest.mark.parametrize("target,metrics,production,passed,first", [
     ({**REL, "value": 0.2}, {}, None, True, "test_perplexity 21 vs the base 30 (-30.0%); needed 20% below the base, <= 24: met"),
     ({**REL, "value": 0.4}, {}, None, False, "test_perplexity 21 vs the base 30 (-30.0%); needed 40% below the base"),
-    ({**REL, "value": 0.2}, {"general_perplexity": 45.0}, None, False, "forgetting: general-text perplexity 45 vs the base's 39"),
+    ({**REL, "value": 0.2}, {"general_perplexity": 45.0}, None, False, "forgetting: perplexity on general text 45 vs the base's 39"),
     ({**REL, "value": 0.1, "baseline": "production"}, {}, {"test_perplexity": 22.0}, False, "test_perplexity 21 vs production 22"),
     ({**REL, "value": 0.0, "baseline": "production"}, {}, {"test_perplexity": 22.0}, True, None),
     ({**REL, "value": 0.2, "baseline": "production"}, {}, None, True, None),   # no production yet: the base stands in

@@ -11,7 +11,8 @@ Checks, each giving one line of reasons (failing ones first):
    the target while its interval straddles it is "not enough evidence", with the test records that
    would settle it. "No worse than" (a zero margin) is a guard, judged on the estimate. A relative
    "higher" target over a baseline of 0 asks for nothing and is refused;
-2. forgetting: general-text perplexity may not rise more than `max_forgetting` (10%) over the base's;
+2. forgetting: perplexity on what the base knew (`general_perplexity`: its own pretraining validation split, or
+   general text; `Evaluation.general_corpus` says which) may not rise more than `max_forgetting` (10%) over the base's;
 3. contamination: no training record may restate an earlier evaluation record (from memory);
 4. production: when production was scored on the same evaluation set (`production_<metric>` in the
    evaluation, or `production` given), the candidate may not be worse than it.
@@ -57,7 +58,8 @@ def gate(goal: Goal, evaluation: Evaluation, production: dict[str, float] | None
     general, base_general = m.get("general_perplexity"), m.get("base_general_perplexity")
     if general is not None and base_general:
         rise = general / base_general - 1
-        line = (f"forgetting: general-text perplexity {general:.4g} vs the base's {base_general:.4g} "
+        what = "the base's own pretraining data" if "own competence" in evaluation.general_corpus else "general text"
+        line = (f"forgetting: perplexity on {what} {general:.4g} vs the base's {base_general:.4g} "
                 f"({rise:+.1%}; at most +{max_forgetting:.0%})")
         (passed if rise <= max_forgetting else failed).append(line)
     against_target = goal.target is not None and goal.target.kind == "relative" and goal.target.baseline == "production"
