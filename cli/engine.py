@@ -82,6 +82,8 @@ def eval_command(
     served: Annotated[Optional[str], typer.Option("--served", help="Score the model behind this OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000) on the run's records, through HTTP, instead of the run's own model.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="With --served: the served model's name.")] = None,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MODELCREW_API_KEY", help="With --served: the endpoint's key.")] = None,
+    harness: Annotated[bool, typer.Option("--harness", help="Write an lm-evaluation-harness task from the run's test split (runs/<run_id>/harness/) and run it with lm-eval against the run's model, or the --served one.")] = False,
+    harness_tasks: Annotated[Optional[str], typer.Option("--harness-tasks", help="With --harness: standard lm-eval tasks to run too, comma-separated (e.g. hellaswag,arc_easy); their data must be in the local cache.")] = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
     as_json: Json = False,
     debug: Debug = False,
@@ -94,11 +96,23 @@ def eval_command(
         from steps.evaluate import evaluate_and_gate
 
         workspace = check_workspace(workspace)
+        if harness_tasks and not harness:
+            raise InputError("--harness-tasks: only with --harness")
+        if served and not model:
+            raise InputError("--model: name the served model to score (see GET /v1/models)")
+        if harness:
+            result = run_harness_for(workspace, run_id, served, model, harness_tasks, max_examples)
+            if as_json:
+                emit_json(result)
+            for task, metrics in result["results"].items():
+                shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+                console(as_json).print(f"{task}: {shown} ({metrics.get('samples')} samples)")
+            for metric, pair in result["versus_evaluation"].items():
+                console(as_json).print(f"{metric}: lm-eval {pair['harness']:.4g}, modelcrew eval {pair['modelcrew']:.4g}")
+            return
         if served:
             from serving.remote import evaluate_served
 
-            if not model:
-                raise InputError("--model: name the served model to score (see GET /v1/models)")
             result = evaluate_served(workspace, run_id, served, model, api_key, max_examples)
             if as_json:
                 emit_json(result)
@@ -112,6 +126,30 @@ def eval_command(
         if as_json:
             emit_json(ev.model_dump())
         console(as_json).print(evaluation_table(ev))
+
+
+HARNESS_METRIC = {"accuracy": "acc_norm", "accuracy_raw": "acc", "exact_match": "exact_match", "f1": "f1"}
+
+
+def run_harness_for(workspace, run_id: str, served: str | None, model: str | None, tasks: str | None,
+                    max_examples: int | None) -> dict:
+    """The run's harness task written and run; its numbers beside the run's own evaluation, when it has one."""
+    from serving.harness import run_harness, write_task
+    from training.runs import Run
+
+    run = Run(workspace, run_id).require()
+    task_dir = write_task(workspace, run_id, run.harness_dir, max_examples)
+    standard = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    results = run_harness(task_dir, served_url=served, model_name=model, standard_tasks=standard)
+    ours = results.get(task_dir.name, {})
+    evaluation = run.evaluation()
+    versus = {}
+    if evaluation is not None and not served:
+        versus = {ours_key: {"harness": ours[key], "modelcrew": evaluation.metrics[ours_key]}
+                  for ours_key, key in HARNESS_METRIC.items() if key in ours and ours_key in evaluation.metrics}
+    out = {"run_id": run_id, "task_dir": str(task_dir), "served": served, "results": results, "versus_evaluation": versus}
+    run.write_harness_results(out)
+    return out
 
 
 COMMANDS = {"train": train_command, "estimate": estimate_command, "eval": eval_command}

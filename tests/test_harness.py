@@ -17,7 +17,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval")  # a dev dependency (pip install -e .[dev])
+import lm_eval  # noqa: E402,F401  (a dev dependency: a missing install fails here, never skips)
 
 from serving.harness import run_harness, write_task  # noqa: E402
 from tests.helpers import write_jsonl  # noqa: E402
@@ -146,3 +146,17 @@ def test_a_pretraining_run_has_no_harness_task(ws, tiny_base, tmp_path):
     with pytest.raises(InputError, match="pretraining run"):
         write_task(ws, "base", tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_modelcrew_eval_harness_writes_the_task_runs_it_and_sets_it_beside_the_evaluation(classification, cli):
+    evaluation, _ = classification
+    out = cli("eval", "cls", "--harness", "--json", "--workspace", str(evaluation.model_dir).rsplit("/runs/", 1)[0])
+    assert out.exit_code == 0, out.stderr
+    result = out.json()
+    assert Path(result["task_dir"]).parent == Run(Path(result["task_dir"]).parents[3], "cls").harness_dir
+    for metric in ("accuracy", "accuracy_raw"):
+        pair = result["versus_evaluation"][metric]
+        assert pair["harness"] == pytest.approx(pair["modelcrew"], abs=1e-6) == evaluation.metrics[metric]
+    assert json.loads((Path(result["task_dir"]).parent / "results.json").read_text())["results"] == result["results"]
+    refused = cli("eval", "cls", "--harness-tasks", "hellaswag", "--workspace", str(Path(result["task_dir"]).parents[3]))
+    assert refused.exit_code == 2 and "--harness-tasks: only with --harness" in refused.stderr

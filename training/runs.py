@@ -17,6 +17,7 @@ No other module builds a run's path or reads a run's file by hand (tests/test_ru
     crew_result.json   the crew's one-object summary of the run
     attempts.json      the configurations the crew tried before it picked this run (when it tried several)
     report.md, report.html
+    harness/           the lm-eval task made from the test split, and results.json (`modelcrew eval --harness`)
 
 Artefacts are written whole (temporary name, fsync, rename): a reader sees the old file or the new one.
 """
@@ -109,6 +110,11 @@ class Run:
             raise InputError(f"which: best or final, not {which!r}")
         return self.dir / which
 
+    @property
+    def harness_dir(self) -> Path:
+        """Where `modelcrew eval --harness` writes the run's lm-eval task and its results."""
+        return self.dir / "harness"
+
     def report_paths(self) -> tuple[Path, Path]:
         return self.dir / "report.md", self.dir / "report.html"
 
@@ -164,6 +170,9 @@ class Run:
 
     def write_attempts(self, attempts: list[dict]) -> None:
         self._write_json("attempts.json", {"attempts": attempts})
+
+    def write_harness_results(self, results: dict) -> None:
+        self._write_json("harness/results.json", results)
 
     def narrative(self) -> str | None:
         return self._read_json("narrative.json", {}).get("template")
