@@ -61,6 +61,10 @@ class LoadedModel:
         self.context = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_token_id}
+        if getattr(self.tokenizer, "chat_template", None):  # a turn ends at the template's end of turn, EOS or not
+            from training.evaluate import end_of_turn_ids
+
+            self.eos_ids |= set(end_of_turn_ids(self.tokenizer))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         # ids a client may send: the tokenizer must decode them (echo) and the embedding must hold them
         self.vocab = min(len(self.tokenizer), int(getattr(config, "vocab_size", None) or len(self.tokenizer)))
