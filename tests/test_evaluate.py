@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_jsonl
+from tests.helpers import pretrain_tiny_base, write_jsonl
 from training.contracts import Budget, TrainPlan
 from training.data import curate_to_workspace
 from training.batches import IGNORE, read_split
@@ -40,9 +40,7 @@ def ws(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_base(ws):
-    fp = curate_to_workspace(str(ROOT / "examples/data/support_faq.jsonl"), ws, format="text").summary.fingerprint
-    plan = TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=4), **TINY)
-    return Path(train(plan, ws, "base", show_progress=False).final_dir)
+    return pretrain_tiny_base(ws)
 
 
 def test_classification_is_learned_and_scored_by_label_likelihood(ws, tiny_base, tmp_path):
@@ -117,6 +115,15 @@ def test_texts_longer_than_seq_len_are_cut_never_dropped_and_every_record_trains
     for e, record in zip(examples, read_split(datasets_dir(ws) / plan.dataset, "train")):
         answer = tok.decode(e.input_ids[e.labels != IGNORE])
         assert answer.startswith(record["label"])  # the label survives every cut
+    # the evaluation scores the test split cut the same way, and the verdict says what it rests on
+    from training.contracts import Goal
+    from training.gate import gate
+
+    ev = evaluate_run(ws, "long-cls")
+    assert ev.records["train"] == fit and ev.records["test"]["dropped"] == 0 and ev.records["test"]["cut"] > 0
+    assert ev.examples["test"] == curated.summary.splits["test"]
+    verdict = gate(Goal(task="finetune", data="x", base_model="b", method="full", metric="accuracy"), ev)
+    assert f"records: train {fit['records']} of {fit['records']} used ({fit['cut']} cut to fit, 0 dropped)" in verdict.reasons[-1]
 
 
 def test_answers_longer_than_seq_len_refuse_the_run_with_the_fix(ws, tiny_base, tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import lm_eval  # noqa: E402,F401  (a dev dependency: a missing install fails here, never skips)
 
 from serving.harness import run_harness, write_task  # noqa: E402
-from tests.helpers import write_jsonl  # noqa: E402
+from tests.helpers import pretrain_tiny_base, write_jsonl  # noqa: E402
 from training.contracts import Budget, TrainPlan  # noqa: E402
 from training.data import curate_to_workspace  # noqa: E402
 from training.errors import InputError  # noqa: E402
@@ -41,9 +41,7 @@ def ws(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_base(ws):
-    fp = curate_to_workspace(str(ROOT / "examples/data/support_faq.jsonl"), ws, format="text").summary.fingerprint
-    plan = TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=4), **TINY)
-    return Path(train(plan, ws, "base", show_progress=False).final_dir)
+    return pretrain_tiny_base(ws)
 
 
 def _finetune(ws, base, rows, run_id, steps, **settings):

@@ -9,7 +9,7 @@ import pytest
 
 from serving.remote import evaluate_served
 from serving.server import create_app
-from tests.helpers import write_jsonl
+from tests.helpers import pretrain_tiny_base, write_jsonl
 from tests.test_serving import Server
 from training.contracts import Budget, TrainPlan
 from training.data import curate_to_workspace
@@ -23,8 +23,7 @@ TINY = dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=10, ev
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     ws = tmp_path_factory.mktemp("served-eval")
-    fp = curate_to_workspace(str(ROOT / "examples/data/support_faq.jsonl"), ws, format="text").summary.fingerprint
-    train(TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=4), **TINY), ws, "base", show_progress=False)
+    pretrain_tiny_base(ws)
     return ws
 
 

@@ -348,6 +348,7 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int | None = None, 
     if plan is None or not (model_dir / "lineage.json").exists():
         raise InputError(f"{run_id}: no trained model in {run.dir} (train it first)")
     lineage = json.loads((model_dir / "lineage.json").read_text(encoding="utf-8"))
+    trained = run.result()
     summary = load_summary(workspace, plan.dataset)
     data_dir = datasets_dir(workspace) / plan.dataset
     splits = {name: read_split(data_dir, name) for name in ("train", "val", "test")}
@@ -381,7 +382,8 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int | None = None, 
                               "general": len(candidate.values["general_perplexity"])},
         samples=samples, general_corpus=corpus, confidence=confidence,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=0.0,
-        records={split: fit.as_dict() for split, fit in candidate.fits.items()}, scoring=candidate.notes,
+        records={**({"train": trained.records["train"]} if trained and "train" in trained.records else {}),
+                 **{split: fit.as_dict() for split, fit in candidate.fits.items()}}, scoring=candidate.notes,
         base_source=base_source(reference))
     add_candidate(evaluation, candidate.values)
     if base_scores is not None:

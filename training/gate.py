@@ -14,6 +14,8 @@ Checks, each giving one line of reasons (failing ones first):
 2. forgetting: perplexity on what the base knew (`general_perplexity`: its own pretraining validation split, or
    general text; `Evaluation.general_corpus` says which) may not rise more than `max_forgetting` (10%) over the base's;
 3. contamination: no training record may restate an earlier evaluation record (from memory);
+   and a line of what the numbers rest on: records cut to fit seq_len or dropped, per split (never a failure
+   by itself: training refuses to drop many, and evaluation scores every record that fits);
 4. production: when production was scored on the same evaluation set (`production_<metric>` in the
    evaluation, or `production` given), the candidate may not be worse than it.
 """
@@ -73,6 +75,10 @@ def gate(goal: Goal, evaluation: Evaluation, production: dict[str, float] | None
         failed.append(f"contamination: {contaminated} training records restate earlier evaluation records")
     else:
         passed.append("contamination: none found in memory")
+    if evaluation.records:
+        passed.append("records: " + "; ".join(
+            f"{split} {r['whole'] + r['cut']} of {r['records']} used ({r['cut']} cut to fit, {r['dropped']} dropped)"
+            for split, r in evaluation.records.items()))
     return GateVerdict(passed=not failed, metric=key, value=value, threshold=_threshold(goal, key, m, production),
                        reasons=failed + passed, evidence=evidence, records_needed=needed)
 
