@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from training import stats
-from training.batches import (IGNORE, Example, Fit, classification_prompt, collate, fit_record, fitted_examples,
-                              read_split, render_chat, to_messages)
+from training.batches import (IGNORE, Example, Fit, classification_prompt, collate, fit_record, fit_records,
+                              fitted_examples, read_split, render_chat, to_messages)
 from training.contracts import Comparison, Evaluation, Interval, TrainPlan
 from training.objective import NextTokenLoss, autocast, supervised_tokens
 
@@ -201,6 +201,32 @@ class InProcess:
     def answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         return generate_answers(self.model, self.tokenizer, prompts, self.device, max_new_tokens)
 
+    @torch.no_grad()
+    def choices(self, context: list[int], continuations: list[list[int]]) -> list[list[float]]:
+        """[summed loss, tokens] of each continuation after `context`. The context (the long part) runs once
+        and its KV cache serves every continuation, instead of one full sequence per label."""
+        import inspect
+
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        with autocast(self.device):
+            out = self.model(input_ids=torch.tensor([context], device=self.device), use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)
+        results = [[-float(first[c[0]]), len(c)] for c in continuations]
+        width = max(len(c) for c in continuations)
+        if width > 1:  # the rest of each continuation, all together over copies of the context's cache
+            cache.batch_repeat_interleave(len(continuations))
+            pad = self.tokenizer.pad_token_id
+            steps = torch.tensor([(c + [pad] * width)[: width - 1] for c in continuations], device=self.device)
+            mask = torch.ones((len(continuations), len(context) + width - 1), dtype=torch.long, device=self.device)
+            with autocast(self.device):
+                out = self.model(input_ids=steps, attention_mask=mask, use_cache=True, **{cache_arg: cache})
+            logp = torch.log_softmax(out.logits.float(), -1)
+            for i, c in enumerate(continuations):
+                results[i][0] -= float(sum(logp[i, j - 1, c[j]] for j in range(1, len(c))))
+        return [[round(loss, 5), n] for loss, n in results]
+
 
 def label_choices(tokenizer, record: dict, labels: list[str], seq_len: int) -> tuple[list[int], list[tuple[list[int], str]]] | None:
     """(context ids, [(continuation ids, continuation text)] per label) for a classification record whose
@@ -220,23 +246,26 @@ def label_choices(tokenizer, record: dict, labels: list[str], seq_len: int) -> t
 
 
 def label_loglikelihoods(scorer, tokenizer, records: list[dict], labels: list[str],
-                         seq_len: int) -> tuple[list[list[float]], list[list[int]], list[int]]:
-    """Per scored record: each label's summed log-likelihood and its continuation's length in characters;
-    and the indices of the records scored (a record with no room for an answer is not)."""
-    examples, chars, scored = [], [], []
+                         seq_len: int) -> tuple[list[list[list[float]]], list[list[int]], list[int]]:
+    """Per scored record: each label's [negative log-likelihood, tokens] and its continuation's length in
+    characters; and the indices of the records scored (a record with no room for an answer is not).
+    A scorer with `choices` runs each context once for all its labels; otherwise every label is a sequence."""
+    items, chars, scored = [], [], []
     for i, record in enumerate(records):
         fitted = label_choices(tokenizer, record, labels, seq_len)
         if fitted is None:
             continue
         scored.append(i)
         context, choices = fitted
-        for continuation, text in choices:
-            ids = np.asarray(context + continuation, dtype=np.int32)
-            examples.append(Example(ids, np.asarray([IGNORE] * len(context) + continuation, dtype=np.int32)))
+        items.append((context, [continuation for continuation, _ in choices]))
         chars.append([len(text) for _, text in choices])
-    scores = [-loss for loss, _ in scorer.losses(examples)]
+    if hasattr(scorer, "choices"):
+        return [scorer.choices(context, continuations) for context, continuations in items], chars, scored
+    examples = [Example(np.asarray(context + c, dtype=np.int32), np.asarray([IGNORE] * len(context) + c, dtype=np.int32))
+                for context, continuations in items for c in continuations]
+    losses = scorer.losses(examples)
     k = len(labels)
-    return [scores[i * k:(i + 1) * k] for i in range(len(chars))], chars, scored
+    return [losses[i * k:(i + 1) * k] for i in range(len(items))], chars, scored
 
 
 @dataclass
@@ -259,6 +288,9 @@ def score_model(scorer, tokenizer, fmt: str, splits: dict[str, list[dict]], forg
     inputs cut to `seq_len`."""
     scores = Scores()
     for split in ("val", "test"):
+        if split == "test" and fmt == "classification":  # the true label's loss comes with the label ranking below
+            scores.fits[split] = fit_records(tokenizer, splits[split], fmt, seq_len)[1]
+            continue
         examples, scores.fits[split] = fitted_examples(tokenizer, splits[split], fmt, seq_len)
         if examples:
             scores.values[f"{split}_perplexity"] = scorer.losses(examples)
@@ -266,12 +298,16 @@ def score_model(scorer, tokenizer, fmt: str, splits: dict[str, list[dict]], forg
     general = fitted_examples(tokenizer, [{"text": t} for t in forgetting], "text", window)[0]
     scores.values["general_perplexity"] = scorer.losses(general)
     scores.notes["perplexity"] = (f"exp of the mean token loss over each split's records, inputs cut to fit seq_len "
-                                  f"{seq_len} as in training; the forgetting corpus in windows of {window} tokens")
+                                  f"{seq_len} as in training; the forgetting corpus in windows of {window} tokens"
+                                  + ("; on test, the loss of the true label in the label ranking's pass (its input cut "
+                                     "to fit the longest label)" if fmt == "classification" else ""))
     test = splits["test"][:max_examples] if max_examples else splits["test"]
     if fmt == "classification":
         labels = sorted({r["label"] for rows in splits.values() for r in rows})
-        loglik, chars, scored = label_loglikelihoods(scorer, tokenizer, test, labels, seq_len)
+        losses, chars, scored = label_loglikelihoods(scorer, tokenizer, test, labels, seq_len)
         truth = [labels.index(test[i]["label"]) for i in scored]
+        scores.values["test_perplexity"] = [row[t] for row, t in zip(losses, truth)]
+        loglik = [[-loss for loss, _ in row] for row in losses]
         normalised = [[s / max(c, 1) for s, c in zip(row, cs)] for row, cs in zip(loglik, chars)]
         scores.values["accuracy"] = [float(int(np.argmax(row)) == t) for row, t in zip(normalised, truth)]
         scores.values["accuracy_raw"] = [float(int(np.argmax(row)) == t) for row, t in zip(loglik, truth)]
