@@ -294,7 +294,7 @@ def score_model(scorer, tokenizer, fmt: str, splits: dict[str, list[dict]], forg
         examples, scores.fits[split] = fitted_examples(tokenizer, splits[split], fmt, seq_len)
         if examples:
             scores.values[f"{split}_perplexity"] = scorer.losses(examples)
-    window = min(seq_len, FORGETTING_WINDOW)
+    window = FORGETTING_WINDOW  # fixed, so the forgetting check does not move with a plan's seq_len
     general = fitted_examples(tokenizer, [{"text": t} for t in forgetting], "text", window)[0]
     scores.values["general_perplexity"] = scorer.losses(general)
     scores.notes["perplexity"] = (f"exp of the mean token loss over each split's records, inputs cut to fit seq_len "
@@ -358,7 +358,7 @@ def small_test_warning(evaluation: Evaluation, fmt: str) -> str | None:
     n = evaluation.examples.get("test", 0)
     if n >= SMALL_TEST:
         return None
-    key = "accuracy" if fmt == "classification" else "exact_match" if fmt in ("pairs", "chat") else "test_perplexity"
+    key = "accuracy" if fmt == "classification" else "f1" if fmt in ("pairs", "chat") else "test_perplexity"
     interval = evaluation.intervals.get(key)
     width = f" ({key} {interval.low:.3g} to {interval.high:.3g} at {evaluation.confidence:.0%})" if interval else ""
     return (f"only {n} test records: every interval is wide{width}; curate more data or a larger test split "
