@@ -33,7 +33,6 @@ class Example:
 
     input_ids: np.ndarray
     labels: np.ndarray
-    record: int = -1  # index of the record it came from (-1: a packed window of several)
 
 
 @dataclass
@@ -91,7 +90,7 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = F
     return list(out)
 
 
-def supervised_example(tokenizer, messages: list[dict], record: int = -1) -> Example:
+def supervised_example(tokenizer, messages: list[dict]) -> Example:
     """Token ids of a conversation with labels only on assistant turns (found by rendering prefixes)."""
     ids = render_chat(tokenizer, messages)
     labels = [IGNORE] * len(ids)
@@ -101,7 +100,7 @@ def supervised_example(tokenizer, messages: list[dict], record: int = -1) -> Exa
         start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True))
         end = len(render_chat(tokenizer, messages[: i + 1]))
         labels[start:end] = ids[start:end]
-    return Example(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32), record)
+    return Example(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32))
 
 
 INPUT_FIELD = {"classification": "text", "pairs": "prompt"}
@@ -191,7 +190,7 @@ def fitted_examples(tokenizer, records: list[dict], fmt: str, seq_len: int) -> t
         examples = packed_examples(tokenizer, [r["text"] for r in records], seq_len)
         return examples, Fit(records=len(records), whole=len(records))
     kept, fit = fit_records(tokenizer, records, fmt, seq_len)
-    return [supervised_example(tokenizer, to_messages(r, fmt), i) for i, r in kept], fit
+    return [supervised_example(tokenizer, to_messages(r, fmt)) for _, r in kept], fit
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -274,7 +274,7 @@ class Scores:
     records fit seq_len."""
 
     values: dict[str, list] = field(default_factory=dict)
-    answers: list[str] = field(default_factory=list)
+    answers: list[str | None] = field(default_factory=list)
     fits: dict[str, Fit] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
 
@@ -328,9 +328,10 @@ def score_model(scorer, tokenizer, fmt: str, splits: dict[str, list[dict]], forg
         scores.notes["answers"] = (f"greedy answers of at most {budget} new tokens (the references' 95th percentile "
                                    f"in tokens + 8), stopped at the end of turn; SQuAD-normalised text")
     if fmt != "text":
-        prompts = [render_chat(tokenizer, to_messages(r, fmt)[:-1], add_generation_prompt=True)
-                   for r in (fit_record(tokenizer, r, fmt, seq_len)[0] for r in splits["val"][:5]) if r is not None]
-        scores.answers = scorer.answers(prompts, MAX_NEW_TOKENS // 4)
+        fitted = [fit_record(tokenizer, r, fmt, seq_len)[0] for r in splits["val"][:5]]
+        prompts = [render_chat(tokenizer, to_messages(r, fmt)[:-1], add_generation_prompt=True) for r in fitted if r]
+        answers = iter(scorer.answers(prompts, MAX_NEW_TOKENS // 4))
+        scores.answers = [next(answers) if r else None for r in fitted]  # None: no room for an answer
     return scores
 
 
