@@ -22,7 +22,9 @@ BATCH = 8  # prompts per request
 
 
 class Served:
-    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 600.0,
+                 context: int | None = None) -> None:
+        self.context = context  # the served model's, as its run's config says (windows of text must fit it)
         self.url = url.rstrip("/")
         if not self.url.endswith("/v1"):
             self.url += "/v1"
@@ -92,7 +94,9 @@ def evaluate_served(workspace: Path, run_id: str, url: str, model: str, api_key:
     forgetting, corpus = forgetting_corpus(workspace, lineage.get("reference_dir") or lineage.get("base_dir"))
     summary = load_summary(workspace, plan.dataset)
     splits = {name: read_split(datasets_dir(workspace) / plan.dataset, name) for name in ("train", "val", "test")}
-    scores = score_model(Served(url, model, api_key), tokenizer, summary.format, splits, forgetting, plan.seq_len, max_examples)
+    config = model_dir / "config.json" if (model_dir / "config.json").exists() else Path(lineage["base_dir"]) / "config.json"
+    context = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")  # an adapter: its base's
+    scores = score_model(Served(url, model, api_key, context=context), tokenizer, summary.format, splits, forgetting, plan.seq_len, max_examples)
     metrics, intervals, versus_run = {}, {}, {}
     gated = run.evaluation()
     for metric, values in scores.values.items():

@@ -202,7 +202,7 @@ def create_app(ref: str, workspace: Path | None = None, api_key: str | None = No
 def _request(params: CommonParams, ids: list[int], loaded: LoadedModel, max_tokens: int | None, logprobs: int | None,
              echo_logprobs: bool) -> Request:
     room = loaded.context - len(ids)
-    if room <= 0:
+    if room < 0 or (room == 0 and max_tokens != 0):  # scoring a prompt alone (max_tokens 0) may fill the context
         raise APIError(400, f"the prompt has {len(ids)} tokens but the model's context is {loaded.context}; shorten it",
                        param="messages" if isinstance(params, ChatParams) else "prompt", code="context_length_exceeded")
     if max_tokens is not None and max_tokens > room:

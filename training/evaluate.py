@@ -193,6 +193,8 @@ class InProcess:
 
     def __init__(self, model, tokenizer, device) -> None:
         self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        self.context = getattr(config, "max_position_embeddings", None)  # the longest sequence it was built for
 
     def losses(self, examples: list[Example]) -> list[list[float]]:
         """[summed loss, tokens] over each example's supervised tokens."""
@@ -294,7 +296,7 @@ def score_model(scorer, tokenizer, fmt: str, splits: dict[str, list[dict]], forg
         examples, scores.fits[split] = fitted_examples(tokenizer, splits[split], fmt, seq_len)
         if examples:
             scores.values[f"{split}_perplexity"] = scorer.losses(examples)
-    window = FORGETTING_WINDOW  # fixed, so the forgetting check does not move with a plan's seq_len
+    window = min(FORGETTING_WINDOW, scorer.context or FORGETTING_WINDOW)  # not with a plan's seq_len
     general = fitted_examples(tokenizer, [{"text": t} for t in forgetting], "text", window)[0]
     scores.values["general_perplexity"] = scorer.losses(general)
     scores.notes["perplexity"] = (f"exp of the mean token loss over each split's records, inputs cut to fit seq_len "
