@@ -120,16 +120,26 @@ def models_rollback(name: Annotated[str, typer.Argument()], workspace: Workspace
 
 @app.command("export")
 def models_export(ref: Annotated[str, typer.Argument(help="name, name@production, name@v3 ...")],
-                  target: Annotated[Path, typer.Argument(help="A new directory.")],
+                  target: Annotated[Path, typer.Argument(help="A new (or empty) directory.")],
+                  format: Annotated[str, typer.Option("--format", help="hf (vLLM, transformers) or gguf (llama.cpp, Ollama).")] = "hf",
+                  dtype: Annotated[str, typer.Option("--dtype", help="hf weights: bfloat16, float16 (GPUs without bf16) or float32.")] = "bfloat16",
+                  quant: Annotated[str, typer.Option("--quant", help="gguf weights: f16, q8_0 or f32.")] = "q8_0",
                   workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False, debug: Debug = False) -> None:
-    """Write a standard Hugging Face model directory (adapters merged) that from_pretrained loads."""
+    """Export a version for other engines (adapters merged).
+
+    --format hf: safetensors in --dtype, tokenizer, chat template, card; `vllm serve DIR` and from_pretrained load it.
+
+    --format gguf: DIR/<name>-<version>-<quant>.gguf (tokenizer and chat template inside) and DIR/Modelfile.
+    Run it with `llama-server -m DIR/<file>.gguf` or `ollama create NAME -f DIR/Modelfile`. Llama models only.
+    """
     with reported(debug):
         from serving.registry import Registry
 
-        out = Registry(check_workspace(workspace)).export(ref, target)
+        out = Registry(check_workspace(workspace)).export(ref, target, format=format, dtype=dtype, quant=quant)
+        files = sorted(p.name for p in out.iterdir())
         if as_json:
-            emit_json({"ref": ref, "path": str(out)})
-        console(as_json).print(f"exported {ref} to {out}")
+            emit_json({"ref": ref, "path": str(out), "format": format, "files": files})
+        console(as_json).print(f"exported {ref} to {out} ({format}: {', '.join(files)})", markup=False)
 
 
 @app.command("delete")

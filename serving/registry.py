@@ -257,28 +257,70 @@ class Registry:
             self._save(state)  # the state forgets it first: a kill now leaves an ignored directory
             shutil.rmtree(self.root / name / "versions" / version, ignore_errors=True)
 
-    def export(self, ref: str, target: Path) -> Path:
-        """A standard Hugging Face model directory of `ref` (adapters merged into their base)."""
+    def export(self, ref: str, target: Path, format: str = "hf", dtype: str = "bfloat16", quant: str = "q8_0") -> Path:
+        """Write `ref` (adapters merged into their base) into the new directory `target` for other engines.
+
+        format "hf": a Hugging Face model directory in `dtype` (bfloat16, float16 or float32) with tokenizer,
+        chat template, card and lineage, that `from_pretrained` and `vllm serve DIR` load. bfloat16 is the
+        default because training computes in bf16 on GPUs: activations the model learned fit bf16's range,
+        which float16 (max 65504) does not promise; float16 is for GPUs without bf16 (T4, V100).
+        format "gguf": `<name>-<version>-<quant>.gguf` (quant f16, q8_0 or f32) and an Ollama `Modelfile`,
+        for llama.cpp and Ollama; Llama-architecture models only (see serving/gguf_export.py).
+        The directory appears whole or not at all; a non-empty `target` is refused.
+        """
         from training.atomic import atomic_dir
-        from training.models import load_base
 
-        _, version, path = self.resolve(ref)
+        if format not in ("hf", "gguf"):
+            raise InputError(f"--format: choose hf or gguf, not {format!r}")
+        dtypes = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+                  "float32": "float32", "fp32": "float32"}
+        if format == "hf" and dtype not in dtypes:
+            raise InputError(f"--dtype: choose bfloat16, float16 or float32, not {dtype!r}")
+        from serving.gguf_export import QUANTS, check_architecture, modelfile, write_gguf
+
+        if format == "gguf" and quant not in QUANTS:
+            raise InputError(f"--quant: choose {', '.join(QUANTS)}, not {quant!r}")
+        name, version, path = self.resolve(ref)
         target = Path(target)
-        if target.exists() and any(target.iterdir()):
-            raise InputError(f"{target}: exists and is not empty")
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise InputError(f"{target}: exists and is not an empty directory")
+        if format == "gguf":  # refuse before loading any weights
+            config_dir = Path(version.base_dir) if version.weights == "adapter" else path
+            check_architecture(json.loads((config_dir / "config.json").read_text(encoding="utf-8")), ref)
+        model, tokenizer = _merged(version, path)
         with atomic_dir(target) as tmp:
-            if version.weights == "adapter":
-                from peft import PeftModel
+            if format == "hf":
+                import torch
 
-                base, tokenizer = load_base(Path(version.base_dir))
-                PeftModel.from_pretrained(base, str(path)).merge_and_unload().save_pretrained(tmp)
+                model.to(getattr(torch, dtypes[dtype])).save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             else:
-                shutil.copytree(path, tmp, dirs_exist_ok=True)
+                gguf_name = f"{name}-{version.version}-{quant}.gguf"
+                write_gguf(model, tokenizer, tmp / gguf_name, quant, f"{name} {version.version}")
+                (tmp / "Modelfile").write_text(modelfile(tokenizer, gguf_name, model.config.max_position_embeddings,
+                                                         f"{name} {version.version} ({quant})"), encoding="utf-8")
             for extra in ("README.md", "lineage.json", "registry.json"):
                 if (path / extra).exists() and not (tmp / extra).exists():
                     shutil.copy(path / extra, tmp / extra)
         return target
+
+
+def _merged(version: Version, path: Path):
+    """The version as one float32 model and its tokenizer (an adapter merged into its base)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from training.models import load_base
+
+    hf_logging.disable_progress_bar()
+    if version.weights == "adapter":
+        from peft import PeftModel
+
+        base, tokenizer = load_base(Path(version.base_dir))
+        return PeftModel.from_pretrained(base, str(path)).merge_and_unload(), tokenizer
+    # loaded directly, not through load_base: that sets a missing pad token, which an export must not add
+    return (AutoModelForCausalLM.from_pretrained(str(path), dtype="float32", use_safetensors=True, trust_remote_code=False),
+            AutoTokenizer.from_pretrained(str(path), trust_remote_code=False))
 
 
 def register_run(workspace: Path, name: str, run_id: str, which: str = "best") -> Version:
