@@ -38,6 +38,7 @@ class Request:
     logprobs: int | None = None  # top alternatives per token (0 = only the chosen token's logprob)
     echo_logprobs: bool = False  # also score the prompt's tokens (completions with echo)
     emit: Callable[[dict], None] = print  # called from the worker thread with each event
+    ignore_eos: bool = False  # generate past the end token (fixed-length benchmarks); stops and max_tokens still end it
     cancelled: bool = False  # set by the server when its client went away: leaves the batch at the next step
 
 
@@ -339,7 +340,7 @@ class Batcher(threading.Thread):
         loaded, tok, r = self.loaded, self.loaded.tokenizer, row.req
         token = _sample(logits, r, row.generator)
         entry = _logprob_entry(tok, logp, token, r.logprobs) if r.logprobs is not None else None
-        if token in loaded.eos_ids:
+        if token in loaded.eos_ids and not r.ignore_eos:
             _flush(tok, row, final=True)
             # the end token's logprob rides on the finish event: completions list it (lm-eval's echo scoring
             # drops the last entry as the generated token, so one must be there); chat leaves it out

@@ -12,7 +12,8 @@ Bounds: a request body of at most 1 MiB (413 beyond); token ids inside the vocab
 naming it); `max_tokens` left out is 16 for completions (OpenAI's documented default) and 256 for chat, either cut
 to the room the prompt leaves in the context, while an explicit `max_tokens` past the context is a 400; n = 1;
 completions `logprobs` <= 5 and chat `top_logprobs` <= 20 (OpenAI's limits); at most 16 stop sequences; at most
-128 tools. The API key is compared in constant time.
+128 tools. The API key is compared in constant time. `ignore_eos` (vLLM's extension) generates past the end token,
+for benchmarks that need a fixed output length.
 
 Chat takes what the `openai` client and CrewAI send: content as text or text parts, assistant messages with
 `tool_calls` (content null), `tool` messages with their `tool_call_id`, and `tools` (+ `tool_choice`; "none"
@@ -96,6 +97,9 @@ class CommonParams(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     user: str | None = None
+    # vLLM's extension, for benchmarks and load tests that need a fixed output length: the end token does not stop
+    # the answer (a stop sequence or max_tokens still does)
+    ignore_eos: bool = False
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -443,7 +447,8 @@ def _request(params: CommonParams, ids: list[int], loaded: LoadedModel, max_toke
         raise APIError(400, f"max_tokens {max_tokens} + the prompt's {len(ids)} tokens exceed the model's context of "
                        f"{loaded.context}", param="max_tokens", code="context_length_exceeded")
     return Request(prompt_ids=list(ids), max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p,
-                   seed=params.seed, stop=params.stops(), logprobs=logprobs, echo_logprobs=echo_logprobs)
+                   seed=params.seed, stop=params.stops(), logprobs=logprobs, echo_logprobs=echo_logprobs,
+                   ignore_eos=params.ignore_eos)
 
 
 def _prompts(prompt: str | list, loaded: LoadedModel) -> list[tuple[list[int], str]]:
