@@ -161,6 +161,8 @@ def serve_command(
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MODELCREW_API_KEY", help="Require 'Authorization: Bearer KEY'.")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256, help="Most requests decoded together.")] = 32,
+    max_body_mb: Annotated[int, typer.Option("--max-body-mb", min=1, max=1024,
+                                             help="Largest request body in MiB (413 beyond); raise it for batches of long token-id prompts.")] = 1,
     workspace: Workspace = DEFAULT_WORKSPACE,
     debug: Debug = False,
 ) -> None:
@@ -169,7 +171,8 @@ def serve_command(
         from serving.server import serve
 
         print(f"serving {ref} on http://{host}:{port}/v1", file=sys.stderr)
-        serve(ref, check_workspace(workspace), host=host, port=port, api_key=api_key, max_batch=max_batch)
+        serve(ref, check_workspace(workspace), host=host, port=port, api_key=api_key, max_batch=max_batch,
+              max_body_bytes=max_body_mb << 20)
 
 
 COMMANDS = {"serve": serve_command}

@@ -8,8 +8,8 @@ What client i sends is fixed by i (`kinds`), so two runs of one mix send the sam
 - every `1/disconnect`-th client streams and closes the connection after `disconnect_after` chunks;
 - `bad_ids` clients send a token id outside the vocabulary (a 400 is expected), `oversized` clients a body over
   the server's limit (a 413);
-- the others cycle through completion, streamed completion, chat and streamed chat; a quarter of them (by
-  default) send a long prompt with a long answer, the rest a short one.
+- the others cycle through completion, streamed completion, chat and streamed chat (or all send `only`); a
+  quarter of them (by default) send a long prompt with a long answer, the rest a short one.
 Each client sends `rounds` requests one after another. Well-formed requests ask for `ignore_eos` (vLLM's
 extension) so that every answer has its planned length.
 """
@@ -39,6 +39,7 @@ class Mix:
     short_tokens: int = 16
     long_tokens: int = 64
     disconnect_tokens: int = 64
+    only: str | None = None  # one of WELL_FORMED for every client that is not disconnecting or bad (a sweep of one kind)
 
     def kinds(self) -> list[tuple[str, bool]]:
         """(kind, long) for each client."""
@@ -54,7 +55,8 @@ class Mix:
                   and sum(k == "oversized" for k, _ in out) < self.oversized):
                 out.append(("oversized", False))
             else:
-                out.append((WELL_FORMED[plain % 4], bool(long_every) and (plain // 4) % long_every == 0))
+                kind = self.only or WELL_FORMED[plain % 4]
+                out.append((kind, bool(long_every) and (plain // 4) % long_every == 0))
                 plain += 1
         return out
 
