@@ -264,6 +264,25 @@ def test_a_tool_conversation_with_tools_gets_a_plain_answer(served, monkeypatch)
             {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
 
 
+def test_crewai_talks_to_a_served_model_with_tools_and_tool_results(served, monkeypatch):
+    """The crew's own backend for OpenAI-compatible servers (`--llm-base-url`), CrewAI's LLM, sends tools and a
+    finished tool call to the served model and gets its answer back, no 400 on the way."""
+    from llm.backends import make_llm
+
+    server, app, _, _ = served
+    tok = _roomy(monkeypatch, app)
+    seen = _capture(monkeypatch, app)
+    monkeypatch.setenv("MODELCREW_LLM_API_KEY", KEY)
+    llm = make_llm("bot", base_url=server.url + "/v1")
+    answer = llm.call(CONVERSATION, tools=[WEATHER])
+    assert isinstance(answer, str) and len(seen) == 1
+    prompt = tok.decode(seen[0].prompt_ids)
+    schema = json.loads(prompt.split("You can call these tools (JSON schemas):\n")[1].split("<|eos|>")[0])
+    assert schema["name"] == "get_weather" and schema["parameters"]["required"] == ["city"]  # as CrewAI sent it (strict)
+    assert '{"tool_calls": [{"id": "call_1", "name": "get_weather", "arguments": {"city": "Oslo"}}]}' in prompt
+    assert "<|tool|>\nSunny, 21 C" in prompt
+
+
 def test_templates_that_take_tools_get_them_and_templates_that_refuse_roles_get_plain_turns(served, monkeypatch):
     _, app, _, client = served
     tok = _roomy(monkeypatch, app)
