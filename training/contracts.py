@@ -132,6 +132,11 @@ class TrainPlan(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
     dropout: float = Field(0.0, ge=0, lt=1, description="pretrain: attention/residual dropout")
+    launcher: Literal["local", "torchrun"] = Field("local", description=(
+        "local: this process; torchrun: one process per device, launched and followed by the trainer's tool"))
+    nproc: int | None = Field(None, ge=1, le=64, description="torchrun: processes (default: every visible GPU, 2 on CPU)")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description=(
+        "with several processes: ddp replicates the model, fsdp shards weights, gradients and optimizer state (FSDP2)"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainPlan":
@@ -151,6 +156,8 @@ class TrainPlan(BaseModel):
             raise ValueError("init_from: only a fine-tuning run starts from an earlier model's weights")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum: {self.grad_accum} must divide batch_size {self.batch_size}")
+        if self.nproc is not None and self.launcher != "torchrun":
+            raise ValueError("nproc: processes are launched by torchrun; set launcher=torchrun too")
         if not any((self.budget.steps, self.budget.tokens, self.budget.minutes)):
             raise ValueError("budget: give at least one of steps, tokens or minutes")
         return self
