@@ -10,6 +10,7 @@ from training.batches import Fit, fit_records, read_split, render_chat, to_messa
 from training.contracts import DatasetSummary, Goal, TrainPlan
 from training.data.store import datasets_dir
 from training.errors import InputError
+from training.models import check_chat_template
 from training.plan_from_goal import plan_for, seq_len_for
 
 
@@ -33,6 +34,7 @@ def plan_goal(workspace: Path, goal: Goal, summary: DatasetSummary, *, use_memor
     fit = None
     tokenizer, context = _base_tokenizer(workspace, plan, convert) if summary.format != "text" else (None, None)
     if tokenizer is not None:
+        check_chat_template(tokenizer, plan.base_model, summary.format)
         if train_records is None:
             train_records = read_split(datasets_dir(workspace) / summary.fingerprint, "train")
         lengths = [len(render_chat(tokenizer, to_messages(r, summary.format))) for r in train_records]
@@ -73,19 +75,20 @@ def check_relative_target(workspace: Path, goal: Goal, plan: TrainPlan, summary:
 
 
 def _base_tokenizer(workspace: Path, plan: TrainPlan, convert: bool):
-    """(tokenizer, context length) of a fine-tuning plan's base, or (None, None) when it is not at hand."""
+    """(tokenizer, context length) of a fine-tuning plan's base, or (None, None) when it is not at hand.
+    The base's architecture is checked on the way (`base_dir`, `base_files_dir`); `convert=False` reads only
+    config and tokenizer files: an embedded base not converted yet is skipped, a hub id's small files are
+    fetched into (or found in) the Hugging Face cache without its weights."""
     if plan.task != "finetune":
         return None, None
     import json
 
     from transformers import AutoTokenizer
 
-    from training.models import EMBEDDED, base_dir
+    from training.models import base_dir, base_files_dir
 
-    if not convert:
-        local = Path(workspace) / "models" / "base" / plan.base_model if plan.base_model in EMBEDDED else Path(plan.base_model)
-        if not local.is_dir():
-            return None, None
-    path = base_dir(plan.base_model, workspace)
+    path = base_dir(plan.base_model, workspace) if convert else base_files_dir(plan.base_model, workspace)
+    if path is None:
+        return None, None
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     return AutoTokenizer.from_pretrained(str(path)), config.get("max_position_embeddings")

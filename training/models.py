@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -95,41 +96,123 @@ def base_source(path: str | Path | None) -> str | None:
 
 
 def base_dir(name: str, workspace: Path) -> Path:
-    """A local directory holding the base model `name` as a safetensors checkpoint.
+    """A local directory holding the base model `name` as a safetensors checkpoint, its architecture checked.
 
     Embedded names are converted once from their GGUF file into `<workspace>/models/base/<name>/`;
-    a local directory is used as it is; anything else with a '/' is taken as a hub id and downloaded
-    by transformers into its cache (needs a network).
+    a local directory is used as it is; anything else shaped org/name is a hub id, resolved through the
+    Hugging Face cache (`HF_HOME`, `HF_HUB_OFFLINE`, `HF_TOKEN` as huggingface_hub reads them) and
+    downloaded into it when missing and a network is there.
     """
     if name in EMBEDDED:
         return convert_embedded(name, workspace)
     path = Path(name).expanduser()
     if path.is_dir():
         check_local_checkpoint(path)
+        check_architecture(path, name)
         return path
-    if "/" in name and not path.exists() and not name.startswith((".", "/", "~")):
-        return _download(name)
+    if is_hub_id(name):
+        path = hub_snapshot(name)
+        check_local_checkpoint(path, name)
+        check_architecture(path, name)
+        return path
     raise InputError(f"base_model: {name!r} is not an embedded model ({', '.join(EMBEDDED)}), "
                      "a local model directory, or a hub id like org/name")
 
 
-def check_local_checkpoint(path: Path) -> None:
+def base_files_dir(name: str, workspace: Path) -> Path | None:
+    """A directory with the base's config and tokenizer files, without converting or downloading weights:
+    what planning reads. An embedded base not converted yet gives None (its files are known good); a hub
+    id fetches only its small files into the cache (or finds them there offline)."""
+    if name in EMBEDDED:
+        target = Path(workspace) / "models" / "base" / name
+        return target if (target / "config.json").is_file() else None
+    path = Path(name).expanduser()
+    if path.is_dir() or not is_hub_id(name):
+        return base_dir(name, workspace)
+    path = hub_snapshot(name, HUB_FILES)
     if not (path / "config.json").is_file():
-        raise InputError(f"base_model: {path} has no config.json; it is not a Hugging Face model directory")
+        raise InputError(f"base_model: the cached snapshot of {name} at {path} has no config.json; it is not a "
+                         f"transformers model, or its download was cut short (fetch it again: `hf download {name}`)")
+    check_architecture(path, name)
+    return path
+
+
+def is_hub_id(name: str) -> bool:
+    """org/name as the hub spells repository ids (a path that exists, or starts with . / ~, is not one)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not Path(name).exists()
+
+
+def check_local_checkpoint(path: Path, name: str | None = None) -> None:
+    where = f"{name} (at {path})" if name else str(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"base_model: {where} has no config.json; it is not a Hugging Face model directory")
     if not list(path.glob("*.safetensors")):
         found = ", ".join(sorted(p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})) or "none"
-        raise InputError(f"base_model: {path} has no .safetensors weights (found: {found}); "
+        raise InputError(f"base_model: {where} has no .safetensors weights (found: {found}); "
                          "pickled weights are never loaded")
 
 
-def _download(hub_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+def check_architecture(path: Path, name: str) -> None:
+    """Refuse, from config.json alone, a base that AutoModelForCausalLM cannot build without running the
+    repository's own code: an encoder or seq2seq model, a model_type this transformers does not know, or
+    one that needs trust_remote_code (never on here)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    model_type, architectures = config.get("model_type"), config.get("architectures") or []
+    causal = {cls for classes in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+              for cls in ((classes,) if isinstance(classes, str) else classes)}
+    shown = f"{', '.join(architectures) or 'no architectures listed'}, model_type {model_type!r}"
+    if model_type not in CONFIG_MAPPING_NAMES:
+        how = ("it ships its own modelling code (auto_map), and trust_remote_code stays off"
+               if config.get("auto_map") else f"transformers {transformers.__version__} does not know it (a newer one may)")
+        raise InputError(f"base_model: {name} ({shown}) cannot be loaded: {how}; choose a causal LM transformers "
+                         "supports natively (e.g. Qwen/Qwen2.5-0.5B-Instruct, HuggingFaceTB/SmolLM2-360M-Instruct)")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not causal & set(architectures)):
+        raise InputError(f"base_model: {name} ({shown}) is not a causal language model (AutoModelForCausalLM); "
+                         "fine-tuning here needs a decoder LM, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+
+
+def check_chat_template(tokenizer, name: str, fmt: str) -> None:
+    """Refuse a fine-tune on chat-format data (pairs, chat, classification) over a base whose tokenizer has
+    no chat template (none in tokenizer_config.json, no chat_template.jinja): the turns have no format."""
+    if fmt != "text" and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"base_model: {name} has no chat template (tokenizer_config.json or chat_template.jinja), "
+                         f"so it cannot learn {fmt} data; use its -Instruct variant or another instruct model, "
+                         "or curate the data with --format text")
+
+
+HUB_FILES = ["*.json", "*.model", "*.txt", "*.jinja"]  # config, tokenizer and template: what planning reads
+HUB_WEIGHTS = HUB_FILES + ["*.safetensors"]  # never *.bin, *.pt: pickled weights are not loaded
+
+
+def hub_snapshot(hub_id: str, patterns: list[str] = HUB_WEIGHTS) -> Path:
+    """The cached snapshot of `hub_id` (its `patterns` files), through huggingface_hub's own resolution:
+    the cache under HF_HOME (or HF_HUB_CACHE) first when HF_HUB_OFFLINE is set or the hub cannot be
+    reached, a download into it otherwise; HF_TOKEN for gated and private repositories."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    fetch = (f"fetch it on a machine with a network (`hf download {hub_id}`, or `huggingface-cli download {hub_id}`) "
+             "into that cache, or name a local model directory")
     try:
-        return Path(snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-    except Exception as err:  # offline, unknown repo, gated repo...
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
+    except GatedRepoError:
+        raise InputError(f"base_model: cannot fetch {hub_id!r} from the hub: it is gated; accept its licence on "
+                         f"huggingface.co/{hub_id} and set HF_TOKEN to a token of that account") from None
+    except RepositoryNotFoundError:
+        raise InputError(f"base_model: cannot fetch {hub_id!r} from the hub: no such repository (check the spelling; "
+                         "a private one needs HF_TOKEN)") from None
+    except LocalEntryNotFoundError as err:
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+               f"the hub could not be reached ({type(err.__cause__).__name__ if err.__cause__ else 'no network'})")
+        raise InputError(f"base_model: cannot fetch {hub_id!r} from the hub: it is not in the Hugging Face cache at "
+                         f"{constants.HF_HUB_CACHE} and {why}; {fetch}") from None
+    except Exception as err:  # a network error mid-download, a full disk, an incomplete cached snapshot...
         raise InputError(f"base_model: cannot fetch {hub_id!r} from the hub ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]})") from None
+                         f"{str(err).splitlines()[0][:200]}); {fetch}") from None
 
 
 def gguf_path(name: str, workspace: Path) -> Path:
