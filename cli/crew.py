@@ -148,6 +148,10 @@ def plan_command(
         if as_json:
             emit_json(payload)
         console(as_json).print_json(json.dumps(payload))
+        if estimated:  # the estimate's memory table for people, after the JSON (stderr with --json)
+            from cli.engine import memory_table_view
+
+            console(as_json).print(memory_table_view(estimated))
 
 
 COMMANDS = {"run": run_command, "plan": plan_command, "report": report_command}

@@ -74,6 +74,32 @@ def estimate_command(
             f"{est.trainable_params:,} of {est.total_params:,} parameters trainable; memory GB: {mem} "
             f"(device {est.device}, {est.device_memory_gb} GB); {est.seconds_per_step:.2f} s/step"
             + (f", about {est.minutes:.1f} min for {est.steps} steps" if est.minutes and est.steps else ""))
+        console(as_json).print(memory_table_view(est.model_dump()))
+
+
+def memory_table_view(est: dict):
+    """The estimate's memory table for people: GB per device by method and layout, one column per device
+    count; green fits (CPU: every process within the shared RAM), red does not, dim: no such devices."""
+    from rich.table import Table
+
+    rows = est["memory_table"]
+    counts = sorted({r["devices"] for r in rows})
+    room = " + ".join(f"{g:g}" for g in est["devices_memory_gb"])
+    table = Table(title=f"memory per device, GB (device {est['device']}: {room} GB)")
+    table.add_column("method")
+    table.add_column("layout")
+    for n in counts:
+        table.add_column(str(n), justify="right")
+    for method in dict.fromkeys(r["method"] for r in rows):
+        for layout in ("ddp", "fsdp"):
+            cells = []
+            for n in counts:
+                row = next((r for r in rows if r["method"] == method and r["devices"] == n
+                            and r["layout"] == (layout if n > 1 else "single")), None)
+                style = "dim" if row is None or (row["note"] and not row["fits"]) else "green" if row["fits"] else "red"
+                cells.append("-" if row is None else f"[{style}]{row['total']:.2f}[/{style}]")
+            table.add_row(method, layout, *cells)
+    return table
 
 
 def eval_command(
