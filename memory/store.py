@@ -9,8 +9,10 @@ Collections (cosine space, one embedding function for all):
 
 The files are the truth and Chroma is the index: every entry is made from `datasets/<fp>/`,
 `runs/<id>/{evaluation,plan,gate}.json`, `runs/<id>/lessons.jsonl` and the registry's deployments,
-so `rebuild()` can always recreate it. Two processes writing to one Chroma path damage its index,
-so every write holds the workspace's memory lock (`memory.lock.WriterLock`); readers need none.
+so `rebuild()` can always recreate it. Two processes writing to one Chroma path damage its index, and
+a read beside a write can fail (`Error finding id`), so every write holds the workspace's memory lock
+(`memory.lock.WriterLock`) and every read a shared lock on the same file (`memory.lock.ReaderLock`),
+re-opening the client when another process wrote since.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +30,7 @@ from pydantic import BaseModel
 
 from memory import documents as docs
 from memory.embedding import describe, resolve
-from memory.lock import WriterLock
+from memory.lock import ReaderLock, WriterLock
 from training.batches import read_split
 from training.contracts import DatasetSummary, Evaluation, GateVerdict, TrainPlan
 from training.data.store import datasets_dir, list_datasets
@@ -118,8 +121,7 @@ class MemoryStore:
         self.ef, self.ef_identity = resolve(embedding)
         timeout = lock_timeout if lock_timeout is not None else float(os.environ.get("MODELCREW_MEMORY_LOCK_TIMEOUT", 120))
         self.lock = WriterLock(self.root / "write.lock", timeout)
-        self._client = None
-        self._opened_at: float | None = None
+        self.read_lock = ReaderLock(self.lock)
         self._handles: dict = {}  # collection handles of the current client
         self._handles_of = None
 
@@ -142,34 +144,36 @@ class MemoryStore:
                              f"{describe(self.ef_identity)}; open it with the same one (MODELCREW_EMBEDDING) or run "
                              "`modelcrew memory rebuild` to re-embed everything with the new one")
 
-    def _sqlite_mtime(self) -> float | None:
-        db = self.path / "chroma.sqlite3"
-        return db.stat().st_mtime if db.exists() else None
+    def _sqlite_mtime(self) -> tuple[int, int] | None:
+        """When and how the index was last written (its sqlite file changes with every write)."""
+        try:
+            st = (self.path / "chroma.sqlite3").stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
 
     def _open(self, fresh: bool = False):
-        """The Chroma client; re-opened when another process wrote since (Chroma caches its index in memory)."""
-        import chromadb
-        from chromadb.config import Settings
-
-        if self._client is not None and not fresh and self._sqlite_mtime() == self._opened_at:
-            return self._client
-        self.close()
-        self._check_embedding()
-        self.path.mkdir(parents=True, exist_ok=True)
-        try:
-            self._client = chromadb.PersistentClient(path=str(self.path), settings=Settings(anonymized_telemetry=False))
-        except Exception as err:  # a damaged sqlite file or segment raises anything
-            raise open_error(err, self.path) from None
-        self._opened_at = self._sqlite_mtime()
-        return self._client
+        """The process's Chroma client of this index; re-opened when another process wrote since (Chroma
+        caches the index in memory) or when `fresh`."""
+        with _CLIENTS_LOCK:
+            client, opened_at = _CLIENTS.get(str(self.path), (None, None))
+            if client is not None and not fresh and self._sqlite_mtime() == opened_at:
+                return client
+            self.close()
+            self._check_embedding()
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                client = _new_client(self.path)
+            except Exception as err:  # a damaged sqlite file or segment raises anything
+                raise open_error(err, self.path) from None
+            _CLIENTS[str(self.path)] = (client, self._sqlite_mtime())
+            return client
 
     def close(self) -> None:
-        if self._client is not None:
-            try:
-                self._client.close()
-            except Exception:  # closing a client whose system is already gone
-                pass
-            self._client = None
+        """Drop this process's client of the index (every store of the same path shares it)."""
+        client, _ = _CLIENTS.pop(str(self.path), (None, None))
+        if client is not None:
+            _stop(client)
 
     def _collection(self, kind: str, create: bool = False):
         client = self._open()
@@ -197,8 +201,18 @@ class MemoryStore:
                 self._ident_file.write_text(json.dumps(self.ef_identity, indent=2), encoding="utf-8")
             try:
                 yield
-            finally:
-                self._opened_at = self._sqlite_mtime()
+            finally:  # this process's client saw its own write: no need to re-open for it
+                if str(self.path) in _CLIENTS:
+                    _CLIENTS[str(self.path)] = (_CLIENTS[str(self.path)][0], self._sqlite_mtime())
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Hold a shared lock while reading (no writer runs meanwhile); `_open` inside it sees every finished write."""
+        if self.lock.held_here:  # this store is writing: it holds the exclusive lock already
+            yield
+            return
+        with self.read_lock:
+            yield
 
     def _upsert(self, kind: str, ids: list[str], documents: list[str], metadatas: list[dict],
                 embeddings: list[list[float]] | None = None) -> None:
@@ -309,18 +323,21 @@ class MemoryStore:
     # ---- reading ----------------------------------------------------------------------------------
 
     def count(self, kind: str) -> int:
-        col = self._collection(check_kind(kind))
-        return col.count() if col is not None else 0
+        kind = check_kind(kind)
+        with self._reading():
+            col = self._collection(kind)
+            return col.count() if col is not None else 0
 
     def search(self, text: str, kind: str, k: int = 5, where: dict | None = None,
                vector: list[float] | None = None) -> list[Hit]:
         """The k entries of `kind` nearest to `text` (or to `vector`, a ready embedding)."""
         kind, k = check_kind(kind), check_k(k)
         query = {"query_embeddings": [vector]} if vector is not None else {"query_texts": [check_query(text)]}
-        col = self._collection(kind)
-        if col is None:
-            return []
-        res = col.query(**query, n_results=k, where=where or None, include=["documents", "metadatas", "distances"])
+        with self._reading():
+            col = self._collection(kind)
+            if col is None:
+                return []
+            res = col.query(**query, n_results=k, where=where or None, include=["documents", "metadatas", "distances"])
         hits = []
         for id_, doc, meta, dist in zip(res["ids"][0], res["documents"][0], res["metadatas"][0], res["distances"][0]):
             summary = (meta or {}).get("summary") or docs._clip(doc or "", 160)
@@ -330,13 +347,14 @@ class MemoryStore:
 
     def show(self, id_: str) -> dict | None:
         """The entry with this id in any collection: {kind, id, document, metadata}."""
-        for kind in KINDS:
-            col = self._collection(kind)
-            if col is None:
-                continue
-            got = col.get(ids=[id_], include=["documents", "metadatas"])
-            if got["ids"]:
-                return {"kind": kind, "id": id_, "document": got["documents"][0], "metadata": got["metadatas"][0]}
+        with self._reading():
+            for kind in KINDS:
+                col = self._collection(kind)
+                if col is None:
+                    continue
+                got = col.get(ids=[id_], include=["documents", "metadatas"])
+                if got["ids"]:
+                    return {"kind": kind, "id": id_, "document": got["documents"][0], "metadata": got["metadatas"][0]}
         return None
 
     def similar_datasets(self, query: DatasetSummary | str, k: int = 5, include_self: bool = False) -> list[SimilarDataset]:
@@ -352,22 +370,23 @@ class MemoryStore:
 
     def _dataset_vector(self, fingerprint: str) -> list[float] | None:
         """The stored centroid of a dataset, else one computed from its files (a dataset not indexed yet)."""
-        col = self._collection("datasets")
-        if col is not None:
-            got = col.get(ids=[fingerprint], include=["embeddings"])
-            if got["ids"] and got["embeddings"] is not None and len(got["embeddings"]):
-                return [float(x) for x in got["embeddings"][0]]
+        with self._reading():
+            col = self._collection("datasets")
+            got = col.get(ids=[fingerprint], include=["embeddings"]) if col is not None else None
+        if got and got["ids"] and got["embeddings"] is not None and len(got["embeddings"]):
+            return [float(x) for x in got["embeddings"][0]]
         _, texts, _ = self._eval_record_entries(fingerprint)
         return self._centroid(fingerprint, [list(map(float, v)) for v in self.ef(texts)] if texts else [])
 
     def history(self, fingerprint: str | None = None, model: str | None = None, limit: int = 1000) -> list[PastRun]:
         """Every evaluated run (optionally on one dataset and/or from one base model), oldest first."""
-        col = self._collection("evaluations")
-        if col is None:
-            return []
         clauses = [c for c in ({"dataset": fingerprint} if fingerprint else None, {"base_model": model} if model else None) if c]
         where = clauses[0] if len(clauses) == 1 else ({"$and": clauses} if clauses else None)
-        got = col.get(where=where, include=["metadatas"], limit=limit)
+        with self._reading():
+            col = self._collection("evaluations")
+            if col is None:
+                return []
+            got = col.get(where=where, include=["metadatas"], limit=limit)
         runs = [past_run(id_, meta) for id_, meta in zip(got["ids"], got["metadatas"])]
         return sorted(runs, key=lambda r: (r.created_at, r.run_id))
 
@@ -407,8 +426,7 @@ class MemoryStore:
         """
         if not 0 < threshold <= 1:
             raise InputError(f"threshold: {threshold} must be in (0, 1]")
-        col = self._collection("eval_records")
-        if col is None or col.count() == 0 or not records:
+        if not records or self.count("eval_records") == 0:
             return []
         texts = [r if isinstance(r, str) else docs.record_text(r) for r in records]
         excluded = [exclude_dataset] if isinstance(exclude_dataset, str) else list(exclude_dataset or [])
@@ -417,7 +435,12 @@ class MemoryStore:
         overlaps = []
         for start in range(0, len(texts), BATCH):
             chunk = [t[:2000] for t in texts[start:start + BATCH]]
-            res = col.query(query_texts=chunk, n_results=1, where=where, include=["metadatas", "distances"])
+            vectors = [list(map(float, v)) for v in self.ef(chunk)]  # embedded before taking the lock: a writer waits less
+            with self._reading():
+                col = self._collection("eval_records")
+                if col is None:  # deleted by a rebuild meanwhile
+                    return overlaps
+                res = col.query(query_embeddings=vectors, n_results=1, where=where, include=["metadatas", "distances"])
             for i, (ids, metas, dists) in enumerate(zip(res["ids"], res["metadatas"], res["distances"])):
                 if not ids:
                     continue
@@ -492,6 +515,33 @@ class MemoryStore:
         ok = all(c.ok for c in checks)
         advice = "memory is consistent with the workspace" if ok else "run `modelcrew memory rebuild` (rebuilds the index from the workspace's files)"
         return Doctor(ok=ok, checks=checks, advice=advice)
+
+
+# One client per index path and process, shared by every MemoryStore: Chroma shares one system (and its
+# in-memory index) per path in a process, so a store that re-opens after another process wrote must
+# replace that system for all of them, not only drop its own reference to it.
+_CLIENTS: dict[str, tuple[object, tuple[int, int] | None]] = {}
+_CLIENTS_LOCK = threading.RLock()
+
+
+def _new_client(path: Path):
+    import chromadb
+    from chromadb.config import Settings
+
+    return chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False))
+
+
+def _stop(client) -> None:
+    """Stop the client's system for good (not only drop a reference), so the next client loads the index anew."""
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    try:
+        system = SharedSystemClient._identifier_to_system.pop(client._identifier, None)
+        SharedSystemClient._identifier_to_refcount.pop(client._identifier, None)
+        if system is not None:
+            system.stop()
+    except Exception:  # a system already stopped
+        pass
 
 
 def _forget_cached_systems() -> None:
