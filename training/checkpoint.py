@@ -6,11 +6,14 @@ A checkpoint directory `checkpoints/step-000120/` holds
 It is written under a temporary name and renamed into place; `checkpoints/latest` (a one-line file,
 replaced atomically) names the newest complete one. Only the trainable tensors are stored: a LoRA
 checkpoint is the adapter (a few MB), the frozen base is rebuilt from the plan on resume.
+An FSDP run's checkpoint holds one `shard-RRR-of-WWW.safetensors` per process instead of state.safetensors
+(`training.parallel.save_shards`), and meta.json says how many.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -56,9 +59,46 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, meta: dict) -> P
                      "python_rng": [py_version, list(py_state), py_gauss]}
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=1), encoding="utf-8")
     write_text_atomic(root / "latest", target.name + "\n")
+    _prune(root)
+    return target
+
+
+def _prune(root: Path) -> None:
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sharded_checkpoint(run_dir: Path, step: int, model, params, optimizer, meta: dict, dist) -> Path:
+    """Every process of an FSDP job writes its shard into one temporary directory; the first then adds meta.json
+    and renames it into place (so a kill at any point leaves the previous checkpoint as `latest`)."""
+    from training.parallel import save_shards
+
+    root = Path(run_dir) / "checkpoints"
+    target = root / f"step-{step:07d}"
+    tmp = root / f".tmp-{target.name}"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    extra = save_shards(tmp, model, params, optimizer, dist)
+    dist.barrier()
+    if dist.is_main:
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, **extra}, indent=1), encoding="utf-8")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        write_text_atomic(root / "latest", target.name + "\n")
+        _prune(root)
+    dist.barrier()
     return target
+
+
+def load_sharded_checkpoint(path: Path, model, params, optimizer, dist) -> dict:
+    from training.parallel import load_shards
+
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    load_shards(path, model, params, optimizer, dist, meta)
+    return meta
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -71,8 +111,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore weights, optimizer and RNG states in place; returns the metadata."""
-    tensors = load_file(str(path / "state.safetensors"))
     meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    if "shards" in meta:
+        from training.errors import InputError
+
+        raise InputError(f"--resume: {path.name} is an FSDP checkpoint of {meta['shards']} processes; resume with "
+                         f"launcher=torchrun, strategy=fsdp, nproc={meta['shards']}")
+    tensors = load_file(str(path / "state.safetensors"))
     load_trainable_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():

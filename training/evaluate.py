@@ -45,10 +45,11 @@ SMALL_TEST = 30  # fewer test records than this: the evaluation says its interva
 
 @torch.no_grad()
 def mean_loss(model, examples: list[Example], batch_size: int, device, pad_id: int, max_batches: int | None = None) -> float:
-    """Mean cross-entropy per target token over `examples` (in order: deterministic); the training objective."""
+    """Mean cross-entropy per target token over `examples` (in order: deterministic); the training objective.
+    `model` may be the loss module itself (an FSDP run's, whose forward gathers the sharded weights)."""
     was_training = model.training
     model.eval()
-    objective = NextTokenLoss(model)
+    objective = model if isinstance(model, NextTokenLoss) else NextTokenLoss(model)
     total, count = 0.0, 0
     for b, start in enumerate(range(0, len(examples), batch_size)):
         if max_batches is not None and b >= max_batches:

@@ -1,22 +1,26 @@
-"""The one training loop, for pretraining and fine-tuning (full or LoRA), on one process or many (DDP).
+"""The one training loop, for pretraining and fine-tuning (full or LoRA), on one process or many (DDP or FSDP).
 
 Read it top to bottom: set up -> build model and data -> (resume) -> for each step: accumulate
 gradients, clip, step, log; every `eval_every` steps validate, keep the best, maybe stop early;
 every `checkpoint_every` steps checkpoint; stop at the first budget reached -> export `final/`, `best/`.
-What differs between pretraining and fine-tuning lives in `training.setup`, not here.
+What differs between pretraining and fine-tuning lives in `training.setup`, not here; what differs between one
+process, DDP and FSDP lives in `training.parallel`. A plan with `launcher: torchrun` started outside a launched job
+goes to `training.launch`, which runs this loop in `nproc` processes and follows them.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from training.batches import BatchStream
-from training.checkpoint import latest_checkpoint, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from training import parallel
+from training.checkpoint import (latest_checkpoint, load_checkpoint, load_sharded_checkpoint, load_trainable_state,
+                                 save_checkpoint, save_sharded_checkpoint)
 from training.contracts import RunResult, TrainPlan
 from training.errors import ModelcrewError
 from training.estimate import check_memory
@@ -24,7 +28,7 @@ from training.evaluate import mean_loss
 from training.export import export_model
 from training.objective import NextTokenLoss, autocast, supervised_tokens
 from training.runs import Run
-from training.setup import Distributed, prepare_run
+from training.setup import Distributed, build_model, prepare_run
 
 
 def lr_at(step: int, plan: TrainPlan, horizon: int | None) -> float:
@@ -40,6 +44,10 @@ def lr_at(step: int, plan: TrainPlan, horizon: int | None) -> float:
 
 def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, show_progress: bool = True) -> RunResult:
     """Run (or resume) `run_id` in the workspace's runs/; returns what happened (also in result.json)."""
+    if plan.launcher == "torchrun" and "LOCAL_RANK" not in os.environ:  # not yet inside the launched job
+        from training.launch import launch
+
+        return launch(plan, Path(workspace), run_id, resume, show_progress)
     dist = Distributed.from_env()
     run = prepare_run(plan, Path(workspace), Run(workspace, run_id), resume, dist, show_progress)  # model, tokenizer, data
     check_memory(plan, run)  # refuse what cannot fit before the first step, not with an OOM kill
@@ -47,31 +55,37 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     micro_batch = plan.batch_size // plan.grad_accum
     train_stream = BatchStream(run.train_examples, micro_batch, plan.seed, run.tokenizer.pad_token_id,
                                dist.rank, dist.world)
-    params = [p for p in model.parameters() if p.requires_grad]
+    mixed_precision = autocast(device)
+    objective = NextTokenLoss(model, packed=plan.task == "pretrain")  # pretraining windows are packed
+    wrapped = parallel.wrap(objective, plan, dist, device)  # DDP, FSDP shards, or the objective itself
+    sharded = parallel.sharded(plan, dist)
+    params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP's are its shards
     # fused: one kernel for all parameters (CUDA and, since torch 2.4, CPU) instead of one per tensor
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.95), fused=True)
-    mixed_precision = autocast(device)
-    ddp_model = NextTokenLoss(model, packed=plan.task == "pretrain")  # pretraining windows are packed
-    if dist.world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(ddp_model, device_ids=[device.index] if device.type == "cuda" else None)
-    step_fn = torch.compile(ddp_model) if plan.compile else ddp_model
+    step_fn = torch.compile(wrapped) if plan.compile else wrapped
+    # validation under FSDP goes through the loss module, whose forward gathers the shards
+    scored = objective if sharded else model
     horizon = plan.step_horizon()
 
     step, tokens, best_loss, best_step, bad_evals, trained_seconds = 0, 0, None, None, 0, 0.0
     last_val = None
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        meta = load_checkpoint(checkpoint, model, optimizer)
+        meta = (load_sharded_checkpoint(checkpoint, model, params, optimizer, dist) if sharded
+                else load_checkpoint(checkpoint, model, optimizer))
         train_stream.load_state(meta["data"])
         step, tokens, trained_seconds = meta["step"], meta["tokens"], meta["trained_seconds"]
         best_loss, best_step, bad_evals, last_val = meta["best_loss"], meta["best_step"], meta["bad_evals"], meta["last_val"]
     metrics = run.open_metrics(after_step=step)  # on resume, rows after the checkpoint are dropped: no step twice
 
     def save(step_now: int) -> None:
+        meta = {"data": train_stream.state(), "tokens": tokens, "trained_seconds": trained_seconds,
+                "best_loss": best_loss, "best_step": best_step, "bad_evals": bad_evals, "last_val": last_val}
+        if sharded:  # every process writes its shards
+            save_sharded_checkpoint(run_dir, step_now, model, params, optimizer, meta, dist)
+            return
         if dist.is_main:
-            save_checkpoint(run_dir, step_now, model, optimizer, {
-                "data": train_stream.state(), "tokens": tokens, "trained_seconds": trained_seconds,
-                "best_loss": best_loss, "best_step": best_step, "bad_evals": bad_evals, "last_val": last_val})
+            save_checkpoint(run_dir, step_now, model, optimizer, meta)
         dist.barrier()
 
     status, message = "completed", "reached the step budget"
@@ -102,7 +116,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
             for micro, batch in enumerate(micro_batches):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 sync = micro == plan.grad_accum - 1 or dist.world == 1
-                with (nullcontext() if sync else ddp_model.no_sync()), mixed_precision:
+                with parallel.gradient_sync(wrapped, sync), mixed_precision:
                     loss = step_fn(**batch) * dist.world / targets
                 loss.backward()
                 step_loss += loss.detach().float() / dist.world
@@ -114,7 +128,10 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
                 optimizer.zero_grad(set_to_none=True)
                 good = latest_checkpoint(run_dir)
                 if good is not None:
-                    load_checkpoint(good, model, optimizer)
+                    if sharded:
+                        load_sharded_checkpoint(good, model, params, optimizer, dist)
+                    else:
+                        load_checkpoint(good, model, optimizer)
                 break
             grad_norm = torch.nn.utils.clip_grad_norm_(params, plan.grad_clip) if plan.grad_clip else None
             optimizer.step()
@@ -125,15 +142,16 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
             trained_seconds = time.perf_counter() - started
             row = {"step": step, "loss": round(step_loss, 6), "lr": lr, "tokens": tokens,
                    "tokens_per_s": round(dist.sum(step_tokens) / elapsed, 1),
-                   "grad_norm": None if grad_norm is None else round(float(grad_norm), 4)}
+                   "grad_norm": None if grad_norm is None else round(parallel.norm_value(grad_norm), 4)}
             if step % plan.eval_every == 0 or (plan.budget.steps and step == plan.budget.steps):
-                last_val = mean_loss(model, run.val_examples, micro_batch, device, run.tokenizer.pad_token_id,
+                last_val = mean_loss(scored, run.val_examples, micro_batch, device, run.tokenizer.pad_token_id,
                                      max_batches=plan.eval_batches)
                 row["val_loss"] = round(last_val, 6)
                 if best_loss is None or last_val < best_loss:
                     best_loss, best_step, bad_evals = last_val, step, 0
+                    state = parallel.full_state(model) if sharded or dist.is_main else None  # FSDP: all gather
                     if dist.is_main:
-                        run.save_best(trainable_state(model), step, last_val)
+                        run.save_best(state, step, last_val)
                 else:
                     bad_evals += 1
             metrics.write(row)
@@ -158,7 +176,11 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     wall = time.perf_counter() - started
     final_dir = run.artefacts.model_dir("final")
     best_dir = run.artefacts.model_dir("best") if best_step is not None else None
+    final_state = parallel.full_state(model) if sharded else None  # FSDP: every process takes part
     if dist.is_main:
+        if sharded:  # the gathered weights go into a plain copy of the model, which exports as any other
+            model = build_model(plan, Path(workspace), run.artefacts, Distributed(), device)[0]
+            load_trainable_state(model, final_state)
         export_model(model, run.tokenizer, final_dir, plan, run.lineage, step, {"val_loss": last_val})
         if best_dir is not None:
             load_trainable_state(model, run.load_best())

@@ -171,29 +171,16 @@ def warm_start_dir(path: str) -> Path:
     return init
 
 
-def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: Distributed,
-                show_progress: bool = True) -> PreparedRun:
-    """Build everything for `run` (in the workspace's runs/, or a throwaway `Run.at(directory)`)."""
-    run_id = run.run_id
-    saved = run.plan()
-    if resume:
-        if saved is None:
-            raise InputError(f"--resume: no run {run_id!r} to continue in {run.dir.parent}")
-        if saved != plan:
-            raise InputError(f"--resume: the plan differs from the one run {run_id} started with")
-    elif saved is not None:
-        raise InputError(f"run {run_id!r} already exists in {run.dir.parent}; pass --resume to continue it")
-    summary = load_summary(workspace, plan.dataset)
-    device = pick_device(plan.device, dist)
-    torch.manual_seed(plan.seed)
-    data_dir = datasets_dir(workspace) / plan.dataset
-    train_records, val_records = read_split(data_dir, "train"), read_split(data_dir, "val")
-
+def build_model(plan: TrainPlan, workspace: Path, run: Run, dist: Distributed, device: torch.device,
+                train_records: list[dict] | None = None):
+    """(model, tokenizer, base directory, weights directory) as the plan starts from, on `device`: a fresh model
+    (its tokenizer trained on `train_records` by the first process, once) or a base, maybe with LoRA. The loop
+    also builds a plain copy to export an FSDP run's gathered weights into."""
     if plan.task == "pretrain":
         spec = resolve_size(plan.size)
         tok_dir = run.tokenizer_dir
         if dist.is_main and not (tok_dir / "tokenizer.json").exists():
-            texts = [r.get("text") or json.dumps(r, ensure_ascii=False) for r in train_records]
+            texts = [r.get("text") or json.dumps(r, ensure_ascii=False) for r in train_records or []]
             tokenizer = train_bpe(texts, spec.vocab_size)
             tokenizer.save_pretrained(str(tok_dir))
         dist.barrier()
@@ -212,6 +199,28 @@ def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: 
             model = apply_lora(model, plan.lora)
     if plan.method != "qlora":  # a 4-bit model is placed on its device while loading and cannot move
         model.to(device)
+    return model, tokenizer, base, weights
+
+
+def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: Distributed,
+                show_progress: bool = True) -> PreparedRun:
+    """Build everything for `run` (in the workspace's runs/, or a throwaway `Run.at(directory)`)."""
+    run_id = run.run_id
+    saved = run.plan()
+    if resume:
+        if saved is None:
+            raise InputError(f"--resume: no run {run_id!r} to continue in {run.dir.parent}")
+        if saved != plan:
+            raise InputError(f"--resume: the plan differs from the one run {run_id} started with")
+    elif saved is not None:
+        raise InputError(f"run {run_id!r} already exists in {run.dir.parent}; pass --resume to continue it")
+    summary = load_summary(workspace, plan.dataset)
+    device = pick_device(plan.device, dist)
+    torch.manual_seed(plan.seed)
+    data_dir = datasets_dir(workspace) / plan.dataset
+    train_records, val_records = read_split(data_dir, "train"), read_split(data_dir, "val")
+
+    model, tokenizer, base, weights = build_model(plan, workspace, run, dist, device, train_records)
     if summary.format != "text" and not getattr(tokenizer, "chat_template", None):
         raise InputError(f"base_model: {plan.base_model} has no chat template, so it cannot learn {summary.format} data; "
                          "use an instruct model or curate the data with --format text")
