@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_two_processes_match_one_with_the_same_global_batch(ws, fp, one_process,
     plan = TrainPlan(dataset=fp, budget={"steps": 6}, checkpoint_every=3, launcher="torchrun", nproc=2,
                      strategy=strategy, **TINY)
     result = train(plan, ws, strategy, show_progress=False)  # launches the job and follows it
-    assert (result.status, result.steps, result.tokens) == ("completed", 6, 6 * 4 * 64)
+    assert (result.status, result.steps, result.tokens, result.processes) == ("completed", 6, 6 * 4 * 64, 2)
     single, double = _losses(ws, one_process), _losses(ws, strategy)
     assert sorted(double) == [1, 2, 3, 4, 5, 6]
     assert max(abs(single[s] - double[s]) for s in single) < LOSS_TOLERANCE
@@ -68,6 +69,24 @@ def test_two_processes_match_one_with_the_same_global_batch(ws, fp, one_process,
     shards = sorted(p.name for p in checkpoint.glob("*.safetensors"))
     assert shards == (["shard-000-of-002.safetensors", "shard-001-of-002.safetensors"] if strategy == "fsdp"
                       else ["state.safetensors"])
+
+
+def test_accelerate_launch_runs_the_same_command(ws, fp, one_process, tmp_path):
+    """A user's `accelerate launch` of the engine's command: its multi-process launcher (`--multi_gpu`, which on a machine
+    without GPUs runs the processes on the CPU with gloo) with 2 processes."""
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(TrainPlan(dataset=fp, budget={"steps": 6}, checkpoint_every=3, **TINY).model_dump_json())
+    accelerate = Path(sys.executable).parent / "accelerate"
+    done = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training", "train", str(plan_file),
+                           "--workspace", str(ws), "--run-id", "accelerate", "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((ws / "runs" / "accelerate" / "result.json").read_text())
+    assert (result["processes"], result["strategy"], result["steps"]) == (2, "ddp", 6)
+    single, double = _losses(ws, one_process), _losses(ws, "accelerate")
+    assert max(abs(single[s] - double[s]) for s in single) < LOSS_TOLERANCE
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:

@@ -190,6 +190,8 @@ class RunResult(BaseModel):
     best_dir: str | None
     records: dict[str, dict[str, int]] = Field(default_factory=dict, description=(
         "per split (train, val): records, whole, cut (input shortened to fit seq_len), dropped, cut_tokens"))
+    processes: int = Field(1, description="processes that trained it together (torchrun or accelerate launch)")
+    strategy: str | None = Field(None, description="ddp or fsdp when several processes trained it")
 
 
 class Interval(BaseModel):

@@ -191,7 +191,8 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
         tokens_per_second=round(tokens / max(trained_seconds, 1e-9), 1), peak_memory_mb=round(run.peak_memory_mb(), 1),
         device=str(device), trainable_params=run.trainable_params, total_params=run.total_params,
         final_dir=str(final_dir), best_dir=str(best_dir) if best_dir else None,
-        records={split: fit.as_dict() for split, fit in run.fits.items()})
+        records={split: fit.as_dict() for split, fit in run.fits.items()}, processes=dist.world,
+        strategy=plan.strategy if dist.world > 1 else None)
     if dist.is_main:
         run.artefacts.write_result(result)
     dist.close()
