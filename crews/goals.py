@@ -272,13 +272,15 @@ def parse_goal(text: str, workspace: Path | None = None) -> Goal:
     method = "full" if task == "pretrain" else _find_method(r, base, lora)
     size = _find_size(r) if task == "pretrain" else None
     attempts = _find_attempts(r)
+    processes, strategy = _find_processes(r)
     _refuse_what_was_not_understood(r)
     if metric == "accuracy":
         _check_labelled(data, fmt, workspace)
     try:
         return Goal(task=task, data=data, base_model=base or "", method=method, format=fmt, metric=metric, target=target,
                     budget=budget, deploy=deploy, approval=approval, model_name=name, lora=lora,
-                    size=size or ("tiny" if task == "pretrain" else None), attempts=attempts,
+                    size=size or ("tiny" if task == "pretrain" else None), attempts=attempts, processes=processes,
+                    strategy=strategy,
                     notes="; ".join(n for n in (note, notes) if n))
     except ValidationError as err:
         first = err.errors()[0]
@@ -684,6 +686,29 @@ LORA_FIELDS = [  # (setting, how people write it): the number is group 1, a perc
 ]
 
 
+def _find_processes(r: Reading) -> tuple[int | None, str | None]:
+    """"on 4 GPUs", "across 2 processes", "with FSDP", "using DDP", "with torchrun": a torchrun job of that many
+    processes (None: every visible GPU) sharding (fsdp) or replicating (ddp, the default) the model."""
+    processes = strategy = None
+    m = re.search(r"\b(?:on|over|across|using|with)\s+(\d+)\s+(?:gpus?|processes|devices|ranks)\b", r.low)
+    if m and r.free(m.start(), m.end()):
+        r.take(m.start(), m.end())
+        processes = int(_number(m.group(1)))
+        if not 1 <= processes <= 64:
+            raise InputError(f"processes: {processes}; say between 1 and 64 GPUs")
+    m = re.search(r"\b(?:(?:with|using|via)\s+)?(fsdp|ddp)\b", r.low)
+    if m and r.free(m.start(), m.end()):
+        r.take(m.start(), m.end())
+        strategy = m.group(1)
+    m = re.search(r"\b(?:with|using|via|under)\s+torchrun\b", r.low)
+    if m and r.free(m.start(), m.end()):
+        r.take(m.start(), m.end())
+        strategy = strategy or "ddp"
+    if processes is not None and strategy is None:
+        strategy = "ddp"
+    return processes, strategy
+
+
 def _find_attempts(r: Reading) -> int:
     """"trying up to 3 configurations", "try at most 2 configs", "3 attempts": how many training configurations
     the crew may try within the budget (1 when the goal does not say)."""
@@ -793,6 +818,9 @@ def goal_sentence(goal: Goal) -> str:
         limits.append(_minutes_words(goal.budget.minutes))
     if limits and goal.task != "evaluate":
         what += f" for at most {' or '.join(limits)}"
+    if goal.processes or goal.strategy:
+        where = f"{goal.processes} processes" if goal.processes else "every visible GPU"
+        what += f", on {where} with {(goal.strategy or 'ddp').upper()} (torchrun)"
     parts = [what, f"success: {_success_words(goal)}"]
     if goal.deploy == "never":
         parts.append("do not deploy")

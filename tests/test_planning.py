@@ -73,3 +73,20 @@ def test_a_test_split_too_small_to_decide_the_target_is_said_with_what_would_set
     ppl = Goal(task="finetune", data="faq.jsonl", base_model="smollm2-135m-instruct", method="lora", metric="perplexity",
                target=Target(metric="perplexity", direction="lower", kind="relative", value=0.15, baseline="base"))
     assert "at least 30 test records" in test_size_warning(ppl, 14) and test_size_warning(ppl, 40) is None
+
+
+@pytest.mark.parametrize("text,processes,strategy,batch", [
+    ("Fine-tune smollm2-135m-instruct on d.jsonl with LoRA on 2 GPUs with FSDP for 60 steps", 2, "fsdp", 8),
+    ("Fine-tune smollm2-135m-instruct on d.jsonl across 3 processes for 60 steps", 3, "ddp", 9),
+    ("Fine-tune smollm2-135m-instruct on d.jsonl with LoRA using torchrun for 60 steps", None, "ddp", 8),
+])
+def test_a_goal_naming_gpus_or_a_strategy_plans_a_torchrun_job(text, processes, strategy, batch):
+    from crews.goals import goal_sentence, parse_goal
+
+    goal = parse_goal(text)
+    assert (goal.processes, goal.strategy) == (processes, strategy)
+    plan, _ = plan_for(goal, summary())
+    # the batch grows to a multiple of the processes: each takes an equal share of every micro-batch
+    assert (plan.launcher, plan.nproc, plan.strategy, plan.batch_size) == ("torchrun", processes, strategy, batch)
+    assert f"with {strategy.upper()} (torchrun)" in goal_sentence(goal)
+    assert plan_for(GOAL, summary())[0].launcher == "local"  # a goal that says nothing runs here

@@ -308,6 +308,8 @@ class Goal(BaseModel):
     lora: LoraSettings | None = None
     size: str | None = Field(None, description="pretrain: tiny, small or 124m")
     attempts: int = Field(1, ge=1, le=5, description="training configurations the crew may try within the budget")
+    processes: int | None = Field(None, ge=1, le=64, description="train as a torchrun job of this many processes (GPUs)")
+    strategy: Literal["ddp", "fsdp"] | None = Field(None, description="several processes: replicate (ddp) or shard (fsdp)")
     notes: str = ""
 
     @model_validator(mode="after")
@@ -320,6 +322,8 @@ class Goal(BaseModel):
             raise ValueError("method: pretraining trains every weight (full)")
         if self.target and self.target.metric != self.metric:
             raise ValueError(f"target: measures {self.target.metric} but the goal's metric is {self.metric}")
+        if self.task == "evaluate" and (self.processes or self.strategy):
+            raise ValueError("processes: an evaluate goal trains nothing; name GPUs or fsdp in a training goal")
         if self.deploy != "never" and not self.model_name:
             raise ValueError("model_name: deploying needs a name for the registry (e.g. 'deploy it as support-bot')")
         return self

@@ -55,6 +55,12 @@ def plan_for(goal: Goal, summary: DatasetSummary, best=None) -> tuple[TrainPlan,
         if goal.lora is None and goal.method == "lora":
             fields["lora"] = best.plan.lora
         reused = best.run_id
+    if goal.processes or goal.strategy:  # a torchrun job; each process takes an equal share of the batch
+        n = goal.processes
+        fields.update(launcher="torchrun", nproc=n, strategy=goal.strategy or "ddp")
+        if n and fields["batch_size"] % (n * fields.get("grad_accum", 1)):
+            step = n * fields.get("grad_accum", 1)
+            fields["batch_size"] = step * -(-fields["batch_size"] // step)
     return TrainPlan(dataset=summary.fingerprint, budget=budget_for(goal), eval_every=10, eval_batches=4,
                      checkpoint_every=10, patience=3, **fields), reused
 
