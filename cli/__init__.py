@@ -30,11 +30,30 @@ def _version(value: bool) -> None:
 
 
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = None,
+    chroma_url: Annotated[
+        Optional[str], typer.Option("--chroma-url", envvar="MODELCREW_CHROMA_URL", metavar="URL",
+                                    help="Keep memory on this Chroma server (`chroma run`), shared by every workspace "
+                                         "that uses it, instead of in the workspace.")
+    ] = None,
 ) -> None:
     """modelcrew: plain-language goals in, trained, evaluated and deployed language models out."""
+    if chroma_url and chroma_url.strip():
+        import os
+
+        from cli.common import reported
+        from memory.server import ENV, check_server
+
+        with reported(False):  # a server that is down stops the command here, before it writes anything
+            check_server(chroma_url.strip())
+        # Every MemoryStore the command makes reads the URL from the environment; restored afterwards so an
+        # in-process caller (the test runner) does not keep it.
+        previous = os.environ.get(ENV)
+        os.environ[ENV] = chroma_url.strip()
+        ctx.call_on_close(lambda: os.environ.pop(ENV, None) if previous is None else os.environ.__setitem__(ENV, previous))
 
 
 def _app(help: str) -> typer.Typer:

@@ -1,4 +1,5 @@
-"""`modelcrew memory …`: search and maintain the agents' memory (a Chroma index of the workspace)."""
+"""`modelcrew memory …`: search and maintain the agents' memory (a Chroma index of the workspace, or the
+Chroma server given by `modelcrew --chroma-url URL` / MODELCREW_CHROMA_URL, shared by the workspaces using it)."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def memory_stats(embedding: Embedding = None, workspace: Workspace = DEFAULT_WOR
         if as_json:
             emit_json(stats)
         counts = ", ".join(f"{k} {v}" for k, v in stats["counts"].items())
-        console(as_json).print(f"{stats['path']}: {counts}; {stats['disk_bytes'] / 1e6:.1f} MB; embedding {stats['embedding']}")
+        size = "" if "://" in stats["path"] else f"; {stats['disk_bytes'] / 1e6:.1f} MB"  # a server's disk is not ours to measure
+        console(as_json).print(f"{stats['path']}: {counts}{size}; embedding {stats['embedding']}")
 
 
 @app.command("doctor")

@@ -13,6 +13,12 @@ so `rebuild()` can always recreate it. Two processes writing to one Chroma path 
 a read beside a write can fail (`Error finding id`), so every write holds the workspace's memory lock
 (`memory.lock.WriterLock`) and every read a shared lock on the same file (`memory.lock.ReaderLock`),
 re-opening the client when another process wrote since.
+
+With a Chroma server (`url`, else $MODELCREW_CHROMA_URL; `memory.server`) memory is the server's
+collections instead: the same four names in its default tenant and database, so every workspace that
+points at one server shares one memory (a dataset curated twice has one fingerprint, one entry). The
+server serialises writers from any number of machines, so no file lock is taken; the embedding that
+built the collections is the one recorded in their configuration, and every workspace must use it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pydantic import BaseModel
 from memory import documents as docs
 from memory.embedding import describe, resolve
 from memory.lock import ReaderLock, WriterLock
+from memory.server import ServerUnreachable, parse_url, server_url, unreachable
 from training.batches import read_split
 from training.contracts import DatasetSummary, Evaluation, GateVerdict, TrainPlan
 from training.data.store import datasets_dir, list_datasets
@@ -112,16 +119,21 @@ class Doctor(BaseModel):
 
 
 class MemoryStore:
-    """Open (lazily) the memory index of `workspace`; `embedding` as in `memory.embedding.resolve`."""
+    """Open (lazily) the memory index of `workspace`; `embedding` as in `memory.embedding.resolve`; `url`, a
+    Chroma server's (default $MODELCREW_CHROMA_URL), to use its shared collections instead of the workspace's."""
 
-    def __init__(self, workspace: Path, embedding: str | None = None, lock_timeout: float | None = None) -> None:
+    def __init__(self, workspace: Path, embedding: str | None = None, lock_timeout: float | None = None,
+                 url: str | None = None) -> None:
         self.workspace = Path(workspace)
         self.root = self.workspace / "memory"
         self.path = self.root / "chroma"
+        self.url = server_url(url)
+        self.where = self.url or str(self.path)  # what messages name: the server, or the index on disk
         self.ef, self.ef_identity = resolve(embedding)
         timeout = lock_timeout if lock_timeout is not None else float(os.environ.get("MODELCREW_MEMORY_LOCK_TIMEOUT", 120))
         self.lock = WriterLock(self.root / "write.lock", timeout)
         self.read_lock = ReaderLock(self.lock)
+        self._checked_with = None  # the client this store's embedding was checked against
         self._handles: dict = {}  # collection handles of the current client
         self._handles_of = None
 
@@ -133,13 +145,22 @@ class MemoryStore:
 
     def built_with(self) -> dict | None:
         """The embedding function that built this index (None: no index yet)."""
+        if self.url:
+            with self._reading():
+                return _server_built_with(self._open())
         if not self._ident_file.exists():
             return None
         return json.loads(self._ident_file.read_text(encoding="utf-8"))
 
     def _check_embedding(self) -> None:
-        built = self.built_with()
+        self._compare_embedding(self.built_with())
+
+    def _compare_embedding(self, built: dict | None) -> None:
         if built is not None and built != self.ef_identity:
+            if self.url:
+                raise InputError(f"memory: the collections on the Chroma server at {self.url} were built with the embedding "
+                                 f"{describe(built)}, not {describe(self.ef_identity)}; every workspace sharing a server "
+                                 "must use the same one (MODELCREW_EMBEDDING)")
             raise InputError(f"memory: the index in {self.path} was built with the embedding {describe(built)}, not "
                              f"{describe(self.ef_identity)}; open it with the same one (MODELCREW_EMBEDDING) or run "
                              "`modelcrew memory rebuild` to re-embed everything with the new one")
@@ -153,25 +174,31 @@ class MemoryStore:
         return st.st_mtime_ns, st.st_size
 
     def _open(self, fresh: bool = False):
-        """The process's Chroma client of this index; re-opened when another process wrote since (Chroma
-        caches the index in memory) or when `fresh`."""
+        """The process's Chroma client of this index, checked against this store's embedding; re-opened when
+        another process wrote since (Chroma caches the index in memory) or when `fresh`."""
         with _CLIENTS_LOCK:
-            client, opened_at = _CLIENTS.get(str(self.path), (None, None))
-            if client is not None and not fresh and self._sqlite_mtime() == opened_at:
-                return client
-            self.close()
-            self._check_embedding()
-            self.path.mkdir(parents=True, exist_ok=True)
-            try:
-                client = _new_client(self.path)
-            except Exception as err:  # a damaged sqlite file or segment raises anything
-                raise open_error(err, self.path) from None
-            _CLIENTS[str(self.path)] = (client, self._sqlite_mtime())
+            client, opened_at = _CLIENTS.get(self.where, (None, None))
+            reuse = client is not None and (self.url or (not fresh and self._sqlite_mtime() == opened_at))
+            if not reuse:  # (a server's client always sees its latest writes)
+                self.close()
+                if self.url:
+                    client = _new_http_client(self.url)
+                else:
+                    self._check_embedding()
+                    self.path.mkdir(parents=True, exist_ok=True)
+                    try:
+                        client = _new_client(self.path)
+                    except Exception as err:  # a damaged sqlite file or segment raises anything
+                        raise open_error(err, self.path) from None
+                _CLIENTS[self.where] = (client, self._sqlite_mtime() if not self.url else None)
+            if self._checked_with is not client:  # stores of one index share a client, not an embedding
+                self._compare_embedding(_server_built_with(client) if self.url else self.built_with())
+                self._checked_with = client
             return client
 
     def close(self) -> None:
         """Drop this process's client of the index (every store of the same path shares it)."""
-        client, _ = _CLIENTS.pop(str(self.path), (None, None))
+        client, _ = _CLIENTS.pop(self.where, (None, None))
         if client is not None:
             _stop(client)
 
@@ -186,14 +213,21 @@ class MemoryStore:
         else:
             try:
                 col = client.get_collection(kind, embedding_function=self.ef)
-            except Exception:  # not created yet: nothing stored of this kind
+            except Exception as err:  # not created yet: nothing stored of this kind
+                if _is_unreachable(err):
+                    raise
                 return None
         self._handles[kind] = col
         return col
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
-        """Hold the workspace's write lock, on a client opened after taking it (sees every earlier write)."""
+        """Hold the workspace's write lock, on a client opened after taking it (sees every earlier write).
+        A server needs no lock: it applies its clients' writes one at a time."""
+        if self.url:
+            with self._reading():
+                yield
+            return
         with self.lock:
             self._check_embedding()
             self._open(fresh=True)
@@ -202,12 +236,23 @@ class MemoryStore:
             try:
                 yield
             finally:  # this process's client saw its own write: no need to re-open for it
-                if str(self.path) in _CLIENTS:
-                    _CLIENTS[str(self.path)] = (_CLIENTS[str(self.path)][0], self._sqlite_mtime())
+                if self.where in _CLIENTS:
+                    _CLIENTS[self.where] = (_CLIENTS[self.where][0], self._sqlite_mtime())
 
     @contextmanager
     def _reading(self) -> Iterator[None]:
-        """Hold a shared lock while reading (no writer runs meanwhile); `_open` inside it sees every finished write."""
+        """Hold a shared lock while reading (no writer runs meanwhile); `_open` inside it sees every finished write.
+        With a server: no lock, and a lost connection becomes one line naming the server."""
+        if self.url:
+            try:
+                yield
+            except ServerUnreachable:
+                raise
+            except Exception as err:
+                if _is_unreachable(err):
+                    raise unreachable(self.url, f"{type(err).__name__}: {str(err)[:120]}") from None
+                raise
+            return
         if self.lock.held_here:  # this store is writing: it holds the exclusive lock already
             yield
             return
@@ -453,30 +498,48 @@ class MemoryStore:
         return overlaps
 
     def stats(self) -> dict:
-        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.exists() else 0
+        """Entries per collection, the embedding, and the index's size on disk (0 with a server: it is the server's)."""
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file()) if self.path.exists() and not self.url else 0
         built = self.built_with()
-        return {"path": str(self.path), "embedding": describe(built or self.ef_identity),
+        return {"path": self.where, "embedding": describe(built or self.ef_identity),
                 "counts": {kind: self.count(kind) for kind in KINDS}, "disk_bytes": size}
 
     # ---- the files are the truth ------------------------------------------------------------------
 
-    def artefacts(self) -> dict[str, int]:
-        """How many entries each collection should hold, counted from the workspace's files."""
+    def artefact_ids(self) -> dict[str, list[str]]:
+        """The ids each collection should hold for this workspace, read from its files."""
         summaries = list_datasets(self.workspace)
         return {
-            "datasets": len(summaries),
-            "evaluations": len(evaluated_runs(self.workspace)),
-            "lessons": len({docs.lesson_id(run.run_id, row["text"]) for run in all_runs(self.workspace) for row in run.lessons()}),
-            "eval_records": sum(len(self._eval_record_entries(s.fingerprint)[0]) for s in summaries),
+            "datasets": [s.fingerprint for s in summaries],
+            "evaluations": [run.run_id for run in evaluated_runs(self.workspace)],
+            "lessons": sorted({docs.lesson_id(run.run_id, row["text"]) for run in all_runs(self.workspace) for row in run.lessons()}),
+            "eval_records": [id_ for s in summaries for id_ in self._eval_record_entries(s.fingerprint)[0]],
         }
 
+    def artefacts(self) -> dict[str, int]:
+        """How many entries each collection should hold, counted from the workspace's files."""
+        return {kind: len(ids) for kind, ids in self.artefact_ids().items()}
+
+    def _present(self, kind: str, ids: list[str]) -> int:
+        """How many of `ids` the collection holds."""
+        found = 0
+        with self._reading():
+            col = self._collection(kind)
+            for i in range(0, len(ids) if col is not None else 0, BATCH):
+                found += len(col.get(ids=ids[i:i + BATCH], include=[])["ids"])
+        return found
+
     def rebuild(self, progress=None) -> dict:
-        """Delete the index and re-create every entry from the workspace's artefacts."""
-        with self.lock:
-            self.close()
-            _forget_cached_systems()
-            shutil.rmtree(self.path, ignore_errors=True)
-            self._ident_file.unlink(missing_ok=True)
+        """Delete the index and re-create every entry from the workspace's artefacts.
+
+        With a server the collections are shared with other workspaces: nothing is deleted, every entry
+        of this workspace is written again (upserts: the same ids, re-embedded)."""
+        if not self.url:
+            with self.lock:
+                self.close()
+                _forget_cached_systems()
+                shutil.rmtree(self.path, ignore_errors=True)
+                self._ident_file.unlink(missing_ok=True)
         summaries = list_datasets(self.workspace)
         for summary in summaries:
             self.add_dataset(summary)
@@ -491,6 +554,8 @@ class MemoryStore:
         return self.stats()
 
     def doctor(self) -> Doctor:
+        if self.url:
+            return self._doctor_server()
         checks: list[Check] = []
         built = self.built_with()
         if not self.path.exists():
@@ -514,6 +579,31 @@ class MemoryStore:
                 checks.append(Check(name="index", ok=False, detail=f"cannot be read: {type(err).__name__}: {str(err)[:200]}"))
         ok = all(c.ok for c in checks)
         advice = "memory is consistent with the workspace" if ok else "run `modelcrew memory rebuild` (rebuilds the index from the workspace's files)"
+        return Doctor(ok=ok, checks=checks, advice=advice)
+
+    def _doctor_server(self) -> Doctor:
+        """Every entry of this workspace is on the server (others' entries are theirs: not counted against it).
+        An unreachable server raises (one line naming it), as every command does."""
+        built = self.built_with()
+        checks = [Check(name="server", ok=True, detail=f"answers ({self.url})")]
+        try:
+            self._compare_embedding(built)
+        except InputError as err:
+            checks.append(Check(name="embedding", ok=False, detail=str(err)))
+            return Doctor(ok=False, checks=checks, advice="use the embedding the server's collections were built with")
+        checks.append(Check(name="embedding", ok=True, detail=describe(built or self.ef_identity)))
+        expected = self.artefact_ids()
+        for kind in KINDS:
+            ids = sorted(set(expected[kind]))
+            present = self._present(kind, ids)
+            checks.append(Check(name=f"count {kind}", ok=present == len(ids),
+                                detail=f"{present} of this workspace's {len(ids)} indexed; {self.count(kind)} on the server (shared)"))
+        if self.count("datasets"):
+            self.search("probe", "datasets", k=1)
+            checks.append(Check(name="query", ok=True, detail="a search runs"))
+        ok = all(c.ok for c in checks)
+        advice = ("memory holds every entry of the workspace" if ok else
+                  "run `modelcrew memory rebuild` (writes this workspace's entries to the server again)")
         return Doctor(ok=ok, checks=checks, advice=advice)
 
 
@@ -542,6 +632,35 @@ def _stop(client) -> None:
             system.stop()
     except Exception:  # a system already stopped
         pass
+
+
+def _new_http_client(url: str):
+    """A client of the Chroma server at `url` (its default tenant and database: shared by every workspace)."""
+    import chromadb
+    from chromadb.config import Settings
+
+    host, port, ssl = parse_url(url)
+    try:
+        return chromadb.HttpClient(host=host, port=port, ssl=ssl, settings=Settings(anonymized_telemetry=False))
+    except Exception as err:  # refused, timed out, not a Chroma server
+        raise unreachable(url, f"{type(err).__name__}: {str(err)[:120]}") from None
+
+
+def _server_built_with(client) -> dict | None:
+    """The embedding recorded in the configuration of the server's memory collections (None: none yet)."""
+    for col in client.list_collections():
+        if col.name in KINDS:
+            ef = (col.configuration_json or {}).get("embedding_function") or {}
+            if ef.get("name"):
+                return {"name": ef["name"], "config": ef.get("config") or {}}
+    return None
+
+
+def _is_unreachable(err: Exception) -> bool:
+    """Whether a client call failed for want of the server (not for what it asked)."""
+    import httpx
+
+    return isinstance(err, (httpx.TransportError, ConnectionError)) or "Could not connect to a Chroma server" in str(err)
 
 
 def _forget_cached_systems() -> None:
