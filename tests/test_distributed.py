@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from training.contracts import TrainPlan
 from training.data import curate_to_workspace
+from training.errors import InputError
 from training.launch import ROOT, command
 from training.loop import train
 
@@ -71,22 +72,30 @@ def test_two_processes_match_one_with_the_same_global_batch(ws, fp, one_process,
                       else ["state.safetensors"])
 
 
-def test_accelerate_launch_runs_the_same_command(ws, fp, one_process, tmp_path):
-    """A user's `accelerate launch` of the engine's command: its multi-process launcher (`--multi_gpu`, which on a machine
-    without GPUs runs the processes on the CPU with gloo) with 2 processes."""
+def test_accelerate_launch_with_an_fsdp_configuration_runs_the_same_command(ws, fp, one_process, tmp_path):
+    """A user's `accelerate launch` of the engine's command with accelerate's FSDP mode (2 processes; gloo on a
+    machine without GPUs): the engine shards with FSDP, as the plan's strategy would."""
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(TrainPlan(dataset=fp, budget={"steps": 6}, checkpoint_every=3, **TINY).model_dump_json())
     accelerate = Path(sys.executable).parent / "accelerate"
-    done = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    done = subprocess.run([str(accelerate), "launch", "--use_fsdp", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "training", "train", str(plan_file),
                            "--workspace", str(ws), "--run-id", "accelerate", "--quiet"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((ws / "runs" / "accelerate" / "result.json").read_text())
-    assert (result["processes"], result["strategy"], result["steps"]) == (2, "ddp", 6)
+    assert (result["processes"], result["strategy"], result["steps"]) == (2, "fsdp", 6)
+    assert len(list((ws / "runs" / "accelerate" / "checkpoints" / "step-0000006").glob("shard-*.safetensors"))) == 2
     single, double = _losses(ws, one_process), _losses(ws, "accelerate")
     assert max(abs(single[s] - double[s]) for s in single) < LOSS_TOLERANCE
+
+
+def test_a_deepspeed_configuration_is_refused_in_one_line(ws, fp, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets for a DeepSpeed config
+    with pytest.raises(InputError, match="a DeepSpeed configuration, which this engine does not run"):
+        train(TrainPlan(dataset=fp, budget={"steps": 1}, **TINY), ws, "deepspeed", show_progress=False)
+    assert not (ws / "runs" / "deepspeed").exists()
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:

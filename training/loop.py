@@ -48,6 +48,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
         from training.launch import launch
 
         return launch(plan, Path(workspace), run_id, resume, show_progress)
+    plan = parallel.under_accelerate(plan)
     dist = Distributed.from_env()
     run = prepare_run(plan, Path(workspace), Run(workspace, run_id), resume, dist, show_progress)  # model, tokenizer, data
     check_memory(plan, run)  # refuse what cannot fit before the first step, not with an OOM kill

@@ -14,6 +14,7 @@ The loop calls `wrap` once and then works the same for every strategy, through t
 from __future__ import annotations
 
 import json
+import os
 import random
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +22,17 @@ from pathlib import Path
 import torch
 
 from training.errors import InputError
+
+
+def under_accelerate(plan):
+    """The plan as `accelerate launch` asks for it: its FSDP configuration means strategy fsdp (the engine shards
+    with its own FSDP2 policy; the configuration's other FSDP settings are not read). DeepSpeed is refused."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise InputError("accelerate launch: a DeepSpeed configuration, which this engine does not run; launch with an FSDP "
+                         "configuration (or set strategy: fsdp in the plan) to shard the model")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and plan.strategy != "fsdp":
+        return plan.model_copy(update={"strategy": "fsdp"})
+    return plan
 
 
 def sharded(plan, dist) -> bool:
