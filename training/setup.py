@@ -22,7 +22,8 @@ from training.data.store import datasets_dir, load_summary
 from training.errors import InputError
 from training.progress import Bar
 from training.runs import Run
-from training.models import apply_lora, base_dir, base_source, build_scratch, check_qlora, count_params, load_base, resolve_size
+from training.models import (apply_lora, base_dir, base_source, build_scratch, check_chat_template, check_qlora,
+                             count_params, load_base, resolve_size)
 from training.tokenizer import train_bpe
 
 
@@ -221,9 +222,7 @@ def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: 
     train_records, val_records = read_split(data_dir, "train"), read_split(data_dir, "val")
 
     model, tokenizer, base, weights = build_model(plan, workspace, run, dist, device, train_records)
-    if summary.format != "text" and not getattr(tokenizer, "chat_template", None):
-        raise InputError(f"base_model: {plan.base_model} has no chat template, so it cannot learn {summary.format} data; "
-                         "use an instruct model or curate the data with --format text")
+    check_chat_template(tokenizer, plan.base_model, summary.format)  # planning checked it too; a plan file may not have
     train_examples, train_fit = fitted_examples(tokenizer, train_records, summary.format, plan.seq_len)
     val_examples, val_fit = fitted_examples(tokenizer, val_records, summary.format, plan.seq_len)
     check_fit(train_fit, plan)
