@@ -3,6 +3,7 @@ two workspaces sharing its collections, a kill -9 and restart, and the server do
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -141,3 +142,26 @@ def test_with_the_server_down_a_command_says_so_in_one_line_and_writes_nothing(c
     bad = cli("--chroma-url", "localhost:8000", "memory", "stats", "--workspace", str(ws))
     assert bad.exit_code == 2
     assert bad.stderr.strip() == "error: --chroma-url 'localhost:8000': expected http://HOST:PORT (a Chroma server, e.g. http://127.0.0.1:8000)"
+
+
+def test_a_crew_run_in_one_workspace_finds_the_evaluations_of_another(server, tmp_path, monkeypatch):
+    """The offline crew on workspace 2 plans from workspace 1's best run on the same data (found on the server), and
+    workspace 1 then sees the crew's run in its own history."""
+    from crews.run import run_goal_text
+    from tests.helpers import pretrain_tiny_base
+
+    monkeypatch.setenv("MODELCREW_CHROMA_URL", server.url)
+    ws1, ws2 = tmp_path / "ws1", tmp_path / "ws2"
+    faq = curate_to_workspace(str(FAQ), ws1).summary
+    store1 = MemoryStore(ws1)
+    store1.add_dataset(faq)
+    _evaluation(ws1, "ws1-best", faq.fingerprint, 3e-3, 4, 5.0, gate=True)  # better than any other run on this data
+    store1.add_evaluation(*load_run_artefacts(Run(ws1, "ws1-best")))
+
+    base = pretrain_tiny_base(ws2)
+    result = run_goal_text(f"fine-tune the model {base} on {FAQ} with LoRA rank 4 for 6 steps and do not deploy", ws2)
+    run2 = Run(ws2, result["run_id"])
+    assert run2.plan().lr == 3e-3  # workspace 1's settings, not the default 2e-4
+    assert json.loads((run2.dir / "memory_used.json").read_text())["reused_from"] == "ws1-best"
+    assert result["run_id"] in [r.run_id for r in store1.history(fingerprint=faq.fingerprint)]
+    assert not (ws2 / "memory" / "chroma").exists()
