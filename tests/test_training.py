@@ -159,6 +159,21 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def test_a_minutes_budget_gives_the_schedule_a_horizon_from_the_measured_pace(ws, datasets):
+    """With only a time budget the cosine has no step count to decay over; at the first validation the loop fits
+    one to the pace so far, and the rate falls toward its floor as the time runs out (it held the peak before)."""
+    plan = plan_from_dict(dict(task="pretrain", dataset=datasets["text"], size="tiny", budget={"minutes": 0.1},
+                               **{**TINY, "eval_every": 4, "checkpoint_every": 1000}))
+    result = train(plan, ws, "minutes-only", show_progress=False)
+    assert result.status == "budget_minutes"
+    rows = [json.loads(line) for line in (ws / "runs" / "minutes-only" / "metrics.jsonl").read_text().splitlines()]
+    fitted = [r for r in rows if "horizon" in r]
+    assert len(fitted) == 1 and fitted[0]["step"] == 4 and fitted[0]["horizon"] > 4  # once, at the first validation
+    after = [r["lr"] for r in rows if r["step"] > 4]
+    assert all(b <= a for a, b in zip(after, after[1:]))  # decaying from then on
+    assert after[-1] < 0.75 * plan.lr  # most of the way down when the time ran out
+
+
 def test_resume_after_kill_matches_an_uninterrupted_run(ws, datasets, tmp_path):
     fields = dict(task="pretrain", dataset=datasets["text"], size="tiny", budget={"steps": 40},
                   **{**TINY, "checkpoint_every": 4, "eval_every": 10})

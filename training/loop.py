@@ -42,6 +42,14 @@ def lr_at(step: int, plan: TrainPlan, horizon: int | None) -> float:
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (plan.lr - floor)
 
 
+def timed_horizon(plan: TrainPlan, horizon: int | None, step: int, seconds: float) -> int:
+    """The steps a minutes budget leaves room for, at the pace of the first `step` steps (`seconds`, validation
+    included; the same on every process): the cosine then reaches its floor when the time runs out, instead of
+    holding the peak rate to the end. A step or token budget that ends sooner keeps its own horizon."""
+    fits = max(step, int(step * plan.budget.minutes * 60 / max(seconds, 1e-9)))
+    return min(horizon, fits) if horizon else fits
+
+
 def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, show_progress: bool = True) -> RunResult:
     """Run (or resume) `run_id` in the workspace's runs/; returns what happened (also in result.json)."""
     if plan.launcher == "torchrun" and "LOCAL_RANK" not in os.environ:  # not yet inside the launched job
@@ -66,7 +74,8 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     step_fn = torch.compile(wrapped) if plan.compile else wrapped
     # validation under FSDP goes through the loss module, whose forward gathers the shards
     scored = objective if sharded else model
-    horizon = plan.step_horizon()
+    horizon = plan.step_horizon()  # a minutes budget sets (or shortens) it at the first validation: see timed_horizon
+    timed = plan.budget.minutes is None  # whether the horizon already accounts for the minutes budget
 
     step, tokens, best_loss, best_step, bad_evals, trained_seconds = 0, 0, None, None, 0, 0.0
     last_val = None
@@ -77,11 +86,13 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
         train_stream.load_state(meta["data"])
         step, tokens, trained_seconds = meta["step"], meta["tokens"], meta["trained_seconds"]
         best_loss, best_step, bad_evals, last_val = meta["best_loss"], meta["best_step"], meta["bad_evals"], meta["last_val"]
+        horizon, timed = meta.get("horizon", horizon), meta.get("timed", timed)
     metrics = run.open_metrics(after_step=step)  # on resume, rows after the checkpoint are dropped: no step twice
 
     def save(step_now: int) -> None:
         meta = {"data": train_stream.state(), "tokens": tokens, "trained_seconds": trained_seconds,
-                "best_loss": best_loss, "best_step": best_step, "bad_evals": bad_evals, "last_val": last_val}
+                "best_loss": best_loss, "best_step": best_step, "bad_evals": bad_evals, "last_val": last_val,
+                "horizon": horizon, "timed": timed}
         if sharded:  # every process writes its shards
             save_sharded_checkpoint(run_dir, step_now, model, params, optimizer, meta, dist)
             return
@@ -155,6 +166,9 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
                         run.save_best(state, step, last_val)
                 else:
                     bad_evals += 1
+                if not timed:  # the time per step, validation included, is known now: fit the schedule to the minutes
+                    horizon, timed = timed_horizon(plan, horizon, step, dist.mean(trained_seconds)), True
+                    row["horizon"] = horizon
             metrics.write(row)
             progress.update(completed=step, loss=f"{row['loss']:.4f}", tps=f"{row['tokens_per_s']:.0f}")
             if step % plan.checkpoint_every == 0:
