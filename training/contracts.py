@@ -137,6 +137,9 @@ class TrainPlan(BaseModel):
     nproc: int | None = Field(None, ge=1, le=64, description="torchrun: processes (default: every visible GPU, 2 on CPU)")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description=(
         "with several processes: ddp replicates the model, fsdp shards weights, gradients and optimizer state (FSDP2)"))
+    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "matmuls under autocast: auto is bfloat16 on CUDA and float32 on CPU; bfloat16 on a CPU with AMX trains "
+        "faster (bench/bench_precision.py); float32 weights stay the master copy either way"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainPlan":
@@ -192,6 +195,7 @@ class RunResult(BaseModel):
         "per split (train, val): records, whole, cut (input shortened to fit seq_len), dropped, cut_tokens"))
     processes: int = Field(1, description="processes that trained it together (torchrun or accelerate launch)")
     strategy: str | None = Field(None, description="ddp or fsdp when several processes trained it")
+    precision: str = Field("float32", description="what the matmuls ran in: float32, or bfloat16 under autocast")
 
 
 class Interval(BaseModel):

@@ -2,7 +2,7 @@
 activations) for every method and layout, and time. A plan that cannot fit is refused with the fix.
 
 Memory is counted from the model's shapes the way this engine trains (read `training.loop` and
-`training.objective`): float32 weights, bf16 autocast on CUDA (which keeps a bf16 copy of every matmul
+`training.objective`): float32 weights, bf16 autocast where the plan's precision asks (CUDA by default; it keeps a bf16 copy of every matmul
 weight until backward), AdamW's two float32 moments, no gradient checkpointing (every layer's
 activations are held until backward), and the output layer applied to every supervised position at
 once, in float32 (its log-probabilities are kept, and backward holds two more tensors of that size).
@@ -29,7 +29,7 @@ from training.batches import BatchStream
 from training.contracts import TrainPlan
 from training.errors import InputError
 from training.models import LORA_TARGETS, check_qlora
-from training.objective import NextTokenLoss, autocast, supervised_tokens
+from training.objective import NextTokenLoss, autocast, compute_dtype, supervised_tokens
 from training.runs import Run
 from training.setup import Distributed, prepare_run
 
@@ -142,19 +142,19 @@ def read_shapes(model, plan: TrainPlan) -> Shapes:
                   bool(getattr(config, "final_logit_softcapping", None)), attn != "eager", config.num_attention_heads)
 
 
-def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int, cuda: bool) -> tuple[float, float]:
+def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int, bf16: bool) -> tuple[float, float]:
     """Bytes held at the start of backward for one micro-batch: every layer's saved tensors and the
     output layer's. Per token and layer (counted from what autograd saves in a Llama block):
     full: each RMSNorm its input, normalised and scaled output (3h, x2), attention q, k, v and output
     (4h), the MLP's gate, up, activation and product (4i); LoRA over a frozen base: the norms' inputs
     (2h), attention (4h), the MLP without its frozen down projection's input (3i), and the adapters'
-    inputs, dropout masks and A outputs. On CUDA under bf16 autocast the residual stream and the norms'
+    inputs, dropout masks and A outputs. Under bf16 autocast (`bf16`) the residual stream and the norms'
     upcasts stay float32, the rest is bf16. Then the output layer: float32 log-probabilities of every
     position and, at the start of backward, their gradient and the logits' gradient (3 x 4 bytes).
     Returns (the layers' bytes, the output layer's bytes)."""
     h, i = shapes.hidden, shapes.intermediate
     tokens = micro_batch * seq_len
-    low = 2 if cuda else 4  # bytes of a matmul output: bf16 under autocast, float32 on CPU
+    low = 2 if bf16 else 4  # bytes of a matmul output: bf16 under autocast, else float32
     if method == "full":
         per_token = 2 * (2 * h * 4 + h * low) + 4 * h * low + 4 * i * low
         final = 2 * h * 4 + h * low  # the last norm's input and output, the output layer's input
@@ -167,14 +167,15 @@ def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int
 
 
 def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_batch: int, seq_len: int,
-               device: torch.device, room: list[float]) -> MemoryRow:
+               device: torch.device, room: list[float], precision: str = "auto") -> MemoryRow:
     """GB per device for `method` on `devices` processes (each takes its share of the micro-batch)."""
     cuda = device.type == "cuda"
+    bf16 = compute_dtype(device, precision) is not None  # autocast: bf16 copies of the matmul weights, bf16 outputs
     p, a = shapes.params, shapes.adapter_params
     if method == "full":
-        weights, trainable = 4 * p + (2 * shapes.matmul_params if cuda else 0), p
+        weights, trainable = 4 * p + (2 * shapes.matmul_params if bf16 else 0), p
     elif method == "lora":
-        weights, trainable = 4 * p + (2 * shapes.matmul_params if cuda else 0) + 4 * a, a
+        weights, trainable = 4 * p + (2 * shapes.matmul_params if bf16 else 0) + 4 * a, a
     else:  # 4-bit decoder matmuls, float32 embeddings/norms (peft upcasts them), one layer's weights dequantized at a time
         weights = NF4_BYTES * shapes.matmul_params + 4 * (p - shapes.matmul_params) + 4 * a
         weights += 2 * shapes.largest_unit
@@ -187,7 +188,7 @@ def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_bat
         unit = shapes.largest_unit * 4
         weights, gradients, optimizer = weights / devices + 2 * unit, gradients / devices + unit, optimizer / devices
     per_device = math.ceil(micro_batch / devices)
-    layers, logits = activation_bytes(shapes, "full" if method == "full" else "lora", per_device, seq_len, cuda)
+    layers, logits = activation_bytes(shapes, "full" if method == "full" else "lora", per_device, seq_len, bf16)
     if method == "full":  # the embedding's lookup has its own dense gradient, added to the output layer's
         gradients += 4 * shapes.vocab * shapes.hidden
     if not cuda:  # glibc keeps freed heap chunks resident; it maps (and unmaps) chunks of 32 MB and more itself
@@ -231,7 +232,7 @@ def memory_table(plan: TrainPlan, shapes: Shapes, device: torch.device, room: li
     micro = plan.batch_size // plan.grad_accum
     methods = ["full"] if plan.task == "pretrain" else ["full", "lora", "qlora"]
     counts = sorted({n for n in TABLE_DEVICES if n > 1} | {plan_layout(plan, device)[1]} - {1})
-    return [memory_row(shapes, method, layout, n, micro, plan.seq_len, device, room)
+    return [memory_row(shapes, method, layout, n, micro, plan.seq_len, device, room, plan.precision)
             for method in methods
             for layout, n in [("single", 1)] + [(layout, n) for layout in ("ddp", "fsdp") for n in counts]]
 
@@ -242,7 +243,7 @@ def plan_row(plan: TrainPlan, shapes: Shapes, device: torch.device, room: list[f
     args = {"method": plan.method, "layout": layout, "devices": devices,
             "micro_batch": plan.batch_size // plan.grad_accum, "seq_len": plan.seq_len} | change
     return memory_row(shapes, args["method"], args["layout"], args["devices"], args["micro_batch"], args["seq_len"],
-                      device, room)
+                      device, room, plan.precision)
 
 
 def memory_need(plan: TrainPlan, run) -> dict[str, float]:
@@ -327,7 +328,7 @@ def _time_steps(plan: TrainPlan, run, steps: int) -> float:
         t0 = time.perf_counter()
         for _ in range(plan.grad_accum):
             batch = {k: v.to(run.device) for k, v in stream.next().items()}
-            with autocast(run.device):
+            with autocast(run.device, plan.precision):
                 loss = objective(**batch) / max(supervised_tokens(batch), 1) / plan.grad_accum
             loss.backward()
         optimizer.step()

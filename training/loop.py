@@ -26,7 +26,7 @@ from training.errors import ModelcrewError
 from training.estimate import check_memory
 from training.evaluate import mean_loss
 from training.export import export_model
-from training.objective import NextTokenLoss, autocast, supervised_tokens
+from training.objective import NextTokenLoss, autocast, compute_dtype, supervised_tokens
 from training.runs import Run
 from training.setup import Distributed, build_model, prepare_run
 
@@ -64,7 +64,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     micro_batch = plan.batch_size // plan.grad_accum
     train_stream = BatchStream(run.train_examples, micro_batch, plan.seed, run.tokenizer.pad_token_id,
                                dist.rank, dist.world)
-    mixed_precision = autocast(device)
+    mixed_precision = autocast(device, plan.precision)
     objective = NextTokenLoss(model, packed=plan.task == "pretrain")  # pretraining windows are packed
     wrapped = parallel.wrap(objective, plan, dist, device)  # DDP, FSDP shards, or the objective itself
     sharded = parallel.sharded(plan, dist)
@@ -207,7 +207,8 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
         device=str(device), trainable_params=run.trainable_params, total_params=run.total_params,
         final_dir=str(final_dir), best_dir=str(best_dir) if best_dir else None,
         records={split: fit.as_dict() for split, fit in run.fits.items()}, processes=dist.world,
-        strategy=plan.strategy if dist.world > 1 else None)
+        strategy=plan.strategy if dist.world > 1 else None,
+        precision="bfloat16" if compute_dtype(device, plan.precision) is not None else "float32")
     if dist.is_main:
         run.artefacts.write_result(result)
     dist.close()

@@ -57,9 +57,20 @@ class NextTokenLoss(torch.nn.Module):
         return sums, keep.sum(1)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """What matmuls run in under a plan's `precision`: bf16 autocast on CUDA unless float32 is asked for; on CPU
+    float32 unless bfloat16 is asked for (it pays on CPUs with AMX, `bench/bench_precision.py`); None: float32."""
+    if precision == "float32":
+        return None
+    if device.type == "cuda" or precision == "bfloat16":
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The autocast context of `compute_dtype` (float32 weights stay the master copy), or none."""
+    dtype = compute_dtype(device, precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def supervised_tokens(batch: dict[str, torch.Tensor]) -> int:
