@@ -174,6 +174,41 @@ def test_bfloat16_on_the_cpu_trains_with_float32_master_weights_within_a_stated_
     assert {v.dtype for v in weights.values()} == {torch.float32}
 
 
+def test_activation_checkpointing_keeps_fewer_bytes_for_backward_and_the_same_losses(ws, datasets):
+    """activation_checkpointing: the run's losses are the very same, and autograd keeps far fewer bytes for
+    backward (each layer's tensors are recomputed there)."""
+    from training.objective import NextTokenLoss
+
+    fields = dict(task="pretrain", dataset=datasets["text"], size="tiny", budget={"steps": 4},
+                  **{**TINY, "eval_every": 4, "checkpoint_every": 1000})
+    train(plan_from_dict(fields), ws, "keep-all", show_progress=False)
+    train(plan_from_dict({**fields, "activation_checkpointing": True}), ws, "recompute", show_progress=False)
+    assert _losses(ws / "runs" / "keep-all") == _losses(ws / "runs" / "recompute")
+
+    def saved_bytes(checkpointing: bool) -> int:
+        """Bytes autograd keeps for backward over one micro-batch (the weights it refers to are not counted)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(ws / "runs" / "keep-all" / "final").train()
+        if checkpointing:  # as the loop enables it
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        weights = {p.data_ptr() for p in model.parameters()}
+        total = [0]
+
+        def pack(t):
+            if t.data_ptr() not in weights:
+                total[0] += t.numel() * t.element_size()
+            return t
+
+        ids = torch.randint(0, 100, (4, 64))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = NextTokenLoss(model, packed=True)(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+        loss.backward()
+        return total[0]
+
+    assert saved_bytes(True) < 0.6 * saved_bytes(False)  # measured 0.37 on the tiny model
+
+
 def test_a_minutes_budget_gives_the_schedule_a_horizon_from_the_measured_pace(ws, datasets):
     """With only a time budget the cosine has no step count to decay over; at the first validation the loop fits
     one to the pace so far, and the rate falls toward its floor as the time runs out (it held the peak before)."""

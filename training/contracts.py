@@ -137,6 +137,9 @@ class TrainPlan(BaseModel):
     nproc: int | None = Field(None, ge=1, le=64, description="torchrun: processes (default: every visible GPU, 2 on CPU)")
     strategy: Literal["ddp", "fsdp"] = Field("ddp", description=(
         "with several processes: ddp replicates the model, fsdp shards weights, gradients and optimizer state (FSDP2)"))
+    activation_checkpointing: bool = Field(False, description=(
+        "keep only each decoder layer's input for backward and recompute the rest there: less memory, more compute "
+        "(bench/bench_checkpointing.py)"))
     precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
         "matmuls under autocast: auto is bfloat16 on CUDA and float32 on CPU; bfloat16 on a CPU with AMX trains "
         "faster (bench/bench_precision.py); float32 weights stay the master copy either way"))

@@ -142,7 +142,8 @@ def read_shapes(model, plan: TrainPlan) -> Shapes:
                   bool(getattr(config, "final_logit_softcapping", None)), attn != "eager", config.num_attention_heads)
 
 
-def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int, bf16: bool) -> tuple[float, float]:
+def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int, bf16: bool,
+                     checkpointing: bool = False) -> tuple[float, float]:
     """Bytes held at the start of backward for one micro-batch: every layer's saved tensors and the
     output layer's. Per token and layer (counted from what autograd saves in a Llama block):
     full: each RMSNorm its input, normalised and scaled output (3h, x2), attention q, k, v and output
@@ -151,7 +152,8 @@ def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int
     inputs, dropout masks and A outputs. Under bf16 autocast (`bf16`) the residual stream and the norms'
     upcasts stay float32, the rest is bf16. Then the output layer: float32 log-probabilities of every
     position and, at the start of backward, their gradient and the logits' gradient (3 x 4 bytes).
-    Returns (the layers' bytes, the output layer's bytes)."""
+    With activation checkpointing each layer keeps only its float32 input, and one layer's tensors exist
+    at a time while it is recomputed in backward. Returns (the layers' bytes, the output layer's bytes)."""
     h, i = shapes.hidden, shapes.intermediate
     tokens = micro_batch * seq_len
     low = 2 if bf16 else 4  # bytes of a matmul output: bf16 under autocast, else float32
@@ -163,11 +165,14 @@ def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int
         final = h * 4
     scores = 0 if shapes.fused_attention else shapes.heads * seq_len * 4  # eager attention keeps its softmax
     logits = (3 + shapes.softcap) * 4 * shapes.vocab
+    if checkpointing:
+        return tokens * (shapes.layers * h * 4 + per_token + scores + final), tokens * logits
     return tokens * (shapes.layers * (per_token + scores) + final), tokens * logits
 
 
 def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_batch: int, seq_len: int,
-               device: torch.device, room: list[float], precision: str = "auto") -> MemoryRow:
+               device: torch.device, room: list[float], precision: str = "auto",
+               checkpointing: bool = False) -> MemoryRow:
     """GB per device for `method` on `devices` processes (each takes its share of the micro-batch)."""
     cuda = device.type == "cuda"
     bf16 = compute_dtype(device, precision) is not None  # autocast: bf16 copies of the matmul weights, bf16 outputs
@@ -188,7 +193,8 @@ def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_bat
         unit = shapes.largest_unit * 4
         weights, gradients, optimizer = weights / devices + 2 * unit, gradients / devices + unit, optimizer / devices
     per_device = math.ceil(micro_batch / devices)
-    layers, logits = activation_bytes(shapes, "full" if method == "full" else "lora", per_device, seq_len, bf16)
+    layers, logits = activation_bytes(shapes, "full" if method == "full" else "lora", per_device, seq_len, bf16,
+                                      checkpointing)
     if method == "full":  # the embedding's lookup has its own dense gradient, added to the output layer's
         gradients += 4 * shapes.vocab * shapes.hidden
     if not cuda:  # glibc keeps freed heap chunks resident; it maps (and unmaps) chunks of 32 MB and more itself
@@ -232,7 +238,8 @@ def memory_table(plan: TrainPlan, shapes: Shapes, device: torch.device, room: li
     micro = plan.batch_size // plan.grad_accum
     methods = ["full"] if plan.task == "pretrain" else ["full", "lora", "qlora"]
     counts = sorted({n for n in TABLE_DEVICES if n > 1} | {plan_layout(plan, device)[1]} - {1})
-    return [memory_row(shapes, method, layout, n, micro, plan.seq_len, device, room, plan.precision)
+    return [memory_row(shapes, method, layout, n, micro, plan.seq_len, device, room, plan.precision,
+                       plan.activation_checkpointing)
             for method in methods
             for layout, n in [("single", 1)] + [(layout, n) for layout in ("ddp", "fsdp") for n in counts]]
 
@@ -241,9 +248,10 @@ def plan_row(plan: TrainPlan, shapes: Shapes, device: torch.device, room: list[f
     """The plan's own row (with `change`: micro_batch, seq_len, method, layout, devices)."""
     layout, devices = plan_layout(plan, device)
     args = {"method": plan.method, "layout": layout, "devices": devices,
-            "micro_batch": plan.batch_size // plan.grad_accum, "seq_len": plan.seq_len} | change
+            "micro_batch": plan.batch_size // plan.grad_accum, "seq_len": plan.seq_len,
+            "checkpointing": plan.activation_checkpointing} | change
     return memory_row(shapes, args["method"], args["layout"], args["devices"], args["micro_batch"], args["seq_len"],
-                      device, room, plan.precision)
+                      device, room, plan.precision, args["checkpointing"])
 
 
 def memory_need(plan: TrainPlan, run) -> dict[str, float]:
@@ -253,12 +261,14 @@ def memory_need(plan: TrainPlan, run) -> dict[str, float]:
 
 
 def first_fix(plan: TrainPlan, shapes: Shapes, device: torch.device, room: list[float]) -> str:
-    """The first change that fits, in order: a smaller micro-batch (same batch), LoRA, QLoRA, FSDP over
-    more GPUs, a shorter seq_len."""
+    """The first change that fits, in order: a smaller micro-batch (same batch), activation checkpointing, LoRA,
+    QLoRA, FSDP over more GPUs, a shorter seq_len."""
     micro = plan.batch_size // plan.grad_accum
     for accum in range(plan.grad_accum + 1, plan.batch_size + 1):
         if plan.batch_size % accum == 0 and plan_row(plan, shapes, device, room, micro_batch=plan.batch_size // accum).fits:
             return f"micro-batches of {plan.batch_size // accum} fit: set grad_accum to {accum} (same batch_size)"
+    if not plan.activation_checkpointing and plan_row(plan, shapes, device, room, checkpointing=True).fits:
+        return "set activation_checkpointing: true (each layer recomputed in backward: less memory, more compute)"
     if plan.task == "finetune":
         for method in ("lora", "qlora")[("full", "lora", "qlora").index(plan.method):]:
             if method != plan.method and plan_row(plan, shapes, device, room, method=method).fits:
