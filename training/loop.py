@@ -61,6 +61,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     run = prepare_run(plan, Path(workspace), Run(workspace, run_id), resume, dist, show_progress)  # model, tokenizer, data
     check_memory(plan, run)  # refuse what cannot fit before the first step, not with an OOM kill
     model, device, run_dir = run.model, run.device, run.run_dir
+    model.train()  # from_pretrained returns a model in eval mode: its dropout and checkpointing would stay off
     if plan.activation_checkpointing:  # transformers' own: each decoder layer recomputed in backward
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     micro_batch = plan.batch_size // plan.grad_accum
