@@ -27,7 +27,14 @@ KEEP = 2  # complete checkpoints kept besides the newest best
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().to("cpu").contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """The trainable weights, whole, on the CPU. FSDP's sharded weights are gathered: under FSDP every process
+    must call this (a collective)."""
+    return {name: _whole(p.detach()).to("cpu").contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor itself, or a sharded (DTensor) one gathered whole."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def load_trainable_state(model, tensors: dict[str, torch.Tensor]) -> None:

@@ -20,7 +20,7 @@ import torch
 from training.batches import BatchStream
 from training import parallel
 from training.checkpoint import (latest_checkpoint, load_checkpoint, load_sharded_checkpoint, load_trainable_state,
-                                 save_checkpoint, save_sharded_checkpoint)
+                                 save_checkpoint, save_sharded_checkpoint, trainable_state)
 from training.contracts import RunResult, TrainPlan
 from training.errors import ModelcrewError
 from training.estimate import check_memory
@@ -164,7 +164,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
                 row["val_loss"] = round(last_val, 6)
                 if best_loss is None or last_val < best_loss:
                     best_loss, best_step, bad_evals = last_val, step, 0
-                    state = parallel.full_state(model) if sharded or dist.is_main else None  # FSDP: all gather
+                    state = trainable_state(model) if sharded or dist.is_main else None  # FSDP: all gather
                     if dist.is_main:
                         run.save_best(state, step, last_val)
                 else:
@@ -194,7 +194,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     wall = time.perf_counter() - started
     final_dir = run.artefacts.model_dir("final")
     best_dir = run.artefacts.model_dir("best") if best_step is not None else None
-    final_state = parallel.full_state(model) if sharded else None  # FSDP: every process takes part
+    final_state = trainable_state(model) if sharded else None  # FSDP: every process takes part
     if dist.is_main:
         if sharded:  # the gathered weights go into a plain copy of the model, which exports as any other
             model = build_model(plan, Path(workspace), run.artefacts, Distributed(), device)[0]

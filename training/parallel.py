@@ -6,7 +6,6 @@ The loop calls `wrap` once and then works the same for every strategy, through t
   forward, which calls the decoder and the output layer apart). On CUDA, FSDP computes in bf16 and reduces
   gradients in float32; the float32 weights stay sharded.
 - `gradient_sync`: accumulate micro-batches without communicating until the last one;
-- `full_state`: the trainable weights whole, as a dict (a collective under FSDP: every process calls it);
 - `save_shards` / `load_shards`: FSDP checkpoints, one safetensors file per process holding its shards of the
   trainable weights and optimizer moments and its RNG state (resumable with the same number of processes).
 """
@@ -68,17 +67,9 @@ def gradient_sync(module: torch.nn.Module, sync: bool):
     return nullcontext()
 
 
-def _whole(p: torch.Tensor) -> torch.Tensor:
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
-
-
 def norm_value(norm: torch.Tensor) -> float:
-    return float(_whole(norm))
-
-
-def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable weights, whole, on the CPU (under FSDP every process must call this: it all-gathers)."""
-    return {name: _whole(p.detach()).to("cpu").contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """The gradient norm clipping returned (a DTensor under FSDP) as a number."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _shard_file(path: Path, rank: int, world: int) -> Path:
@@ -135,9 +126,9 @@ def load_shards(path: Path, model: torch.nn.Module, params: list[torch.Tensor], 
                 value = DTensor.from_local(value.to(p.to_local().device), p.device_mesh, p.placements,
                                            shape=p.shape, stride=p.stride())
             state.setdefault(int(idx), {})[name] = value
-    groups = [{**g, "params": list(range(sum(len(x["params"]) for x in optimizer.param_groups[:i]),
-                                          sum(len(x["params"]) for x in optimizer.param_groups[:i + 1])))}
-              for i, g in enumerate(meta["param_groups"])]
+    # the saved hyper-parameters, on the parameter indices this optimizer numbers its groups with
+    groups = [{**saved, "params": now["params"]}
+              for saved, now in zip(meta["param_groups"], optimizer.state_dict()["param_groups"])]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
