@@ -43,16 +43,17 @@ def qa_rows(n: int = 24) -> list[dict]:
 TINY = dict(seq_len=64, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=10, eval_batches=2, checkpoint_every=100)
 
 
-def pretrain_tiny_base(ws: Path, run_id: str = "base", steps: int = 4) -> Path:
+def pretrain_tiny_base(ws: Path, run_id: str = "base", steps: int = 4, **settings) -> Path:
     """A tiny model pretrained for a few steps on the example FAQ (as text) in `ws`: a base with a chat
-    template to fine-tune in seconds. Returns its final/ directory."""
+    template to fine-tune in seconds. `settings` override TINY's plan fields (and the seed). Returns its final/
+    directory."""
     from training.contracts import Budget, TrainPlan
     from training.data import curate_to_workspace
     from training.loop import train
 
     faq = Path(__file__).resolve().parent.parent / "examples" / "data" / "support_faq.jsonl"
     fp = curate_to_workspace(str(faq), ws, format="text").summary.fingerprint
-    plan = TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=steps), **TINY)
+    plan = TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=steps), **{**TINY, **settings})
     return Path(train(plan, ws, run_id, show_progress=False).final_dir)
 
 

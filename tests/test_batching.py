@@ -18,19 +18,13 @@ import pytest
 
 from serving.engine import Batcher, LoadedModel, Request
 from serving.server import create_app
-from tests.test_serving import FAQ, TINY, Server
-from training.contracts import Budget, TrainPlan
-from training.data import curate_to_workspace
-from training.loop import train
+from tests.helpers import pretrain_tiny_base
+from tests.test_serving import TINY, Server
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("batching-ws")
-    fp = curate_to_workspace(str(FAQ), ws, format="text").summary.fingerprint
-    train(TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=1), seed=3, **TINY), ws, "tiny",
-          show_progress=False)
-    return ws / "runs" / "tiny" / "final"
+    return pretrain_tiny_base(tmp_path_factory.mktemp("batching-ws"), "tiny", steps=1, seed=3, **TINY)
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,8 @@ import pytest
 import torch
 
 from serving.registry import Registry
-from training.contracts import Budget, TrainPlan
-from training.data import curate_to_workspace
+from tests.helpers import pretrain_tiny_base
 from training.errors import InputError
-from training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 FAQ = ROOT / "examples" / "data" / "support_faq.jsonl"
@@ -42,11 +40,8 @@ PROMPTS = ["How do I reset my password?", "Billing: 42 invoices, 3.5% off!\n\n  
 def reg(tmp_path_factory) -> Registry:
     """A registry holding one tiny trained Llama as bot@v1 (production)."""
     ws = tmp_path_factory.mktemp("export-ws")
-    fp = curate_to_workspace(str(FAQ), ws, format="text").summary.fingerprint
-    train(TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=10), seed=3, **TINY), ws, "tiny",
-          show_progress=False)
     reg = Registry(ws)
-    reg.register("bot", ws / "runs" / "tiny" / "final")
+    reg.register("bot", pretrain_tiny_base(ws, "tiny", steps=10, seed=3, **TINY))
     reg.promote("bot", "v1", force=True)
     return reg
 

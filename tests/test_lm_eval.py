@@ -22,23 +22,17 @@ from lm_eval.evaluator import simple_evaluate  # noqa: E402  (a dev dependency: 
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from serving.server import create_app  # noqa: E402
+from tests.helpers import pretrain_tiny_base  # noqa: E402
 from tests.test_serving import FAQ, TINY, Server  # noqa: E402
-from training.contracts import Budget, TrainPlan  # noqa: E402
-from training.data import curate_to_workspace  # noqa: E402
-from training.loop import train  # noqa: E402
 
 FAQS = [json.loads(line) for line in FAQ.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("lm-eval-ws")
-    fp = curate_to_workspace(str(FAQ), ws, format="text").summary.fingerprint
     # one step: the model still answers each prompt differently (a few more and every answer is " the the the"),
     # so equal generations mean the server decoded each prompt as transformers does
-    train(TrainPlan(task="pretrain", dataset=fp, size="tiny", budget=Budget(steps=1), seed=3, **TINY), ws, "tiny",
-          show_progress=False)
-    return ws / "runs" / "tiny" / "final"
+    return pretrain_tiny_base(tmp_path_factory.mktemp("lm-eval-ws"), "tiny", steps=1, seed=3, **TINY)
 
 
 @pytest.fixture(scope="module")
