@@ -12,15 +12,14 @@ arithmetic, so it should be 0). Writes bench/results/bench_checkpointing.json an
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_WORKSPACE, ROOT, curate, result_json, stamp, stamp_rows, table, write_json, write_section
+from common import (DEFAULT_WORKSPACE, ROOT, faq_lora_plan, result_json, run_curve, stamp, stamp_rows, table, write_json,
+                    write_section)
 
 OUT = result_json("bench_checkpointing")
 
@@ -30,29 +29,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     a = ap.parse_args()
-    from training.contracts import Budget, LoraSettings, TrainPlan
     from training.runs import Run
 
-    fp = curate(str(ROOT / "examples" / "data" / "support_faq.jsonl"), a.workspace, "the FAQ pairs")
     runs = {}
     for checkpointing in (False, True):
         run_id = f"checkpointing-{str(checkpointing).lower()}-{int(time.time())}"
-        plan = TrainPlan(task="finetune", dataset=fp, base_model="smollm2-135m-instruct", method="lora",
-                         lora=LoraSettings(rank=8, alpha=16), lr=2e-4, batch_size=8, seq_len=256, warmup_steps=2,
-                         budget=Budget(steps=a.steps), eval_every=a.steps, eval_batches=1, checkpoint_every=a.steps,
-                         activation_checkpointing=checkpointing, device="cpu")
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            f.write(plan.model_dump_json())
+        plan = faq_lora_plan(a.workspace, a.steps, activation_checkpointing=checkpointing)
         print(f"activation_checkpointing {checkpointing}: {a.steps} steps ...", flush=True)
-        done = subprocess.run([sys.executable, "-m", "training", "train", f.name, "--workspace", str(a.workspace),
-                               "--run-id", run_id, "--quiet", "--json"], cwd=ROOT, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory() as scratch:
+            plan_file = Path(scratch) / "bench-plan.json"
+            plan_file.write_text(plan.model_dump_json(), encoding="utf-8")
+            done = subprocess.run([sys.executable, "-m", "training", "train", str(plan_file), "--workspace",
+                                   str(a.workspace), "--run-id", run_id, "--quiet"], cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(done.stderr[-2000:])
-        result = json.loads(done.stdout[:done.stdout.rindex("}") + 1])
-        rows = Run(a.workspace, run_id).metrics_rows()
-        runs[str(checkpointing).lower()] = {
-            "run_id": run_id, "peak_rss_mb": result["peak_memory_mb"], "losses": {r["step"]: r["loss"] for r in rows},
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows if 3 <= r["step"] < a.steps)}
+        runs[str(checkpointing).lower()] = {"run_id": run_id, "peak_rss_mb": Run(a.workspace, run_id).result().peak_memory_mb,
+                                            **run_curve(a.workspace, run_id, a.steps)}
     off, on = runs["false"], runs["true"]
     out = {"steps": a.steps, "runs": runs, "speed_ratio": on["tokens_per_s"] / off["tokens_per_s"],
            "memory_ratio": on["peak_rss_mb"] / off["peak_rss_mb"],

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
-from common import DEFAULT_WORKSPACE, ROOT, curate, result_json, stamp, stamp_rows, table, write_json, write_section
+from common import (DEFAULT_WORKSPACE, faq_lora_plan, result_json, run_curve, stamp, stamp_rows, table, write_json,
+                    write_section)
 
 OUT = result_json("bench_precision")
 PAYS_SPEED, PAYS_LOSS = 1.2, 0.01
@@ -49,25 +49,17 @@ def main() -> None:
     a = ap.parse_args()
     import torch
 
-    from training.contracts import Budget, LoraSettings, TrainPlan
     from training.loop import train
-    from training.runs import Run
 
-    fp = curate(str(ROOT / "examples" / "data" / "support_faq.jsonl"), a.workspace, "the FAQ pairs")
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     runs = {}
     for precision in ("float32", "bfloat16"):
         run_id = f"precision-{precision}-{int(time.time())}"
-        plan = TrainPlan(task="finetune", dataset=fp, base_model="smollm2-135m-instruct", method="lora",
-                         lora=LoraSettings(rank=8, alpha=16), lr=2e-4, batch_size=8, seq_len=256, warmup_steps=2,
-                         budget=Budget(steps=a.steps), eval_every=a.steps, eval_batches=1, checkpoint_every=a.steps,
-                         precision=precision, device="cpu")
+        plan = faq_lora_plan(a.workspace, a.steps, precision=precision)
         print(f"{precision}: {a.steps} steps ...", flush=True)
         result = train(plan, a.workspace, run_id, show_progress=False)
-        rows = Run(a.workspace, run_id).metrics_rows()
         runs[precision] = {"run_id": run_id, "recorded_precision": result.precision,
-                           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows if 3 <= r["step"] < a.steps),
-                           "losses": {r["step"]: r["loss"] for r in rows}}
+                           **run_curve(a.workspace, run_id, a.steps)}
     f32, b16 = runs["float32"], runs["bfloat16"]
     speedup = b16["tokens_per_s"] / f32["tokens_per_s"]
     gap = max(abs(b16["losses"][s] - f32["losses"][s]) / f32["losses"][s] for s in f32["losses"])

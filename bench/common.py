@@ -795,6 +795,29 @@ def curate(source: str, workspace: Path, label: str, **settings) -> str:
         return curate_to_workspace(source, workspace, **settings).summary.fingerprint
 
 
+def faq_lora_plan(workspace: Path, steps: int, **change):
+    """The engine run that bench_precision.py and bench_checkpointing.py each vary one setting of (`change`): LoRA
+    rank 8 on the embedded SmolLM2-135M-Instruct over the example FAQ pairs (curated into `workspace`), batch 8,
+    seq_len cap 256, `steps` steps on the CPU, validated and checkpointed only at the end."""
+    from training.contracts import Budget, LoraSettings, TrainPlan
+
+    fp = curate(str(ROOT / "examples" / "data" / "support_faq.jsonl"), workspace, "the FAQ pairs")
+    return TrainPlan(task="finetune", dataset=fp, base_model="smollm2-135m-instruct", method="lora",
+                     lora=LoraSettings(rank=8, alpha=16), lr=2e-4, batch_size=8, seq_len=256, warmup_steps=2,
+                     budget=Budget(steps=steps), eval_every=steps, eval_batches=1, checkpoint_every=steps, device="cpu",
+                     **change)
+
+
+def run_curve(workspace: Path, run_id: str, steps: int) -> dict:
+    """A run's loss at each step and its tokens/s: the median of the engine's per-step figure over steps 3 ..
+    steps-1 (the first two warm up; the last is followed by validation)."""
+    from training.runs import Run
+
+    rows = Run(workspace, run_id).metrics_rows()
+    return {"losses": {r["step"]: r["loss"] for r in rows},
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows if 3 <= r["step"] < steps)}
+
+
 def comparison_parser(doc: str, out: Path, steps: int, warmup: int, repeats: int, profile_steps: int) -> argparse.ArgumentParser:
     """The options of bench_train.py and bench_lora.py (each adds its own), with their defaults."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
