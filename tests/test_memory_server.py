@@ -65,8 +65,8 @@ class ChromaServer:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if CHROMA is None:
-        pytest.skip("chroma's server command (`chroma run`) is not installed")
+    # chromadb, a dependency, installs the `chroma` command: its absence is a broken install, not a reason to skip
+    assert CHROMA is not None, "chroma's server command (`chroma run`) is missing; reinstall chromadb"
     srv = ChromaServer(tmp_path_factory.mktemp("chroma-server") / "db")
     srv.start()
     yield srv
