@@ -15,6 +15,7 @@ import json
 import time
 
 import httpx
+import torch
 
 import serving.engine as engine
 from serving.loadtest import Mix, run, summarize
@@ -35,9 +36,9 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * 4096 / 2**20
 
 
-def _live_requests() -> int:
+def _live(kind: type) -> int:
     gc.collect()
-    return sum(isinstance(o, engine.Request) for o in gc.get_objects())
+    return sum(isinstance(o, kind) for o in gc.get_objects())
 
 
 def _prompts(tokenizer) -> tuple[list[str], list[str]]:
@@ -101,15 +102,17 @@ def test_200_concurrent_clients_with_disconnects_bad_input_and_a_promotion(ws, t
         return asyncio.run(go())
 
     with Server(app) as server:
-        # warm-up, with a swap and a rollback: what stays for a process's life is allocated here (the allocator's
-        # arenas of the threads that run batchers and load models). Measured: resident memory grows by 50-70 MB in
-        # each of the first two waves, then holds within about 15 MB a wave, swaps included
-        for promote in (None, "v2"):
-            warm, _, _ = load(server, Mix(clients=200), promote)
+        # warm-up, with a swap and a rollback, the second wave shaped as the measured one: what stays for a process's
+        # life is allocated here (the allocator's arenas of the threads that run batchers and load models). Measured:
+        # resident memory grows by 50-70 MB in each of the first two waves, then holds within 20-30 MB of that
+        # through further waves of 600 requests, swaps included, with no trend
+        for promote, rounds in ((None, 1), ("v2", 3)):
+            warm, _, _ = load(server, Mix(clients=200, rounds=rounds), promote)
             assert summarize(warm)["unexpected"] == []
         reg.rollback("bot")
         assert httpx.get(server.url + "/health", timeout=60).json()["version"] == "bot@v1"
         old = slot.current
+        tensors = _live(torch.Tensor)
         baseline = _rss_mb()
         ends.clear()
 
@@ -147,7 +150,16 @@ def test_200_concurrent_clients_with_disconnects_bad_input_and_a_promotion(ws, t
         old.batcher.join(10)
         assert not old.batcher.is_alive()
         ends.clear()
+        del old, current
         after = _rss_mb()
-        assert _live_requests() == 0
+        assert _live(engine.Request) == 0
+        # exact: no tensor outlives the load, v1's weights included (v2's replace them one for one)
+        assert _live(torch.Tensor) == tensors
         print(f"resident memory: {baseline:.0f} MB after the warm-up, {after:.0f} MB after the load")
-        assert after - baseline < 32, f"memory grew by {after - baseline:.0f} MB under load"
+        # resident memory is noisier: glibc's per-thread arenas held 20-40 MB more after the load on CI machines (with
+        # no trend over further waves). The bound still catches a per-request leak worth the name: a KV cache kept
+        # for each request answered would be 114 MB
+        config = slot.current.loaded.model.config
+        kv_mb = 2 * config.num_hidden_layers * config.hidden_size * 4 * (48 + 64) / 2**20
+        assert kv_mb * 522 > 64 * 1.5
+        assert after - baseline < 64, f"memory grew by {after - baseline:.0f} MB under load"
