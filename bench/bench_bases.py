@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from common import DEFAULT_WORKSPACE, ROOT, limit_cores, result_json, stamp, stamp_rows, system_busy_s, table, write_json, write_section
+from common import parse
 
 OUT = result_json("bench_bases")
 FAQ = ROOT / "examples" / "data" / "support_faq.jsonl"
@@ -140,7 +141,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from the last JSON")
-    a = ap.parse_args()
+    a = parse(ap)
     if a.render:
         return render(json.loads(OUT.read_text(encoding="utf-8")))
     hf_home = Path(tempfile.mkdtemp(prefix="bench-bases-hf-"))

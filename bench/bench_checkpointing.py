@@ -20,6 +20,7 @@ from pathlib import Path
 
 from common import (DEFAULT_WORKSPACE, ROOT, faq_lora_plan, result_json, run_curve, stamp, stamp_rows, table, write_json,
                     write_section)
+from common import parse
 
 OUT = result_json("bench_checkpointing")
 
@@ -28,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
-    a = ap.parse_args()
+    a = parse(ap)
     from training.runs import Run
 
     runs = {}

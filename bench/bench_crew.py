@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from common import WORKSPACE, result_json, stamp, write_json, write_section
+from common import parse
 
 OUT = result_json("bench_crew")
 TARGET = 0.03
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--workspace", type=Path, default=WORKSPACE)
     ap.add_argument("--run", default=None)
     ap.add_argument("--goal", default=None)
-    a = ap.parse_args()
+    a = parse(ap)
     from training.runs import Run, all_runs, runs_dir
 
     if a.goal:

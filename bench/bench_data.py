@@ -41,7 +41,7 @@ from pathlib import Path
 
 from common import MB, RESULTS_MD, TARGET_CORES, cprofile_rows, fmt, limit_cores, machine_info, machine_rows
 from common import make_progress, peak_rss_bytes, print_report, render_tables, result_json, rss_bytes, shown_path
-from common import top_functions, write_json, write_section
+from common import begin, top_functions, write_json, write_section
 
 DEFAULT_OUT = result_json("bench_data")
 PACKAGES = ("numpy", "datasketch")  # the versions the machine table names
@@ -500,6 +500,8 @@ def main(argv=None) -> None:
                    help="subsample when datasketch is projected to take longer than this on all keys")
     p.add_argument("--profile", action="store_true", help="add a cProfile'd curate run even if the target is met")
     p.add_argument("--keep-data", type=Path, help="also keep the generated .jsonl here")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="measure on a tree with uncommitted changes (the JSON and the section then say so)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -511,6 +513,7 @@ def main(argv=None) -> None:
         return
 
     limit_cores()
+    begin(args.allow_dirty)
 
     from rich.console import Console
 

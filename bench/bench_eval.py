@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from common import result_json, stamp, write_json, write_section
+from common import parse
 
 OUT = result_json("bench_eval")
 GOAL = ("fine-tune smollm2-135m-instruct on bbc-news to classify articles by topic, accuracy at least 0.8, "
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument("--workspace", type=Path, default=None)
     ap.add_argument("--run", default=None)
     ap.add_argument("--minutes", type=float, default=8.0)
-    a = ap.parse_args()
+    a = parse(ap)
     from training.runs import Run
 
     workspace = a.workspace or Path(tempfile.mkdtemp(prefix="bench-eval-"))

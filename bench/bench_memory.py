@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from common import result_json, stamp, stamp_rows, table, verdict, write_json, write_section
+from common import parse
 
 OUT = result_json("bench_memory")
 TARGET_P50_MS = 30.0
@@ -61,7 +62,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=1_000)
     ap.add_argument("--workspace", type=Path, default=Path(tempfile.gettempdir()) / "modelcrew-bench-memory")
-    a = ap.parse_args()
+    a = parse(ap)
     from memory.store import MemoryStore
 
     shutil.rmtree(a.workspace, ignore_errors=True)

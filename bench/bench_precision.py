@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common import (DEFAULT_WORKSPACE, faq_lora_plan, result_json, run_curve, stamp, stamp_rows, table, write_json,
                     write_section)
+from common import parse
 
 OUT = result_json("bench_precision")
 PAYS_SPEED, PAYS_LOSS = 1.2, 0.01
@@ -46,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
-    a = ap.parse_args()
+    a = parse(ap)
     import torch
 
     from training.loop import train

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common import WORKSPACE, git_commit, table, verdict, write_section
+from common import parse
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--workspace", type=Path, default=WORKSPACE)
     ap.add_argument("--run", default=None)
     ap.add_argument("--steps", type=int, default=10_000)
-    a = ap.parse_args()
+    a = parse(ap)
     from training.data.store import datasets_dir
     from training.runs import Run, evaluated_runs
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from common import ROOT, WORKSPACE, result_json, stamp, stamp_rows, table, verdict, write_json, write_section
+from common import parse
 
 OUT = result_json("bench_serve")
 FAQ = ROOT / "examples" / "data" / "support_faq.jsonl"
@@ -168,7 +169,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", default="1,16,64", help="comma-separated numbers of concurrent clients (1 first)")
     ap.add_argument("--load-clients", type=int, default=200, help="clients of the load mix")
-    a = ap.parse_args()
+    a = parse(ap)
     if not (a.model / "config.json").exists():
         raise SystemExit(f"bench_serve: no model at {a.model} (run 'make demo' first, or pass --model DIR)")
     import openai

@@ -59,12 +59,113 @@ def result_json(name: str) -> Path:
 
 
 def git_commit() -> str:
+    """The short commit, marked when the tree has uncommitted changes (for the lines a bench prints)."""
+    commit, dirty = tree_state()
+    return commit[:10] + ("+uncommitted" if dirty else "")
+
+
+def tree_state() -> tuple[str, list[str]]:
+    """(HEAD's full commit, the paths with uncommitted changes), a bench's own outputs left out."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "training"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip())
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal"], cwd=ROOT, capture_output=True,
+                                text=True, check=False).stdout
     except OSError:
-        commit, dirty = "", False
-    return commit + ("+dirty(training/)" if dirty else "")
+        return "", []
+    paths = [line[3:] for line in status.splitlines() if line[3:]]
+    return commit, [p for p in paths if not (p == "bench/RESULTS.md" or p.startswith("bench/results/"))]
+
+
+# Where, when and by what the figures of this process's bench were measured: set by `begin` before measuring (or
+# by `load_json` when a section is rendered again from its JSON); `write_json` records it and `write_section`
+# ends the section with it.
+_provenance: dict | None = None
+
+
+def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """The bench's arguments, with --allow-dirty; then `begin`."""
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="measure on a tree with uncommitted changes (the JSON and the section then say so)")
+    args = ap.parse_args(argv)
+    begin(args.allow_dirty)
+    return args
+
+
+def begin(allow_dirty: bool = False) -> dict:
+    """Before measuring: refuse a tree with uncommitted changes (figures must be traceable to a commit) unless
+    `allow_dirty`, which is then printed and recorded; record the commit, the command and the machine, its matmul
+    peak included."""
+    global _provenance
+    commit, dirty = tree_state()
+    shown = ", ".join(dirty[:4]) + (f" and {len(dirty) - 4} more" if len(dirty) > 4 else "")
+    if dirty and not allow_dirty:
+        print(f"bench: uncommitted changes in {shown}: commit them first, or pass --allow-dirty (the figures then say "
+              "they were measured on an uncommitted tree)", file=sys.stderr)
+        raise SystemExit(2)
+    if dirty:
+        print(f"bench: --allow-dirty: measuring with uncommitted changes in {shown}", file=sys.stderr)
+    script = Path(sys.argv[0]).resolve()
+    command = " ".join(["python", str(shown_path(script)), *sys.argv[1:]])
+    _provenance = {"commit": commit, "dirty": dirty, "command": command, "machine": machine(),
+                   "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return _provenance
+
+
+def load_json(path: Path) -> dict:
+    """A bench's JSON, to render its section again: its provenance becomes this process's."""
+    global _provenance
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    _provenance = payload.get("provenance")
+    return payload
+
+
+def machine() -> dict:
+    """The CPU (model and matrix features), the cores this process may use and torch's threads, the GPU if any, and
+    the measured matmul peak: the physical limit each figure can be read against."""
+    import torch
+
+    out = {"cpu": cpu_model(), "nproc": os.cpu_count(), "cores_used": len(os.sched_getaffinity(0)),
+           "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "load_avg_start": round(os.getloadavg()[0], 2)}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    out["matmul_gflops"] = matmul_gflops("cuda" if torch.cuda.is_available() else "cpu")
+    return out
+
+
+def matmul_gflops(device: str = "cpu") -> dict[str, float]:
+    """GFLOP/s of one square matmul (2048 on a CPU, 8192 on a GPU) in float32 and bfloat16: best of a few after a
+    warm-up, within about a second each."""
+    import torch
+
+    n = 8192 if device == "cuda" else 2048
+    peaks = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        times: list[float] = []
+        while len(times) < 3 or (sum(times) < 1.0 and len(times) < 20):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            a @ b
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        peaks[str(dtype).removeprefix("torch.")] = round(2 * n**3 / min(times[1:]) / 1e9, 1)
+    peaks["n"] = n
+    return peaks
+
+
+def provenance_lines(p: dict | None) -> list[str]:
+    """The section's last lines: commit (and whether the tree was clean), command, machine and matmul peak."""
+    if not p:
+        return []
+    m = p["machine"]
+    tree = (f"**with uncommitted changes** in {', '.join(p['dirty'][:4])}" if p["dirty"] else "clean tree")
+    peak = m["matmul_gflops"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['cores_used']} of {m['nproc']} cores, {m['torch_threads']} torch threads"
+    return ["", f"Measured at commit `{p['commit'][:10]}` ({tree}) by `{p['command']}` on {p['date_utc'][:10]}; {where}; "
+                f"load average {m['load_avg_start']:.2f} at the start; measured matmul peak ({peak['n']}^2): "
+                f"{peak['float32']:,.0f} GFLOP/s float32, {peak['bfloat16']:,.0f} GFLOP/s bfloat16.", ""]
 
 
 def machine_info(packages: tuple[str, ...] = TORCH_PACKAGES) -> dict:
@@ -127,8 +228,8 @@ def markers(name: str) -> tuple[str, str]:
 def write_section(name: str, body: list[str], md_path: Path = RESULTS_MD) -> None:
     """Regenerate the section of `md_path` that `bench/<name>.py` owns: `body` between its markers
     (the section is appended when the file has none yet)."""
-    begin, end = markers(name)
-    update_markdown(md_path, "\n".join([begin, *body, end]), begin, end)
+    head, tail = markers(name)
+    update_markdown(md_path, "\n".join([head, *body, *provenance_lines(_provenance), tail]), head, tail)
 
 
 def update_markdown(md_path: Path, section: str, begin: str, end: str) -> None:
@@ -143,6 +244,10 @@ def update_markdown(md_path: Path, section: str, begin: str, end: str) -> None:
 
 
 def write_json(path: Path, payload: dict) -> None:
+    """`payload` with this process's provenance (see `begin`): a bench's figures never lose where they came from."""
+    if _provenance is None:
+        raise RuntimeError("a bench writes its JSON only after common.begin() (or common.parse()) recorded the commit")
+    payload = {**payload, "provenance": _provenance}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
@@ -750,6 +855,7 @@ class Comparison:
         if args.steps - 1 - args.warmup < 3:
             p.error("--steps must leave at least 3 timed steps after --warmup (and the last step)")
         limit_cores()
+        begin(args.allow_dirty)
         args.workspace.mkdir(parents=True, exist_ok=True)
         return args
 
@@ -768,7 +874,7 @@ class Comparison:
 
     def render_only(self, args) -> None:
         """The report again from `--out`, without running: the wording follows the code; the figures come from the JSON."""
-        res = json.loads(args.out.read_text(encoding="utf-8"))
+        res = load_json(args.out)
         recompute(res)
         res["analysis"] = self.analyse(res)
         self.publish(res, args)
@@ -834,6 +940,8 @@ def comparison_parser(doc: str, out: Path, steps: int, warmup: int, repeats: int
     p.add_argument("--out", type=Path, default=out)
     p.add_argument("--results-md", type=Path, default=RESULTS_MD)
     p.add_argument("--render-only", action="store_true", help="regenerate the report from --out without running")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="measure on a tree with uncommitted changes (the JSON and the section then say so)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
