@@ -41,7 +41,10 @@ ROOT = BENCH.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RESULTS_MD = BENCH / "RESULTS.md"
+# `--quick` (make bench-quick): reduced sizes, whose figures go to bench/quick/ (ignored by git), never over the real ones
+QUICK = "--quick" in sys.argv[1:]
+OUTPUT = BENCH / "quick" if QUICK else BENCH
+RESULTS_MD = OUTPUT / "RESULTS.md"
 WORKSPACE = ROOT / ".modelcrew"  # the crew's default workspace (`make demo` fills it)
 DEFAULT_WORKSPACE = Path(tempfile.gettempdir()) / "modelcrew-bench"  # bench_train.py and bench_lora.py share it
 TORCH_PACKAGES = ("torch", "transformers", "peft", "accelerate")
@@ -50,8 +53,9 @@ MB = 10**6
 
 
 def result_json(name: str) -> Path:
-    """`bench/results/<name>.json`: where a bench keeps every figure of its last run."""
-    return BENCH / "results" / f"{name}.json"
+    """`bench/results/<name>.json` (bench/quick/results/ with --quick): where a bench keeps every figure of its
+    last run."""
+    return OUTPUT / "results" / f"{name}.json"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -852,6 +856,8 @@ class Comparison:
         if args.render_only:
             self.render_only(args)
             return None
+        if args.quick:
+            args.steps, args.warmup, args.repeats, args.no_profile = 8, 2, 1, True
         if args.steps - 1 - args.warmup < 3:
             p.error("--steps must leave at least 3 timed steps after --warmup (and the last step)")
         limit_cores()
@@ -940,6 +946,7 @@ def comparison_parser(doc: str, out: Path, steps: int, warmup: int, repeats: int
     p.add_argument("--out", type=Path, default=out)
     p.add_argument("--results-md", type=Path, default=RESULTS_MD)
     p.add_argument("--render-only", action="store_true", help="regenerate the report from --out without running")
+    p.add_argument("--quick", action="store_true", help="8 steps, 1 run per side, no profile; figures under bench/quick/")
     p.add_argument("--allow-dirty", action="store_true",
                    help="measure on a tree with uncommitted changes (the JSON and the section then say so)")
     p.add_argument("--child", help=argparse.SUPPRESS)

@@ -315,16 +315,16 @@ def test_existing_run_needs_resume(ws, datasets, tiny_base):
 
 def test_nan_loss_stops_with_a_clear_message(ws, datasets, monkeypatch):
     # Inject the fault where it happens in real runs: the loss of one forward pass becomes NaN (step 5).
-    import torch.nn.functional as F
+    from training.objective import NextTokenLoss
 
-    real, calls = F.cross_entropy, {"n": 0}
+    real, calls = NextTokenLoss.forward, {"n": 0}
 
-    def poisoned(*args, **kwargs):
+    def poisoned(self, *args, **kwargs):
         calls["n"] += 1
-        loss = real(*args, **kwargs)
+        loss = real(self, *args, **kwargs)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(F, "cross_entropy", poisoned)
+    monkeypatch.setattr(NextTokenLoss, "forward", poisoned)
     plan = TrainPlan(task="pretrain", dataset=datasets["text"], size="tiny", budget=Budget(steps=12),
                      **{**TINY, "checkpoint_every": 2, "eval_every": 100})
     result = train(plan, ws, "diverge", show_progress=False)

@@ -29,7 +29,7 @@ from training.batches import BatchStream
 from training.contracts import TrainPlan
 from training.errors import InputError
 from training.models import LORA_TARGETS, check_qlora
-from training.objective import NextTokenLoss, autocast, compute_dtype, supervised_tokens
+from training.objective import CHUNK_ELEMENTS, NextTokenLoss, autocast, compute_dtype, supervised_tokens
 from training.runs import Run
 from training.setup import Distributed, prepare_run
 
@@ -143,7 +143,7 @@ def read_shapes(model, plan: TrainPlan) -> Shapes:
 
 
 def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int, bf16: bool,
-                     checkpointing: bool = False) -> tuple[float, float]:
+                     checkpointing: bool = False, fused_head: bool = True) -> tuple[float, float]:
     """Bytes held at the start of backward for one micro-batch: every layer's saved tensors and the
     output layer's. Per token and layer (counted from what autograd saves in a Llama block):
     full: each RMSNorm its input, normalised and scaled output (3h, x2), attention q, k, v and output
@@ -151,7 +151,9 @@ def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int
     (2h), attention (4h), the MLP without its frozen down projection's input (3i), and the adapters'
     inputs, dropout masks and A outputs. Under bf16 autocast (`bf16`) the residual stream and the norms'
     upcasts stay float32, the rest is bf16. Then the output layer: float32 log-probabilities of every
-    position and, at the start of backward, their gradient and the logits' gradient (3 x 4 bytes).
+    position and, at the start of backward, their gradient and the logits' gradient (3 x 4 bytes) — unless the
+    head is fused with the loss (`fused_head`, training/objective.py: no softcap, not FSDP): then one chunk of
+    float32 logits at a time, and the gradient of the hidden states kept for backward.
     With activation checkpointing each layer keeps only its float32 input, and one layer's tensors exist
     at a time while it is recomputed in backward. Returns (the layers' bytes, the output layer's bytes)."""
     h, i = shapes.hidden, shapes.intermediate
@@ -164,10 +166,14 @@ def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int
         per_token = 2 * h * 4 + 4 * h * low + 3 * i * low + shapes.adapter_inputs * 4 / shapes.layers
         final = h * 4
     scores = 0 if shapes.fused_attention else shapes.heads * seq_len * 4  # eager attention keeps its softmax
-    logits = (3 + shapes.softcap) * 4 * shapes.vocab
+    if fused_head and not shapes.softcap:
+        # a chunk's float32 logits and, measured (tests/test_estimate.py), about as much again that the allocator holds
+        head = tokens * h * 4 + min(CHUNK_ELEMENTS, tokens * shapes.vocab) * (10 + (2 if bf16 else 0))
+    else:
+        head = tokens * (3 + shapes.softcap) * 4 * shapes.vocab
     if checkpointing:
-        return tokens * (shapes.layers * h * 4 + per_token + scores + final), tokens * logits
-    return tokens * (shapes.layers * (per_token + scores) + final), tokens * logits
+        return tokens * (shapes.layers * h * 4 + per_token + scores + final), head
+    return tokens * (shapes.layers * (per_token + scores) + final), head
 
 
 def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_batch: int, seq_len: int,
@@ -194,7 +200,7 @@ def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_bat
         weights, gradients, optimizer = weights / devices + 2 * unit, gradients / devices + unit, optimizer / devices
     per_device = math.ceil(micro_batch / devices)
     layers, logits = activation_bytes(shapes, "full" if method == "full" else "lora", per_device, seq_len, bf16,
-                                      checkpointing)
+                                      checkpointing, fused_head=layout != "fsdp")
     if method == "full":  # the embedding's lookup has its own dense gradient, added to the output layer's
         gradients += 4 * shapes.vocab * shapes.hidden
     if not cuda:  # glibc keeps freed heap chunks resident; it maps (and unmaps) chunks of 32 MB and more itself

@@ -7,6 +7,11 @@ runs the decoder, keeps the hidden states of supervised positions, and applies t
 those alone: the same loss as `model(**batch).loss`, for less compute and memory. It is an
 `nn.Module`, so DDP and `torch.compile` wrap it like the model itself.
 
+The loss itself is taken chunk by chunk (`chunked_linear_cross_entropy`): a chunk of positions gets its logits,
+their log-sum-exp and, when training, its gradients at once, so the full [positions, vocabulary] float32 logits,
+their log-softmax and its gradient (three copies, 200 MB each for 1,000 SmolLM2 answer tokens; a chunk is 64 MB, large enough that the output layer's weight is read a few times, not dozens) never exist at the
+same time; the matmuls are the same.
+
 Packed pretraining windows supervise every position and have no padding: there `packed=True` skips
 the selection (a data-dependent shape, which would force a host sync and a graph break under
 `torch.compile`) and the attention mask (so SDPA takes its causal flash kernel).
@@ -41,7 +46,18 @@ class NextTokenLoss(torch.nn.Module):
             hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             keep = labels[:, 1:] != IGNORE
             hidden, targets = hidden[:, :-1][keep], labels[:, 1:][keep]
-        return F.cross_entropy(self.logits(hidden).flatten(0, -2), targets, ignore_index=IGNORE, reduction="sum")
+        hidden = hidden.flatten(0, -2)
+        if self.fusable():
+            return chunked_linear_cross_entropy(hidden, self.head.weight, targets)
+        return F.cross_entropy(self.logits(hidden), targets, ignore_index=IGNORE, reduction="sum")
+
+    def fusable(self) -> bool:
+        """A plain output layer (no bias, no logit softcap, not sharded by FSDP, not quantized) can be fused."""
+        from torch.distributed.tensor import DTensor
+
+        head = self.head
+        return (type(head) is torch.nn.Linear and head.bias is None and not self.softcap
+                and not isinstance(head.weight, DTensor))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()
@@ -55,6 +71,60 @@ class NextTokenLoss(torch.nn.Module):
         rows = keep.nonzero()[:, 0]
         sums = torch.zeros(len(input_ids), device=losses.device, dtype=losses.dtype).index_add_(0, rows, losses)
         return sums, keep.sum(1)
+
+
+CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MB of float32 (341 positions of SmolLM2's 49,152-entry vocabulary)
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """sum(cross_entropy(hidden @ weight.T, targets)) over positions whose target is not IGNORE, in float32,
+    computed in chunks of positions. With gradients on, each chunk's gradients w.r.t. `hidden` and `weight` are
+    made in the forward (softmax - one-hot, times the operands), so backward only scales them."""
+    rows = max(16, chunk_elements // weight.shape[0])
+    need = (hidden.requires_grad, weight.requires_grad) if torch.is_grad_enabled() else (False, False)
+    return _ChunkedLinearCE.apply(hidden, weight, targets, rows, need)
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, rows, need):
+        device = hidden.device.type
+        # the matmuls in autocast's dtype when it is on (as the unfused head would run), the softmax in float32
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            grad_h = torch.empty_like(hidden) if need[0] else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, len(hidden), rows):
+                h, t = hidden[start:start + rows].to(dtype), targets[start:start + rows]
+                logits = (h @ w.T).float()
+                valid = t != IGNORE
+                picked = t.clamp_min(0).unsqueeze(1)
+                target_logit = logits.gather(1, picked).squeeze(1)
+                # log-sum-exp in place: the chunk's logits become exp(logit - max), then the softmax (its gradient)
+                top = logits.amax(-1, keepdim=True)
+                total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+                loss += ((top + total.log()).squeeze(1) - target_logit).mul_(valid).sum()
+                if need[0] or need[1]:
+                    g = logits.div_(total)
+                    g.scatter_add_(1, picked, torch.full(picked.shape, -1.0, device=g.device))
+                    g.mul_(valid.unsqueeze(1))
+                    if need[0]:
+                        grad_h[start:start + rows] = g.to(dtype) @ w
+                    if need[1]:
+                        grad_w.addmm_(g.T, h.float())
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
+        ctx.need, ctx.weight_dtype = need, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        grad_h = next(saved) * grad_loss if ctx.need[0] else None
+        grad_w = (next(saved) * grad_loss).to(ctx.weight_dtype) if ctx.need[1] else None
+        return grad_h, grad_w, None, None, None
 
 
 def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
