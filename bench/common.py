@@ -783,14 +783,14 @@ def render_profile(prof: dict | None, what: str, threads: int | None = None) -> 
                   f"CPU time / wall {util:.2f})"), "",
                   "| part | s per step | share |", "|---|---|---|"]
         for r in prof["split"]:
-            lines.append(f"| {r['part']} | {r['seconds'] / n:.3f} | {100 * r['seconds'] / secs:.0f}% |")
+            lines.append(f"| {r['part']} | {r['seconds_per_step']:.3f} | {100 * r['seconds'] / secs:.0f}% |")
         lines.append("")
     if prof.get("torch_ops"):
         ts = prof.get("torch_profile_seconds", 0.0)
         lines += [f"### Top operators in our {what} steps (torch profiler over the next {n} steps, {ts:.1f} s, own CPU time)", "",
                   "| operator | calls | own s per step | share of wall |", "|---|---|---|---|"]
         for r in prof["torch_ops"][:12]:
-            lines.append(f"| `{r['op']}` | {fmt(r['calls'])} | {r['self_cpu_s'] / n:.3f} | {100 * r['self_cpu_s'] / max(ts, 1e-9):.0f}% |")
+            lines.append(f"| `{r['op']}` | {fmt(r['calls'])} | {r['self_cpu_s_per_step']:.3f} | {100 * r['self_cpu_s'] / max(ts, 1e-9):.0f}% |")
         lines.append("")
     if prof.get("by_own_time"):
         lines += ["### Python functions by own time (same cProfile window)", "", "| function | calls | own s | cum s |", "|---|---|---|---|"]
@@ -844,6 +844,7 @@ class Comparison:
     intro: Callable[[dict, Path], str]  # (workload, JSON path shown) -> how the section was generated
     report_rows: Callable[[dict], list]
     analyse: Callable[[dict], list[str]]
+    summary: Callable[[dict], list[dict]]  # the rows of `make bench`'s table: target, figure, met
 
     def start(self, p: argparse.ArgumentParser, argv, prep: Callable, ours: Callable, baseline: Callable):
         """Parse the command line. In a child (`prep`, `ours`, `baseline` or a profiled `ours`), or with
@@ -882,12 +883,15 @@ class Comparison:
         """The report again from `--out`, without running: the wording follows the code; the figures come from the JSON."""
         res = load_json(args.out)
         recompute(res)
+        if res.get("profile"):
+            per_step(res["profile"])
         res["analysis"] = self.analyse(res)
         self.publish(res, args)
 
     def finish(self, res: dict, runs: dict, args, console) -> None:
         """The analysis, the raw runs (less their checksums) and the load at the end into `res`; `--out`, the report."""
         res["analysis"] = self.analyse(res)
+        res["summary"] = self.summary(res)
         for kind in ("ours", "baseline"):
             for r in runs[kind]:
                 r.pop("checksums", None)
@@ -1019,7 +1023,18 @@ def profiled_run(script: Path, spec: dict, start: int, steps: int, quiet_wait_s:
     prof_spec = {**spec, "run_id": f"{run_prefix}-profile-{os.getpid()}", "steps": start + 2 * steps + 1,
                  "profile_start": start, "profile_steps": steps}
     wait_for_quiet(quiet_wait_s, spec["threads"], "waiting for idle cores before the profiled run")
-    return run_child(script, "profile", prof_spec, f"profiled run of ours ({prof_spec['steps']} steps, not timed)")["profile"]
+    prof = run_child(script, "profile", prof_spec, f"profiled run of ours ({prof_spec['steps']} steps, not timed)")["profile"]
+    per_step(prof)
+    return prof
+
+
+def per_step(prof: dict) -> None:
+    """The profile's figures per step, as the section shows them (stored, so the JSON holds every figure shown)."""
+    n = prof["steps"]
+    for r in prof.get("split", []):
+        r["seconds_per_step"] = round(r["seconds"] / n, 3)
+    for r in prof.get("torch_ops", []):
+        r["self_cpu_s_per_step"] = round(r["self_cpu_s"] / n, 3)
 
 
 def compare(runs: dict[str, list], warmup: int, last: int, threads: int, min_quiet: int, identical: bool | None = None) -> dict:
@@ -1105,7 +1120,7 @@ def workload_rows(res: dict, base_name: str) -> list[tuple[str, str]]:
     return [
         ("steps per run / timed steps", f"{w['steps']} / {w['warmup'] + 1}-{w['steps'] - 1} (first {w['warmup']} are warm-up; the last is left out)"),
         ("runs per side (interleaved)", str(w["repeats"])),
-        ("optimizer", f"AdamW betas (0.9, 0.95), wd {w['weight_decay']}, clip {w['grad_clip']}, lr {w['lr']}, warmup {w['warmup_steps']}, cosine to {w['min_lr_ratio']:g}x"),
+        ("optimizer", f"AdamW betas ({w['betas'][0]}, {w['betas'][1]}), wd {w['weight_decay']}, clip {w['grad_clip']}, lr {w['lr']}, warmup {w['warmup_steps']}, cosine to {w['min_lr_ratio']:g}x"),
         (f"optimizer implementation: ours / {base_name}", f"{ours_optimizer(res)} / {res['baseline_optim']}"),
         (f"loss: ours / {base_name}", f"{ours_objective(res)} / model(**inputs) (output layer on every position)"),
         ("identical batches (checksums of every batch)", "yes" if c["identical_batches"] else "NO"),
