@@ -153,8 +153,8 @@ def test_200_concurrent_clients_with_disconnects_bad_input_and_a_promotion(ws, t
         del old, current
         after = _rss_mb()
         assert _live(engine.Request) == 0
-        # exact: no tensor outlives the load, v1's weights included (v2's replace them one for one)
-        assert _live(torch.Tensor) == tensors
+        # exact: no tensor outlives the load, v1's weights included (CI saw 7 fewer after it than before: warm-up leftovers freed)
+        assert _live(torch.Tensor) <= tensors
         print(f"resident memory: {baseline:.0f} MB after the warm-up, {after:.0f} MB after the load")
         # resident memory is noisier: glibc's per-thread arenas held 20-40 MB more after the load on CI machines (with
         # no trend over further waves). The bound still catches a per-request leak worth the name: a KV cache kept
