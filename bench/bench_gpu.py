@@ -3,7 +3,9 @@
     # here (CPU): curate bbc-news and train the 50k BPE tokenizer once, into a folder the GPU run carries
     .venv/bin/python bench/bench_gpu.py prepare [--dir bench/.gpu]
     # on the GPU machine: every configuration in its own subprocess, then the report
-    python3 bench/bench_gpu.py run [--dir bench/.gpu] [--steps 50] [--warmup 15] [--micro 16,32]
+    python3 bench/bench_gpu.py run [--dir bench/.gpu] [--steps 50] [--warmup 15] [--micro 16,32] [--profile]
+    # anywhere: the section again from bench/results/bench_gpu.json, with what bounds the run (from its kernel profile)
+    .venv/bin/python bench/bench_gpu.py --render-only
 
 What is measured, per configuration (each a fresh process, so CUDA's peak-memory counter is its own):
 
@@ -20,7 +22,7 @@ What is measured, per configuration (each a fresh process, so CUDA's peak-memory
   output layer counted once; L layers, d width, T sequence length). The same run also times a large
   bf16 matmul, the practical ceiling, and reports MFU against it too.
 
-Writes `bench/results/bench_gpu.json` and the bench_gpu section of `bench/RESULTS.md`.
+Writes `bench/results/bench_gpu.json` and the bench_gpu section of `bench/RESULTS.md`. Without a GPU, `run` exits 2.
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from common import BENCH, fresh_run, git_commit, result_json, write_json, write_section
+from common import BENCH, ROOT, begin, fresh_run, load_json, markers, provenance_lines, result_json, update_markdown, write_json
+from common import RESULTS_MD
 
 DEFAULT_DIR = BENCH / ".gpu"
 OUT = result_json("bench_gpu")
 TARGET_MFU = 0.45
 SEQ_LEN = 1024
+MODEL = {"layers": 12, "d": 768, "ffn": 3072}  # the `124m` size (training.models), as the FLOPs formula counts it
+MATMUL_N = 8192
 # Dense bf16 peak by card name (datasheets, no sparsity).
 PEAK_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 SXM": 989.4e12, "H100 PCIe": 756.0e12, "H200": 989.4e12,
              "A100": 312.0e12}
@@ -72,7 +77,7 @@ def matmul_ceiling() -> float:
     """bf16 FLOP/s of an 8192^3 matmul on random data (median of 20 after warm-up)."""
     import torch
 
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    a, b = (torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
     times = []
@@ -83,7 +88,7 @@ def matmul_ceiling() -> float:
         stop.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(stop) / 1e3)
-    return 2 * 8192**3 / sorted(times)[len(times) // 2]
+    return 2 * MATMUL_N**3 / sorted(times)[len(times) // 2]
 
 
 def child_ours(spec: dict) -> dict:
@@ -181,22 +186,25 @@ def child_trainer(spec: dict) -> dict:
 def summarise(res: dict, warmup: int, peak: float | None, ceiling: float) -> dict:
     steady = res["step_s"][warmup:-1]
     tokens_per_s = res["micro"] * SEQ_LEN * len(steady) / sum(steady)
-    flops_per_token = 6 * res["params"] + 12 * 12 * 768 * SEQ_LEN
+    flops_per_token = 6 * res["params"] + 12 * MODEL["layers"] * MODEL["d"] * SEQ_LEN
     achieved = tokens_per_s * flops_per_token
     return {"tokens_per_s": tokens_per_s, "tflops": achieved / 1e12, "mfu": achieved / peak if peak else None,
             "of_ceiling": achieved / ceiling, "steady_steps": len(steady), "first_step_s": res["step_s"][0]}
 
 
 def run(work: Path, steps: int, warmup: int, micros: list[int], sides: list[str], compile_modes: list[bool],
-        profile: bool = False) -> None:
+        profile: bool = False, allow_dirty: bool = False) -> None:
     import torch
 
+    provenance = begin(allow_dirty)
+    if not provenance["commit"] and os.environ.get("ENGINE_COMMIT"):  # a copy of the tree without its .git
+        provenance["commit"] = os.environ["ENGINE_COMMIT"]
     name = torch.cuda.get_device_name()
     peak, ceiling = peak_flops(name), matmul_ceiling()
     dataset = (work / "dataset.txt").read_text().strip()
     configs = [(side, micro, comp) for comp in compile_modes for micro in micros for side in sides]
     out = {"device": name, "peak_bf16_flops": peak, "matmul_ceiling_flops": ceiling, "torch": torch.__version__,
-           "steps": steps, "warmup": warmup, "seq_len": SEQ_LEN, "commit": os.environ.get("ENGINE_COMMIT") or git_commit(),
+           "steps": steps, "warmup": warmup, "seq_len": SEQ_LEN, "commit": provenance["commit"][:10],
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "platform": platform.platform(),
            "results": []}
     for side, micro, comp in configs:
@@ -225,18 +233,69 @@ def save(out: dict) -> None:
         shutil.copy(OUT, Path(os.environ["OUT"]) / OUT.name)
 
 
-def render(out: dict) -> None:
+def derived(out: dict) -> dict:
+    """What the section shows beyond the raw measurements, computed from them and kept in the JSON with them: the
+    settings, the target, the card's peaks in TFLOP/s, what bounds the run (`bounds`) and the summary row."""
     ok = [r for r in out["results"] if "error" not in r]
+    best = max((r for r in ok if r["side"] == "ours"), key=lambda r: r["tokens_per_s"], default=None)
+    return {"model": MODEL, "flops_formula": "6N + 12 L d T", "day": out["date"][:10],  # as the provenance line shows it "target_mfu": TARGET_MFU, "matmul_n": MATMUL_N,
+            "peak_bf16_tflops": (out["peak_bf16_flops"] or 0) / 1e12, "matmul_ceiling_tflops": out["matmul_ceiling_flops"] / 1e12,
+            "bounds": [bounds(out, r) for r in ok if r["side"] == "ours" and r.get("profile")],
+            "vs_trainer": [vs_trainer(ok, r) for r in ok if r["side"] == "ours" and vs_trainer(ok, r)],
+            "summary": [{"target": f"124M pretraining on a GPU: MFU >= {TARGET_MFU:.0%} of the card's dense bf16 peak",
+                         "figure": (f"{(best['mfu'] or 0):.1%} (micro-batch {best['micro']}, {best['tokens_per_s']:,.0f} tokens/s)"
+                                    if best else "no run of ours completed"),
+                         "met": bool(best and (best["mfu"] or 0) >= TARGET_MFU)}]}
+
+
+def vs_trainer(ok: list[dict], r: dict) -> dict | None:
+    base = next((b for b in ok if b["side"] == "trainer" and b["micro"] == r["micro"] and b["compile"] == r["compile"]), None)
+    return base and {"micro": r["micro"], "compile": r["compile"], "tokens_per_s_ratio": r["tokens_per_s"] / base["tokens_per_s"],
+                     "peak_memory_ratio": r["peak_mb"] / base["peak_mb"]}
+
+
+def bounds(out: dict, r: dict) -> dict:
+    """Where one profiled step of ours goes, from the kernel profile's operators (device time under each): the matrix
+    products (`aten::mm`) against the 6N FLOPs they compute, attention (cuDNN's fused kernels) against its 12 L d T
+    FLOPs, and the rest of the measured step (mostly the kernels torch.compile generated around them)."""
+    top = r["profile"]["top"]
+    op = lambda name: sum(e["ms_per_step"] for e in top if e["name"] == name)  # noqa: E731
+    tokens = r["micro"] * out["seq_len"]
+    step_ms = 1e3 * tokens / r["tokens_per_s"]
+    matmul_tflop = 6 * r["params"] * tokens / 1e12
+    attention_tflop = 12 * MODEL["layers"] * MODEL["d"] * out["seq_len"] * tokens / 1e12
+    mm_ms = op("aten::mm")
+    attention_ms = op("aten::_cudnn_attention_forward") + op("aten::_cudnn_attention_backward")
+    rest_ms = step_ms - mm_ms - attention_ms
+    seen, generated = set(), []
+    for e in top:  # the largest kernels torch.compile generated (the profile lists some twice)
+        if e["name"].startswith("triton_") and e["name"] not in seen:
+            seen.add(e["name"])
+            generated.append({"name": e["name"], "ms_per_step": e["ms_per_step"]})
+    return {"micro": r["micro"], "compile": r["compile"], "step_ms": step_ms, "model_tflop": matmul_tflop + attention_tflop,
+            "matmul_ms": mm_ms, "matmul_tflop": matmul_tflop, "matmul_tflops": matmul_tflop / (mm_ms / 1e3),
+            "matmul_of_ceiling": matmul_tflop / (mm_ms / 1e3) / (out["matmul_ceiling_flops"] / 1e12),
+            "attention_ms": attention_ms, "attention_step_share": attention_ms / step_ms,
+            "attention_flop_share": attention_tflop / (matmul_tflop + attention_tflop),
+            "rest_ms": rest_ms, "rest_step_share": rest_ms / step_ms, "largest_generated": generated[:3]}
+
+
+def render(out: dict) -> None:
+    """The section from `out` (as in the JSON), whose derived figures are written back into the JSON first."""
+    out.update(derived(out))
+    save(out)
+    ok = [r for r in out["results"] if "error" not in r]
+    m = out["model"]
     lines = ["", "## 124M pretraining on a GPU, bf16 (`bench/bench_gpu.py`)", "",
              f"Generated by `bench/bench_gpu.py run --steps {out['steps']} --warmup {out['warmup']}` from "
-             "`bench/results/bench_gpu.json`. Model: the `124m` Llama (12 layers, d 768, SwiGLU 3072, tied embeddings), "
+             f"`bench/results/bench_gpu.json`. Model: the `124m` Llama ({m['layers']} layers, d {m['d']}, SwiGLU {m['ffn']}, tied embeddings), "
              f"seq_len {out['seq_len']}, packed bbc-news windows, bf16 autocast, fused AdamW, no gradient accumulation. "
              "Each row is a fresh process; tokens/s over the steady steps (warm-up and compilation excluded). "
-             "MFU = tokens/s x (6N + 12 L d T) / peak dense bf16 of the card.", "",
+             f"MFU = tokens/s x ({out['flops_formula']}) / peak dense bf16 of the card.", "",
              "| measure | value |", "|---|---|",
              f"| device | {out['device']} |", f"| torch | {out['torch']} |",
-             f"| peak bf16 (datasheet, dense) | {(out['peak_bf16_flops'] or 0) / 1e12:.0f} TFLOP/s |",
-             f"| measured 8192^3 bf16 matmul (same run) | {out['matmul_ceiling_flops'] / 1e12:.0f} TFLOP/s |",
+             f"| peak bf16 (datasheet, dense) | {out['peak_bf16_tflops']:.0f} TFLOP/s |",
+             f"| measured {out['matmul_n']}^3 bf16 matmul (same run) | {out['matmul_ceiling_tflops']:.0f} TFLOP/s |",
              f"| engine commit | {out['commit']} |", f"| date (UTC) | {out['date']} |", "",
              "| side | micro-batch | compile | tokens/s | TFLOP/s | MFU (datasheet) | of measured matmul | peak GPU memory | first step |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -248,22 +307,76 @@ def render(out: dict) -> None:
             lines.append(f"| {r['side']} | {r['micro']} | {r['compile']} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||")
     best = max((r for r in ok if r["side"] == "ours"), key=lambda r: r["tokens_per_s"], default=None)
     if best:
-        lines += ["", f"Target: MFU >= {TARGET_MFU:.0%} on an H100. Best of ours: {(best['mfu'] or 0):.1%} "
+        lines += ["", f"Target: MFU >= {out['target_mfu']:.0%} on an H100. Best of ours: {(best['mfu'] or 0):.1%} "
                   f"(micro-batch {best['micro']}, compile {best['compile']}) -> "
-                  f"{'MET' if (best['mfu'] or 0) >= TARGET_MFU else 'MISSED by %.1f points' % (100 * (TARGET_MFU - (best['mfu'] or 0)))}."]
-        for r in ok:
-            base = next((b for b in ok if b["side"] == "trainer" and b["micro"] == r["micro"] and b["compile"] == r["compile"]), None)
-            if r["side"] == "ours" and base:
-                lines.append(f"- micro-batch {r['micro']}, compile {r['compile']}: ours / Trainer tokens/s = "
-                             f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x, peak memory {r['peak_mb'] / base['peak_mb']:.2f}x")
+                  f"{'MET' if (best['mfu'] or 0) >= out['target_mfu'] else 'MISSED by %.1f points' % (100 * (out['target_mfu'] - (best['mfu'] or 0)))}."]
+        lines += [f"- micro-batch {v['micro']}, compile {v['compile']}: ours / Trainer tokens/s = {v['tokens_per_s_ratio']:.2f}x, "
+                  f"peak memory {v['peak_memory_ratio']:.2f}x" for v in out["vs_trainer"]]
+    if out["bounds"]:
+        lines += ["", "### What bounds the run (from the kernel profile of ours, in the JSON)", "",
+                  "The profiler's steady steps of ours, device time per step under each operator, against the measured step "
+                  "and the FLOPs the formula above counts: the matrix products (`aten::mm`) compute the 6N term, cuDNN's fused "
+                  "attention the 12 L d T term; the rest of the step is everything else (the largest of it: the kernels "
+                  "`torch.compile` generated for SwiGLU, RoPE, RMSNorm and the log-softmax over the vocabulary).", "",
+                  "| micro-batch | measured step | model FLOPs | matrix products: time, rate (of the measured matmul) | "
+                  "attention: time (share of the step / of the FLOPs) | the rest: time (share of the step) | its largest generated kernels |",
+                  "|---|---|---|---|---|---|---|"]
+        for b in out["bounds"]:
+            kernels = ", ".join(f"`{k['name'][:48]}` {k['ms_per_step']:.1f} ms" for k in b["largest_generated"])
+            lines.append(f"| {b['micro']} | {b['step_ms']:.1f} ms | {b['model_tflop']:.1f} TFLOP | {b['matmul_ms']:.1f} ms for "
+                         f"{b['matmul_tflop']:.1f} TFLOP: {b['matmul_tflops']:.0f} TFLOP/s ({b['matmul_of_ceiling']:.0%}) | "
+                         f"{b['attention_ms']:.1f} ms ({b['attention_step_share']:.0%} / {b['attention_flop_share']:.0%}) | "
+                         f"{b['rest_ms']:.1f} ms ({b['rest_step_share']:.0%}) | {kernels} |")
+        lines += ["", "The matrix products run near the card's measured matmul rate: the gap to the target is in attention and "
+                  "in the rest of the step, the kernels around the products. (Engine changes after the run's commit are "
+                  "not in these figures.)"]
     lines.append("")
-    write_section("bench_gpu", lines)
+    head, tail = markers("bench_gpu")
+    update_markdown(RESULTS_MD, "\n".join([head, *lines, *gpu_provenance_lines(out["provenance"]), tail]), head, tail)
     print("\n".join(line for line in lines if line.startswith(("|", "-", "Target"))))
+
+
+def gpu_provenance_lines(p: dict) -> list[str]:
+    """common's provenance line, or, for a run recorded before `common.begin` existed, the line of what it recorded."""
+    if not p.get("reconstructed"):
+        return provenance_lines(p)
+    tree = f"**with uncommitted changes** in {', '.join(p['dirty'][:4])}" if p["dirty"] else "clean tree"
+    peak = p["machine"]["matmul_gflops"]
+    return ["", f"Measured at commit `{p['commit'][:10]}` ({tree}) by `{p['command']}` on {p['date_utc'][:10]}; "
+                f"{p['machine']['gpu']}; measured matmul peak ({peak['n']}^2): {peak['bfloat16']:,.0f} GFLOP/s bfloat16 "
+                f"(no float32 peak nor load average recorded). {p['reconstructed']}", ""]
+
+
+def reconstruct_provenance(out: dict) -> dict:
+    """The provenance of a run recorded before `common.begin` existed, rebuilt from its own record: its commit (expanded
+    by git), the device, the matmul ceiling it measured, the date and the settings its command had."""
+    short = out["commit"].split("+")[0]
+    full = subprocess.run(["git", "rev-parse", short], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    results = [r for r in out["results"] if "error" not in r]
+    micros = ",".join(str(m) for m in dict.fromkeys(r["micro"] for r in results))
+    compiles = ",".join(str(int(c)) for c in dict.fromkeys(r["compile"] for r in results))
+    command = (f"python bench/bench_gpu.py run --steps {out['steps']} --warmup {out['warmup']} --micro {micros} "
+               f"--compile {compiles}" + (" --profile" if any(r.get("profile") for r in results) else ""))
+    return {"commit": full, "dirty": [] if out["commit"] == short else ["(the run recorded its tree as uncommitted)"],
+            "command": command, "date_utc": out["date"],
+            "machine": {"cpu": f"not recorded (the GPU machine: {out['platform']})", "gpu": out["device"], "torch": out["torch"],
+                        "matmul_gflops": {"bfloat16": round(out["matmul_ceiling_flops"] / 1e9, 1), "n": MATMUL_N}},
+            "reconstructed": "Provenance reconstructed from the run's own record (commit, date, device, matmul ceiling, "
+                             "settings), which predates the provenance the benches now record."}
+
+
+def render_only() -> None:
+    out = json.loads(OUT.read_text(encoding="utf-8"))
+    if not out.get("provenance"):
+        out["provenance"] = reconstruct_provenance(out)
+        OUT.write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
+    render(load_json(OUT))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap.add_argument("--render-only", action="store_true", help="regenerate the section from bench/results/bench_gpu.json")
+    sub = ap.add_subparsers(dest="cmd")
     p = sub.add_parser("prepare")
     p.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     r = sub.add_parser("run")
@@ -274,21 +387,28 @@ def main() -> None:
     r.add_argument("--sides", default="ours,trainer")
     r.add_argument("--compile", default="1", help="comma list of 1/0")
     r.add_argument("--profile", action="store_true", help="profile 5 steady steps of ours (their kernels, by device time)")
+    r.add_argument("--allow-dirty", action="store_true", help="measure on a tree with uncommitted changes (recorded)")
     c = sub.add_parser("child")
     c.add_argument("spec")
-    sub.add_parser("render")
     a = ap.parse_args()
+    if a.render_only:
+        return render_only()
     if a.cmd == "prepare":
-        prepare(a.dir)
-    elif a.cmd == "run":
+        return prepare(a.dir)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_gpu: needs a CUDA GPU (none here); `--render-only` regenerates the section from its JSON", file=sys.stderr)
+        raise SystemExit(2)
+    if a.cmd == "run":
         run(a.dir, a.steps, a.warmup, [int(m) for m in a.micro.split(",")], a.sides.split(","),
-            [c == "1" for c in a.compile.split(",")], a.profile)
-    elif a.cmd == "render":
-        render(json.loads(OUT.read_text()))
-    else:
+            [c == "1" for c in a.compile.split(",")], a.profile, a.allow_dirty)
+    elif a.cmd == "child":
         spec = json.loads(a.spec)
         res = (child_ours if spec["side"] == "ours" else child_trainer)(spec)
         print(json.dumps(res))
+    else:
+        ap.error("a command: prepare, run, or --render-only")
 
 
 if __name__ == "__main__":
