@@ -31,6 +31,7 @@ FAQ = ROOT / "examples" / "data" / "support_faq.jsonl"
 HUB_TINY = "tiny-org/tiny-llama"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 THREADS = 2
+TINY = {"layers": 2, "width": 64}  # the hub-layout Llama written here
 
 
 def write_hub_cache(hf_home: Path) -> None:
@@ -46,7 +47,8 @@ def write_hub_cache(hf_home: Path) -> None:
     rows = [json.loads(line) for line in FAQ.read_text(encoding="utf-8").splitlines()]
     tokenizer = train_bpe([f"{r['question']} {r['answer']}" for r in rows], 1024)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=TINY["width"], intermediate_size=4 * TINY["width"],
+                         num_hidden_layers=TINY["layers"],
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
@@ -159,7 +161,7 @@ def main() -> None:
     write_hub_cache(hf_home)
     bases = [bench_base(name, a.workspace, a) for name in ("smollm2-135m-instruct", "gemma3-270m", HUB_TINY)]
     out = {"bases": bases, "batch": a.batch, "seq_len": a.seq_len, "warmup": a.warmup, "steps": a.steps, "full_steps": a.full_steps,
-           "threads": THREADS, "lora_rank": 8, "load_avg_start": load_start, "wall_s": time.perf_counter() - started, **stamp()}
+           "threads": THREADS, "lora_rank": 8, "hub_tiny": TINY, "load_avg_start": load_start, "wall_s": time.perf_counter() - started, **stamp()}
     for b in bases:  # what the table shows of each, kept with the timings it comes from
         lo, fu = b["lora"]["median_s"], b["full"]["median_s"]
         b["shown"] = {"params_m": b["params"] / 1e6, "lora_tokens_per_s": b["tokens_per_step"] / lo,
@@ -188,7 +190,8 @@ def render(out: dict) -> None:
              f"seq_len {out['seq_len']} tokens of the example FAQ in the base's chat template (as plain text for a base without one), {out['warmup']} warm-up step then "
              f"{out['steps']} timed, {threads} torch threads; median step. Baseline in the same run: the same step with every "
              f"weight trainable (full fine-tune; {out['full_steps']} timed after the warm-up). The embedded bases are **dequantized from their 4-bit GGUF** "
-             f"(SmolLM2 Q4_1, Gemma 3 Q4_K_M), not the original bf16 weights; `{HUB_TINY}` is a 2-layer, 64-wide Llama "
+             f"(SmolLM2 Q4_1, Gemma 3 Q4_K_M), not the original bf16 weights; `{HUB_TINY}` is a {out['hub_tiny']['layers']}-layer, "
+             f"{out['hub_tiny']['width']}-wide Llama "
              "written into a hub-layout cache by the bench, there to time resolution and the real code path, not a model "
              "anyone would train: its step is mostly fixed overhead, so LoRA saves little there.", "",
              "| base | origin | parameters (vocab) | resolve / load | LoRA step (tokens/s) | full step (tokens/s) | full / LoRA step | other cores busy |",
