@@ -16,7 +16,10 @@ judgement. This file is the graph; the rules are in loop_policy.
   perplexity on them is well above the value it was deployed with), a schedule, or `loop trigger`.
 - A round's data: every new record, every earlier evaluation record (the hash-based split puts each record
   in the same split every time, so the evaluation set only grows), and a `replay` share of earlier
-  training records. Training starts from production's weights (warm start) with the config memory recommends.
+  training records. Training starts from production's weights (warm start).
+- A round's plan: the first from memory's best config on similar data (or the defaults); later ones take the
+  learning rate from this loop's own earlier rounds (`loop_state.earlier_rounds`), with memory on or off: the next
+  rate after a miss, the rate that passed once one has (`training.plan_from_goal.lr_from_rounds`).
 - Records whose candidate came out worse than production (or restated evaluation records) are quarantined:
   remembered as seen, never replayed or evaluated on. A candidate that merely missed the goal's target
   leaves its records in use.
@@ -37,8 +40,8 @@ from pathlib import Path
 from crewai.flow.flow import Flow, listen, or_, router, start
 
 from crews import loop_policy as policy
-from crews.loop_state import (LoopLock, LoopSettings, LoopState, Round, clear, load_state, now, pending, read_pool,
-                              save_state)
+from crews.loop_state import (LoopLock, LoopSettings, LoopState, Round, clear, earlier_rounds, load_state, now, pending,
+                              read_pool, save_state)
 from llm.env import quiet_crewai
 from training.contracts import Goal
 from training.errors import InputError, ModelcrewError
@@ -78,6 +81,7 @@ class RetrainingLoop(Flow[LoopState]):
             s = self.state.settings
             self._context = RunContext(self._ws, policy.round_goal(self._ws, self.state, r), s.goal_text, r.run_id,
                                        author=s.llm or "offline", use_memory=s.use_memory,
+                                       earlier=earlier_rounds(self._ws, self.state),
                                        related=[x.dataset for x in self.state.rounds if x.dataset]).resume()
         if self._context.summary is None and r.dataset:  # curated before an interruption
             self._context.summary = load_summary(self._ws, r.dataset)

@@ -53,7 +53,9 @@ class LoopSettings(BaseModel):
     rollback_margin: float = Field(0.05, ge=0.0, le=1.0, description=(
         "roll back when production's perplexity on the newest records is this much above the previous version's"))
     max_retries: int = Field(2, ge=0, le=10, description="retries of a failing step before its round is given up")
-    use_memory: bool = Field(True, description="False: the trainer ignores earlier runs (the memory benchmark's baseline)")
+    use_memory: bool = Field(True, description=(
+        "False: the trainer plans without memory's runs of other loops and datasets (the memory benchmark's baseline); "
+        "the loop's own earlier rounds guide its plan either way"))
     llm: str | None = None
     base_url: str | None = None
 
@@ -107,6 +109,15 @@ class LoopState(BaseModel):
     last_check_at: str | None = None
     last_round_at: str | None = None
     recheck: bool = False  # check again at once (after a rollback)
+
+
+def earlier_rounds(workspace: Path, state: LoopState) -> list[tuple[float, bool]]:
+    """(learning rate, passed its gate) of each finished round that trained and was judged, oldest first: what the
+    next round's plan goes on (`training.plan_from_goal.lr_from_rounds`), with memory on or off."""
+    from training.runs import Run
+
+    plans = [(Run(workspace, r.run_id).plan(), r.passed) for r in state.rounds if r.run_id and r.passed is not None]
+    return [(plan.lr, passed) for plan, passed in plans if plan is not None]
 
 
 def state_path(workspace: Path) -> Path:

@@ -24,8 +24,9 @@ class RunContext:
     run_id: str
     author: str = "offline"  # who drives the agents (the --llm): text they write is stored under this name
     eval_examples: int | None = None  # test records the task metrics score (None: all); set by code, never by an agent
-    use_memory: bool = True  # False: plan as if no earlier run existed (the memory benchmark's baseline)
+    use_memory: bool = True  # False: plan without memory's earlier runs (the memory benchmark's baseline)
     warm_start: str | None = None  # the retraining loop starts from production's weights
+    earlier: list[tuple[float, bool]] = field(default_factory=list)  # the loop's earlier rounds: (lr, passed), oldest first
     related: list[str] = field(default_factory=list)  # earlier versions of this data (their eval records are its own)
     summary: DatasetSummary | None = None
     plan: TrainPlan | None = None

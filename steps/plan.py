@@ -15,15 +15,18 @@ from training.plan_from_goal import plan_for, seq_len_for
 
 
 def plan_goal(workspace: Path, goal: Goal, summary: DatasetSummary, *, use_memory: bool = True,
+              earlier: list[tuple[float, bool]] | None = None,
               warm_start: str | None = None, lr: float | None = None, lora_rank: int | None = None,
               steps: int | None = None, train_records: list[dict] | None = None,
               convert: bool = True) -> tuple[TrainPlan, str | None, Fit | None]:
-    """(plan, the earlier run whose settings it took, how the training records fit its seq_len).
+    """(plan, the earlier run whose settings it took from memory, how the training records fit its seq_len).
+    `use_memory=False` plans without memory's earlier runs; `earlier` is a retraining loop's own earlier rounds
+    (lr, passed), oldest first, which guide its plan either way (`plan_for`).
     `lr`, `lora_rank` and `steps` are an agent's overrides, already bounded by its tool's schema; `steps`
     never goes beyond the goal's budget. `train_records` default to the curated dataset's train split;
     `convert=False` measures only when the base is already a local checkpoint (nothing is written)."""
     best = MemoryStore(workspace).best_known_config(summary) if goal.task == "finetune" and use_memory else None
-    plan, reused = plan_for(goal, summary, best)
+    plan, reused = plan_for(goal, summary, best, earlier or ())
     update: dict = {"init_from": warm_start} if warm_start else {}
     if lr is not None:
         update["lr"] = lr

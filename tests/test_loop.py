@@ -27,6 +27,7 @@ from tests.helpers import poisoned, shifted_rows, ticket_base, ticket_rows, writ
 from training.batches import read_split
 from training.contracts import Evaluation, GateVerdict
 from training.data.store import datasets_dir
+from training.runs import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,6 +143,21 @@ def test_a_stream_of_deliveries_rounds_rejections_drift_and_rollback(base, tmp_p
     assert "rolled back" in html and "rejected" in html
     md = (ws / "loop" / "report.md").read_text()
     assert "| 4 |" in md and "drift" in md
+
+
+def test_a_loop_without_memory_tries_the_next_learning_rate_after_a_miss(base, tmp_path):
+    ws, watch = tmp_path / "ws", tmp_path / "inbox"
+    unreachable = (f"fine-tune the model {base} with a full fine-tune for 4 steps so that perplexity ends at least 90% "
+                   "below the base model, deploy as desk-bot if it passes")
+    settings = LoopSettings(goal_text=unreachable, watch=str(watch), every_s=1, use_memory=False)
+    for i in (1, 2, 3):
+        write_jsonl(watch / f"batch{i}.jsonl", ticket_rows(40, seed=i))
+        state = run_loop(ws, settings, once=True, echo=lambda line: None)
+    assert [r.passed for r in state.rounds] == [False, False, False]
+    plans = [Run(ws, r.run_id).plan() for r in state.rounds]
+    # the defaults, then x3 after each miss of this loop's own rounds, though it sees no earlier run in memory
+    assert [p.lr for p in plans] == pytest.approx([5e-5, 1.5e-4, 3e-4])
+    assert [Run(ws, r.run_id).memory_used() for r in state.rounds] == [None, None, None]
 
 
 def _cli(ws: Path, *args: str, **kwargs) -> subprocess.Popen:

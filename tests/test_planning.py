@@ -51,6 +51,18 @@ def test_a_configuration_that_missed_its_gate_is_not_repeated(lr, tried, expecte
     assert plan.lr == pytest.approx(expected) and reused == "earlier"
 
 
+@pytest.mark.parametrize("earlier,memory,expected", [
+    ([(2e-4, False)], None, 6e-4),                           # the loop's own miss moves it on, memory or not
+    ([(2e-4, False), (6e-4, False)], None, 1.8e-3),          # and on again from the latest miss
+    ([(2e-4, False), (6e-4, True), (6e-4, False)], None, 6e-4),  # once a round passed, its rate stays
+    ([(5e-4, False)], best(5e-4, True, [5e-4, 1.5e-3]), 5e-4 / 3),  # memory's tried rates are not tried again
+])
+def test_a_loop_round_takes_its_learning_rate_from_the_loops_own_rounds(earlier, memory, expected):
+    plan, reused = plan_for(GOAL, summary(), memory, earlier)
+    assert plan.lr == pytest.approx(expected)
+    assert reused == (None if memory is None else "earlier")  # reused names memory's run, never the loop's own
+
+
 def test_a_warm_start_is_a_finetune_only_setting():
     plan, _ = plan_for(GOAL, summary())
     warm = TrainPlan.model_validate({**plan.model_dump(), "init_from": "/models/production"})

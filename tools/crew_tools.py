@@ -103,8 +103,8 @@ class PlanningTool(RunTool):
             raise InputError(f"fingerprint: this run curated {summary.fingerprint} and trains on it only, not {fingerprint}")
         if lora_rank is not None and ctx.goal.lora is not None and lora_rank != ctx.goal.lora.rank:
             raise InputError(f"lora_rank: the goal fixed rank {ctx.goal.lora.rank}; it is not the agent's to change")
-        return plan_goal(self.workspace, ctx.goal, summary, use_memory=ctx.use_memory, warm_start=ctx.warm_start,
-                         lr=lr, lora_rank=lora_rank, steps=steps)
+        return plan_goal(self.workspace, ctx.goal, summary, use_memory=ctx.use_memory, earlier=ctx.earlier,
+                         warm_start=ctx.warm_start, lr=lr, lora_rank=lora_rank, steps=steps)
 
 
 class EstimatePlanTool(PlanningTool):

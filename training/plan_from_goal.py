@@ -5,14 +5,20 @@ The defaults are the ones measured on this project's machines (see training/reci
 overfits. When memory holds a run on similar data, its learning rate, batch, sequence length and LoRA
 settings are the starting point instead, and the plan says which run it came from. When that best earlier
 run still missed its gate, the next learning rate not yet tried on that data is taken (x3 up to a cap,
-else /3): a retraining loop with memory does not repeat a failed configuration.
+else /3).
+
+A retraining loop's later rounds take their learning rate from the loop's own earlier rounds, with memory on or
+off (`lr_from_rounds`): after a miss the next rate not yet tried, once a round has passed the rate that passed.
+Memory adds only what other runs on similar data know: the starting point of the first round, and the rates
+they tried (which the loop does not try again).
 """
 
 from __future__ import annotations
 
-import torch
-
 import math
+from collections.abc import Sequence
+
+import torch
 
 from training.contracts import Budget, DatasetSummary, Goal, LoraSettings, TrainPlan
 
@@ -30,10 +36,12 @@ def budget_for(goal: Goal) -> Budget:
     return default
 
 
-def plan_for(goal: Goal, summary: DatasetSummary, best=None) -> tuple[TrainPlan, str | None]:
-    """The plan for `goal` on the curated `summary`; `best` is memory's BestConfig (or None).
+def plan_for(goal: Goal, summary: DatasetSummary, best=None,
+             earlier: Sequence[tuple[float, bool]] = ()) -> tuple[TrainPlan, str | None]:
+    """The plan for `goal` on the curated `summary`; `best` is memory's BestConfig (or None); `earlier` is what a
+    retraining loop's own earlier rounds on this goal tried, oldest first: (learning rate, passed its gate).
 
-    Returns (plan, reused) where `reused` names the earlier run whose settings were taken, if any.
+    Returns (plan, reused) where `reused` names the earlier run whose settings were taken from memory, if any.
     """
     if goal.task == "evaluate":
         raise ValueError("an evaluate goal has no training plan")
@@ -55,6 +63,8 @@ def plan_for(goal: Goal, summary: DatasetSummary, best=None) -> tuple[TrainPlan,
         if goal.lora is None and goal.method == "lora":
             fields["lora"] = best.plan.lora
         reused = best.run_id
+    if earlier and goal.task == "finetune":
+        fields["lr"] = lr_from_rounds(earlier, best.tried_lrs if reused else [], MAX_FINETUNE_LR[goal.method])
     if goal.processes or goal.strategy:  # a torchrun job; each process takes an equal share of the batch
         n = goal.processes
         fields.update(launcher="torchrun", nproc=n, strategy=goal.strategy or "ddp")
@@ -113,3 +123,14 @@ def next_lr(lr: float, tried: list[float], cap: float) -> float:
         if not any(math.isclose(option, t, rel_tol=1e-6) for t in tried):
             return option
     return lr
+
+
+def lr_from_rounds(earlier: Sequence[tuple[float, bool]], tried_elsewhere: Sequence[float], cap: float) -> float:
+    """A retraining loop's next learning rate from its own rounds (oldest first: (lr, passed)). Once a round has
+    passed, the rate of the latest that passed: a miss after that (a poisoned batch, production better) is the
+    data's doing, not the rate's. Before any has, the next rate after the latest miss (`next_lr`: x3, else /3),
+    skipping the rates tried in this loop and, with memory, on similar data (`tried_elsewhere`)."""
+    passed = [lr for lr, ok in earlier if ok]
+    if passed:
+        return passed[-1]
+    return next_lr(earlier[-1][0], [lr for lr, _ in earlier] + list(tried_elsewhere), cap)
