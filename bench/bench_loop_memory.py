@@ -38,7 +38,8 @@ rate the first loop finds is near the one the second needs.
 
 Prints and writes, per seed and arm, the learning rate and verdict of each round, and the rounds, training steps
 and training tokens until the gate (the verdict), with the wall seconds of training and of whole rounds (recorded,
-not judged: the machine is shared); then the median and min-max over seeds. Target: with memory the second loop
+not judged: the machine is shared); then the median, min-max and total over seeds, and for each seed where
+memory's first rate came from and what it saved. Target: with memory the second loop
 reaches its gate in fewer rounds and fewer training tokens than without (medians over seeds; an arm that never
 passes counts what it spent, a lower bound).
 Writes bench/results/bench_loop_memory.json and its section of bench/RESULTS.md (`--quick`: one seed, 3 rounds,
@@ -146,7 +147,7 @@ def run_seed(root: Path, base: Path, seed: int, a) -> dict:
 
 
 def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "total": round(sum(values), 1)}
 
 
 def main() -> None:
@@ -190,10 +191,13 @@ def judge(a, seeds: list[int], runs: list[dict]) -> dict:
     fewer = {k: stats["memory"][k]["median"] < stats["no_memory"][k]["median"] for k in ("rounds", "tokens")}
     met = all(g["reached"] for g in arms["memory"]) and fewer["rounds"] and fewer["tokens"]
     better = sum(m["rounds"] < n["rounds"] or (m["reached"] and not n["reached"]) for m, n in zip(arms["memory"], arms["no_memory"]))
+    for run in runs:  # what memory saved on this seed (negative: cost)
+        run["saved"] = {k: run["to_gate"]["no_memory"][k] - run["to_gate"]["memory"][k] for k in ("rounds", "steps", "tokens")}
     defaults_miss = all(run["no_memory"][0]["verdict"] != "passed" for run in runs)
     m, n = stats["memory"], stats["no_memory"]
     figure = (f"rounds {m['rounds']['median']:g} vs {n['rounds']['median']:g}, tokens {m['tokens']['median']:,.0f} vs "
-              f"{n['tokens']['median']:,.0f} (median of {len(seeds)} seeds; fewer rounds on {better} of {len(seeds)})")
+              f"{n['tokens']['median']:,.0f} (median of {len(seeds)} seeds; fewer rounds on {better} of {len(seeds)}; "
+              f"rounds in all {m['rounds']['total']:g} vs {n['rounds']['total']:g})")
     return {"target": TARGET, "args": vars(a), "argv": sys.argv, "seeds": seeds, "queues": {
                 q: {"model": MODELS[q], "kinds": [k + 1 for k in kinds]} for q, kinds in QUEUES.items()},
             "goal": goal_text(Path("<base>"), "<name>", a.steps, a.target), "runs": runs, "spread": stats,
@@ -246,19 +250,46 @@ def report(p: dict) -> list[str]:
             cell["rounds"] += ", not reached on some seeds: what was spent"
         lines.append(f"| {SHOWN[arm].split(', ')[1]} | {cell['rounds']} | {cell['steps']} | {cell['tokens']} | "
                      f"{cell['train_seconds']} | {cell['round_seconds']} |")
+    for arm in ARMS:
+        s = p["spread"][arm]
+        lines.append(f"| {SHOWN[arm].split(', ')[1]}, all {len(p['seeds'])} seeds together | {s['rounds']['total']:g} | "
+                     f"{s['steps']['total']:g} | {s['tokens']['total']:,.0f} | {s['train_seconds']['total']:.1f} | "
+                     f"{s['round_seconds']['total']:.1f} |")
     sims = ", ".join(f"{run['centroid_similarity']:.3f}" for run in p["runs"])
     taken = ", ".join(f"round {run['memory_from_round']}" if run["memory_from_round"] else "none" for run in p["runs"])
     lines += ["", f"Similarity of the second queue's first batch to the first loop's tickets (embedding centroids, cosine): "
                   f"{sims} by seed. The run whose settings memory gave the second loop's first plan: the first loop's "
                   f"{taken} by seed. Training records of the second loop found restating an earlier evaluation record: "
                   f"{p['contaminated_records']}. Wall seconds are recorded, not judged (the machine is shared).", "",
+              "What memory did, seed by seed:", ""]
+    for run in p["runs"]:
+        lines.append(f"- seed {run['seed']}: {seed_story(run)}")
+    defaults = run["no_memory"][0]["lr"]
+    missed = sum(r["no_memory"][0]["verdict"] != "passed" for r in p["runs"])
+    lines += ["", f"The defaults (lr {lr_text(defaults)}) did not pass the second loop's round 1 on {missed} of "
+                  f"{len(p['runs'])} seeds" + (": memory had something to add." if p["defaults_miss_round_1"] else
+                                               "; there memory had nothing to add."), "",
               f"Target: {TARGET}: **{'MET' if p['met'] else 'MISSED'}** ({p['summary'][0]['figure']})."]
-    if not p["defaults_miss_round_1"]:
-        lines.append("The defaults passed the second loop's gate in round 1 on some seed: there memory had nothing to add.")
-    if not p["met"]:
-        lines.append("Memory did not help here: the learning rates each arm tried are in the first table (the memory "
-                     "arm's first rate is the one memory's best config gave).")
     return lines + [""]
+
+
+def seed_story(run: dict) -> str:
+    """Where memory's first rate came from, how it fared on the second queue, and what that saved."""
+    first, saved = run["memory"][0], run["saved"]
+    k = run["memory_from_round"]
+    origin = (f"the rate of the first loop's round {k}, {run['first'][k - 1]['verdict']} there" if k else
+              "memory found no earlier run: the defaults")
+    of_base = f" ({first['of_base']:.3f} of the base)" if first["of_base"] else ""
+    outcome = (f"memory saved {saved['rounds']} round(s), {saved['steps']} steps and {saved['tokens']:,} tokens"
+               if saved["rounds"] > 0 else "no round saved" if saved["rounds"] == 0 else
+               f"memory cost {-saved['rounds']} round(s) more")
+    same = next((r for r in run["no_memory"] if r["lr"] == first["lr"]), None)
+    if saved["rounds"] <= 0 and same is not None:  # the rate memory gave, reached without it on more data
+        outcome += (f" (without memory the same rate came in round {same['round']}, with more data, and "
+                    f"{same['verdict']}" + (f": {same['of_base']:.3f} of the base)" if same["of_base"] else ")"))
+    return (f"memory's first plan took lr {lr_text(first['lr'])} ({origin}), {first['verdict']} on the second queue's first "
+            f"batch{of_base}; {run['to_gate']['memory']['rounds']} round(s) with memory, "
+            f"{run['to_gate']['no_memory']['rounds']} without: {outcome}.")
 
 
 if __name__ == "__main__":
