@@ -39,9 +39,9 @@ rate the first loop finds is near the one the second needs.
 Prints and writes, per seed and arm, the learning rate and verdict of each round, and the rounds, training steps
 and training tokens until the gate (the verdict), with the wall seconds of training and of whole rounds (recorded,
 not judged: the machine is shared); then the median, min-max and total over seeds, and for each seed where
-memory's first rate came from and what it saved. Target: with memory the second loop
-reaches its gate in fewer rounds and fewer training tokens than without (medians over seeds; an arm that never
-passes counts what it spent, a lower bound).
+memory's first rate came from and what it saved. Target: with memory the second loop reaches its gate in fewer
+rounds and fewer training tokens than without (medians over seeds; an arm that never passes counts what it spent,
+a lower bound).
 Writes bench/results/bench_loop_memory.json and its section of bench/RESULTS.md (`--quick`: one seed, 3 rounds,
 into bench/quick/).
 """
