@@ -238,7 +238,7 @@ def derived(out: dict) -> dict:
     settings, the target, the card's peaks in TFLOP/s, what bounds the run (`bounds`) and the summary row."""
     ok = [r for r in out["results"] if "error" not in r]
     best = max((r for r in ok if r["side"] == "ours"), key=lambda r: r["tokens_per_s"], default=None)
-    return {"model": MODEL, "flops_formula": "6N + 12 L d T", "day": out["date"][:10],  # as the provenance line shows it "target_mfu": TARGET_MFU, "matmul_n": MATMUL_N,
+    return {"model": MODEL, "flops_formula": "6N + 12 L d T", "target_mfu": TARGET_MFU, "matmul_n": MATMUL_N,
             "peak_bf16_tflops": (out["peak_bf16_flops"] or 0) / 1e12, "matmul_ceiling_tflops": out["matmul_ceiling_flops"] / 1e12,
             "bounds": [bounds(out, r) for r in ok if r["side"] == "ours" and r.get("profile")],
             "vs_trainer": [vs_trainer(ok, r) for r in ok if r["side"] == "ours" and vs_trainer(ok, r)],
@@ -332,19 +332,8 @@ def render(out: dict) -> None:
                   "not in these figures.)"]
     lines.append("")
     head, tail = markers("bench_gpu")
-    update_markdown(RESULTS_MD, "\n".join([head, *lines, *gpu_provenance_lines(out["provenance"]), tail]), head, tail)
+    update_markdown(RESULTS_MD, "\n".join([head, *lines, *provenance_lines(out["provenance"]), tail]), head, tail)
     print("\n".join(line for line in lines if line.startswith(("|", "-", "Target"))))
-
-
-def gpu_provenance_lines(p: dict) -> list[str]:
-    """common's provenance line, or, for a run recorded before `common.begin` existed, the line of what it recorded."""
-    if not p.get("reconstructed"):
-        return provenance_lines(p)
-    tree = f"**with uncommitted changes** in {', '.join(p['dirty'][:4])}" if p["dirty"] else "clean tree"
-    peak = p["machine"]["matmul_gflops"]
-    return ["", f"Measured at commit `{p['commit'][:10]}` ({tree}) by `{p['command']}` on {p['date_utc'][:10]}; "
-                f"{p['machine']['gpu']}; measured matmul peak ({peak['n']}^2): {peak['bfloat16']:,.0f} GFLOP/s bfloat16 "
-                f"(no float32 peak nor load average recorded). {p['reconstructed']}", ""]
 
 
 def reconstruct_provenance(out: dict) -> dict:

@@ -167,9 +167,12 @@ def provenance_lines(p: dict | None) -> list[str]:
     tree = (f"**with uncommitted changes** in {', '.join(p['dirty'][:4])}" if p["dirty"] else "clean tree")
     peak = m["matmul_gflops"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cores_used']} of {m['nproc']} cores, {m['torch_threads']} torch threads"
+    # a run recorded before provenance existed (rebuilt from its own record: `reconstructed` says how) lacks some fields
+    load = f"load average {m['load_avg_start']:.2f} at the start; " if "load_avg_start" in m else ""
+    peaks = ", ".join(f"{peak[k]:,.0f} GFLOP/s {k}" for k in ("float32", "bfloat16") if k in peak)
+    note = f" {p['reconstructed']}" if p.get("reconstructed") else ""
     return ["", f"Measured at commit `{p['commit'][:10]}` ({tree}) by `{p['command']}` on {p['date_utc'][:10]}; {where}; "
-                f"load average {m['load_avg_start']:.2f} at the start; measured matmul peak ({peak['n']}^2): "
-                f"{peak['float32']:,.0f} GFLOP/s float32, {peak['bfloat16']:,.0f} GFLOP/s bfloat16.", ""]
+                f"{load}measured matmul peak ({peak['n']}^2): {peaks}.{note}", ""]
 
 
 def machine_info(packages: tuple[str, ...] = TORCH_PACKAGES) -> dict:

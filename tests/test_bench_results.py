@@ -30,8 +30,8 @@ def json_values(node) -> list[float]:
         return []
     if isinstance(node, (int, float)):
         return [abs(float(node))] if math.isfinite(node) else []
-    if isinstance(node, str):
-        return [value for _, value, _ in figures(node)]
+    if isinstance(node, str):  # an ISO time's day is glued to its "T": apart, it is the day a section shows
+        return [value for _, value, _ in figures(re.sub(r"(\d)T(\d)", r"\1 \2", node))]
     items = node.values() if isinstance(node, dict) else node
     return [v for item in items for v in json_values(item)]
 
