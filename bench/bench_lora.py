@@ -32,7 +32,7 @@ from pathlib import Path
 
 from common import MB, ROOT, Comparison, StepClock, batch_order, comparison_parser, curate, fmt, machine_info, machine_rows
 from common import memory_rows, min_quiet, ours_objective, profile_parts, profiled_run
-from common import record_comparison, result_json, rss_bytes, run_child, run_ours, run_pairs, run_trainer
+from common import record_comparison, resolved_precision, result_json, rss_bytes, run_child, run_ours, run_pairs, run_trainer
 from common import speed_missed, speed_target_row, steady, throughput_rows, wait_for_quiet, workload_rows
 
 DEFAULT_OUT = result_json("bench_lora")
@@ -56,7 +56,7 @@ def plan_for(spec: dict):
                      seq_len=spec["seq_len"], batch_size=spec["batch_size"], budget=Budget(steps=spec["steps"]),
                      eval_every=10**6, checkpoint_every=10**6, lr=spec["lr"], warmup_steps=spec["warmup_steps"],
                      seed=spec["seed"], weight_decay=spec["weight_decay"], grad_clip=spec["grad_clip"],
-                     min_lr_ratio=spec["min_lr_ratio"], device="cpu")
+                     min_lr_ratio=spec["min_lr_ratio"], device="cpu", precision=spec["precision"])
 
 
 def child_prep(spec: dict) -> dict:
@@ -192,8 +192,10 @@ def analyse(res: dict) -> list[str]:
                    f"({fmt(TARGET_MEMORY * b['peak_rss_train'] / MB)} MB): over by {100 * (mem / TARGET_MEMORY - 1):.0f}%. "
                    f"Both hold the same float32 base ({fmt(4 * w['params'] / MB)} MB of weights) and the same decoder activations for "
                    "the same batches: the peak is one forward's saved activations (30 layers of 8 x ~115 tokens, with LoRA "
-                   "dropout copies of every adapted input) plus float32 logits over the 49,152-token vocabulary with their "
-                   "log-softmax and gradient (" + ("ours: answer positions only; the Trainer: every position" if "NextTokenLoss" in ours_objective(res)
+                   "dropout copies of every adapted input) plus the logits over the 49,152-token vocabulary with their "
+                   "log-softmax and gradient (" + ("ours: a 64 MB chunk of answer positions at a time, fused with the loss; the "
+                                                   "Trainer: float32 for every position at once" if "chunks" in ours_objective(res) else
+                                                   "ours: answer positions only; the Trainer: every position" if "NextTokenLoss" in ours_objective(res)
                                                    else "for every position, on both sides") + "), on top of the weights.")
     v = res.get("variant")
     if v:
@@ -266,14 +268,15 @@ def main(argv=None) -> None:
     fingerprint = curate(str(DATA), args.workspace, DATA.name)
     spec = {"workspace": str(args.workspace), "dataset": fingerprint, "seq_len": args.seq_len, "batch_size": args.batch_size,
             "steps": args.steps, "lr": 2e-4, "warmup_steps": 2, "seed": 0, "weight_decay": 0.0, "grad_clip": 1.0,
-            "min_lr_ratio": 0.1, "rank": 8, "alpha": 16, "lora_dropout": 0.05, "threads": args.threads}
+            "min_lr_ratio": 0.1, "rank": 8, "alpha": 16, "lora_dropout": 0.05, "threads": args.threads,
+            "precision": resolved_precision(args.precision)}
     prep = run_child(Path(__file__), "prep", spec, f"{BASE}: converting once (about 35 s) or reusing; examples")
     spec["base_dir"] = prep["base_dir"]
     last = args.steps - 1
     runs = run_pairs(Path(__file__), spec, args.repeats, "ours (training.loop.train, LoRA)", "peft + HF Trainer",
                      f"{args.steps} LoRA steps", args.quiet_wait_s, args.warmup, last, args.threads, console, "bench-lora")
     res["workload"] = {**{k: spec[k] for k in ("seq_len", "batch_size", "steps", "lr", "warmup_steps", "weight_decay", "grad_clip",
-                                               "min_lr_ratio", "rank", "alpha", "lora_dropout", "threads", "dataset")},
+                                               "min_lr_ratio", "rank", "alpha", "lora_dropout", "threads", "dataset", "precision")},
                        **{k: prep[k] for k in ("params", "train_records", "examples", "len_min", "len_mean", "len_max",
                                                "answer_mean", "pad_fraction")},
                        "warmup": args.warmup, "repeats": args.repeats, "betas": [0.9, 0.95],

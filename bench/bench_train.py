@@ -43,7 +43,7 @@ from pathlib import Path
 from common import Comparison, StepClock, comparison_parser, curate, fmt, machine_info, machine_rows
 from common import memory_rows, ours_fused, profile_parts, profiled_run, record_comparison, result_json, rss_bytes
 from common import run_child, run_ours, run_pairs, run_trainer, speed_missed, speed_target_row, throughput_rows
-from common import workload_rows
+from common import resolved_precision, workload_rows
 
 DEFAULT_OUT = result_json("bench_train")
 TARGET_SPEED = 1.3  # ours / Trainer steady-state tokens/s, CPU
@@ -61,7 +61,7 @@ def plan_for(spec: dict):
                      batch_size=spec["batch_size"], budget=Budget(steps=spec["steps"]), eval_every=10**6,
                      checkpoint_every=10**6, lr=spec["lr"], warmup_steps=spec["warmup_steps"], seed=spec["seed"],
                      weight_decay=spec["weight_decay"], grad_clip=spec["grad_clip"], min_lr_ratio=spec["min_lr_ratio"],
-                     device="cpu")
+                     device="cpu", precision=spec["precision"])
 
 
 def child_prep(spec: dict) -> dict:
@@ -196,14 +196,15 @@ def main(argv=None) -> None:
     spec = {"workspace": str(args.workspace), "dataset": fingerprint, "size": args.size, "seq_len": args.seq_len,
             "batch_size": args.batch_size, "steps": args.steps, "lr": 3e-3, "warmup_steps": 5, "seed": 0,
             "weight_decay": 0.0, "grad_clip": 1.0, "min_lr_ratio": 0.1,
-            "tokenizer_dir": str(tok_root / f"{fingerprint}-{args.size}"), "threads": args.threads}
+            "tokenizer_dir": str(tok_root / f"{fingerprint}-{args.size}"), "threads": args.threads,
+            "precision": resolved_precision(args.precision)}
     prep = run_child(Path(__file__), "prep", spec, f"tokenizer for '{args.size}' and packed windows")
     threads = args.threads
     res["workload"] = {"size": args.size, "vocab": prep["vocab"], "train_records": prep["train_records"],
                        "windows": prep["windows"], "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
                        "warmup": args.warmup, "repeats": args.repeats, "lr": spec["lr"], "warmup_steps": spec["warmup_steps"],
                        "weight_decay": spec["weight_decay"], "grad_clip": spec["grad_clip"], "min_lr_ratio": spec["min_lr_ratio"],
-                       "threads": threads, "dataset": fingerprint, "betas": [0.9, 0.95]}
+                       "threads": threads, "dataset": fingerprint, "betas": [0.9, 0.95], "precision": spec["precision"]}
     last = args.steps - 1
     runs = run_pairs(Path(__file__), spec, args.repeats, "ours (training.loop.train)", "HF Trainer",
                      f"{args.steps} steps of '{args.size}'", args.quiet_wait_s, args.warmup, last, threads, console, "bench-train")

@@ -537,7 +537,8 @@ class ListDataset:
 
 
 def trainer_args(spec: dict, output_dir: str):
-    """TrainingArguments matching the engine's optimizer and schedule; no eval, no saving, no reporting."""
+    """TrainingArguments matching the engine's optimizer, schedule and precision (bf16: CPU autocast, as the
+    engine's); no eval, no saving, no reporting."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -547,7 +548,7 @@ def trainer_args(spec: dict, output_dir: str):
         weight_decay=spec["weight_decay"], adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=spec["grad_clip"],
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to=[], dataloader_num_workers=0,
         dataloader_pin_memory=False, train_sampling_strategy="sequential", seed=spec["seed"], data_seed=spec["seed"],
-        disable_tqdm=True, use_cpu=True, remove_unused_columns=False,
+        disable_tqdm=True, use_cpu=True, remove_unused_columns=False, bf16=spec["precision"] == "bfloat16",
     )
 
 
@@ -653,9 +654,11 @@ def run_ours(spec: dict, plan, profile: bool = False) -> dict:
     wall = time.perf_counter() - t0
     rows = run.metrics_rows()
     shutil.rmtree(run.dir, ignore_errors=True)
-    from training import loop
+    from training import loop, objective as objectives
 
-    objective = ("NextTokenLoss: output layer and loss on supervised positions only" if hasattr(loop, "NextTokenLoss")
+    objective = ("NextTokenLoss: output layer fused with the loss in chunks, on supervised positions only"
+                 if hasattr(objectives, "chunked_linear_cross_entropy") else
+                 "NextTokenLoss: output layer and loss on supervised positions only" if hasattr(loop, "NextTokenLoss")
                  else "model(**batch).loss: output layer on every position")
     out = {"rss_after_imports": rss_imports, "wall_s": wall, "peak_rss_total": peak_rss_bytes(), "objective": objective,
            "result": result.model_dump(mode="json"), "engine_tokens_per_s": [r["tokens_per_s"] for r in rows],
@@ -937,6 +940,16 @@ def run_curve(workspace: Path, run_id: str, steps: int) -> dict:
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows if 3 <= r["step"] < steps)}
 
 
+def resolved_precision(asked: str) -> str:
+    """The precision a CPU run of the engine uses for `asked` (auto: bfloat16 where the CPU multiplies it natively);
+    the baseline is then run in the same one."""
+    import torch
+
+    from training.objective import precision_name
+
+    return precision_name(torch.device("cpu"), asked)
+
+
 def comparison_parser(doc: str, out: Path, steps: int, warmup: int, repeats: int, profile_steps: int) -> argparse.ArgumentParser:
     """The options of bench_train.py and bench_lora.py (each adds its own), with their defaults."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -948,6 +961,8 @@ def comparison_parser(doc: str, out: Path, steps: int, warmup: int, repeats: int
     p.add_argument("--profile-steps", type=int, default=profile_steps, help="steps profiled (cProfile, then as many torch profiler)")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--threads", type=int, default=TARGET_CORES, help="torch threads in every run (default: the target's 2 cores)")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="both sides' matmuls (auto: what the engine picks on this CPU; bf16 is autocast on both sides)")
     p.add_argument("--quiet-wait-s", type=float, default=45.0, help="before each run, wait up to this long for idle cores")
     p.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     p.add_argument("--out", type=Path, default=out)
@@ -1128,6 +1143,7 @@ def workload_rows(res: dict, base_name: str) -> list[tuple[str, str]]:
         (f"loss: ours / {base_name}", f"{ours_objective(res)} / model(**inputs) (output layer on every position)"),
         ("identical batches (checksums of every batch)", "yes" if c["identical_batches"] else "NO"),
         ("torch threads", str(w["threads"])),
+        ("precision (both sides)", "bfloat16 autocast, float32 weights" if w.get("precision") == "bfloat16" else "float32"),
     ]
 
 

@@ -58,7 +58,7 @@ def score_production(workspace: Path, goal: Goal, plan: TrainPlan, max_examples:
     if path is None:
         return None
     forgetting, _ = forgetting_corpus(workspace, _reference_dir(evaluation))
-    return score_directory(workspace, path, plan.dataset, plan.seq_len, max_examples, forgetting)
+    return score_directory(workspace, path, plan.dataset, plan.seq_len, max_examples, forgetting, plan.precision)
 
 
 def _reference_dir(evaluation: Evaluation) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from cli import app
 from llm.env import quiet_crewai
 
 quiet_crewai()  # before any test imports crewai
+# precision `auto` is bf16 on CPUs with AMX or AVX512-BF16: the suite runs float32 wherever CI's machine lands, and
+# the tests of `auto` itself set this (subprocesses inherit it)
+os.environ.setdefault("MODELCREW_CPU_BF16", "0")
 
 
 @dataclass

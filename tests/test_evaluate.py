@@ -194,3 +194,23 @@ def test_a_relative_target_over_a_base_that_scores_zero_is_refused_at_planning(w
         plan_goal(ws, goal("relative", 0.2), summary, use_memory=False)
     plan, _, fit = plan_goal(ws, goal("absolute", 0.3), summary, use_memory=False)  # an absolute target is fine
     assert fit.records == summary.splits["train"] and fit.dropped == 0 and plan.seq_len % 64 == 0
+
+
+def test_precision_auto_is_bfloat16_in_training_and_evaluation_where_the_cpu_multiplies_it(ws, tiny_base, monkeypatch):
+    """`auto` follows the CPU (MODELCREW_CPU_BF16 stands in for /proc/cpuinfo's flags): where bf16 is native the
+    run, its validation and its evaluation (candidate and base alike, so their comparison stays paired) run under
+    bf16 autocast and say so; elsewhere float32. The same base scored on the same records moves only by rounding."""
+    fp = curate_to_workspace(str(ROOT / "examples/data/support_faq.jsonl"), ws).summary.fingerprint
+    plan = TrainPlan(task="finetune", dataset=fp, base_model=str(tiny_base), method="lora",
+                     budget=Budget(steps=2), **{**TINY, "seq_len": 128, "eval_every": 2})
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MODELCREW_CPU_BF16", flag)
+        result = train(plan, ws, f"auto-{flag}", show_progress=False)
+        runs[flag] = (result, evaluate_run(ws, f"auto-{flag}", max_examples=2))
+    (bf16, bf16_ev), (fp32, fp32_ev) = runs["1"], runs["0"]
+    assert (bf16.precision, bf16_ev.precision, fp32.precision, fp32_ev.precision) == ("bfloat16",) * 2 + ("float32",) * 2
+    assert json.loads((ws / "runs" / "auto-1" / "evaluation.json").read_text())["precision"] == "bfloat16"
+    assert bf16.final_val_loss != fp32.final_val_loss
+    base_bf16, base_fp32 = bf16_ev.metrics["base_val_perplexity"], fp32_ev.metrics["base_val_perplexity"]
+    assert base_bf16 != base_fp32 and abs(base_bf16 - base_fp32) / base_fp32 < 0.02

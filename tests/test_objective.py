@@ -63,3 +63,21 @@ def test_without_gradients_it_only_scores():
         saved, loss = _saved_bytes(lambda: chunked_linear_cross_entropy(hidden, weight, targets))
         ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE, reduction="sum")
     assert saved == 0 and not loss.requires_grad and abs(float(loss) - float(ref)) <= 1e-5 * float(ref)
+
+
+def test_cpu_bf16_reads_the_cpus_own_flags(monkeypatch):
+    """AMX or AVX512-BF16 in /proc/cpuinfo's flags (lines as Linux writes them) make `auto` bfloat16 on the CPU;
+    AVX-512 alone does not (oneDNN would emulate bf16 there); MODELCREW_CPU_BF16 overrides either way."""
+    from training.objective import compute_dtype, cpu_bf16
+
+    monkeypatch.delenv("MODELCREW_CPU_BF16", raising=False)
+    epyc = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    xeon = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+    older = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_vnni\n"
+    assert cpu_bf16(epyc) and cpu_bf16(xeon)
+    assert not cpu_bf16(older) and not cpu_bf16("")
+    monkeypatch.setenv("MODELCREW_CPU_BF16", "1")
+    assert cpu_bf16(older) and compute_dtype(torch.device("cpu")) == torch.bfloat16
+    assert compute_dtype(torch.device("cpu"), "float32") is None
+    monkeypatch.setenv("MODELCREW_CPU_BF16", "0")
+    assert not cpu_bf16(epyc) and compute_dtype(torch.device("cpu")) is None

@@ -141,8 +141,9 @@ class TrainPlan(BaseModel):
         "keep only each decoder layer's input for backward and recompute the rest there: less memory, more compute "
         "(bench/bench_checkpointing.py)"))
     precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
-        "matmuls under autocast: auto is bfloat16 on CUDA and float32 on CPU; bfloat16 on a CPU with AMX trains "
-        "faster (bench/bench_precision.py); float32 weights stay the master copy either way"))
+        "matmuls under autocast, in training and evaluation: auto is bfloat16 on CUDA and on CPUs that multiply bf16 "
+        "natively (AMX, AVX512-BF16; bench/bench_precision.py), float32 on other CPUs; float32 weights stay the master "
+        "copy either way"))
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainPlan":
@@ -244,6 +245,7 @@ class Evaluation(BaseModel):
     records: dict[str, dict[str, int]] = Field(default_factory=dict, description="per split: how records fit seq_len (whole, cut, dropped)")
     scoring: dict[str, str] = Field(default_factory=dict, description="how each task metric was computed")
     base_source: str | None = Field(None, description="where the base's weights came from when that matters (dequantized GGUF)")
+    precision: str = Field("float32", description="what the scoring matmuls ran in: float32, or bfloat16 under autocast (the plan's precision)")
     warnings: list[str] = Field(default_factory=list)
 
 

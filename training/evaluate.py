@@ -34,7 +34,7 @@ from training import stats
 from training.batches import (IGNORE, Example, Fit, classification_prompt, collate, fit_record, fit_records,
                               fitted_examples, read_split, render_chat, to_messages)
 from training.contracts import Comparison, Evaluation, Interval, TrainPlan
-from training.objective import NextTokenLoss, autocast, supervised_tokens
+from training.objective import NextTokenLoss, autocast, precision_name, supervised_tokens
 
 GENERAL_DOCS = 32  # BBC News articles in the general-text sample
 GENERAL_CHARS = 1500
@@ -44,9 +44,10 @@ SMALL_TEST = 30  # fewer test records than this: the evaluation says its interva
 
 
 @torch.no_grad()
-def mean_loss(model, examples: list[Example], batch_size: int, device, pad_id: int, max_batches: int | None = None) -> float:
-    """Mean cross-entropy per target token over `examples` (in order: deterministic); the training objective.
-    `model` may be the loss module itself (an FSDP run's, whose forward gathers the sharded weights)."""
+def mean_loss(model, examples: list[Example], batch_size: int, device, pad_id: int, max_batches: int | None = None,
+              precision: str = "auto") -> float:
+    """Mean cross-entropy per target token over `examples` (in order: deterministic); the training objective, in the
+    plan's `precision`. `model` may be the loss module itself (an FSDP run's, whose forward gathers the sharded weights)."""
     was_training = model.training
     model.eval()
     objective = model if isinstance(model, NextTokenLoss) else NextTokenLoss(model)
@@ -55,7 +56,7 @@ def mean_loss(model, examples: list[Example], batch_size: int, device, pad_id: i
         if max_batches is not None and b >= max_batches:
             break
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-        with autocast(device):
+        with autocast(device, precision):
             total += float(objective(**batch))
         count += supervised_tokens(batch)
     model.train(was_training)
@@ -63,13 +64,14 @@ def mean_loss(model, examples: list[Example], batch_size: int, device, pad_id: i
 
 
 @torch.no_grad()
-def record_losses(model, examples: list[Example], device, pad_id: int, batch_size: int = 8) -> list[list[float]]:
+def record_losses(model, examples: list[Example], device, pad_id: int, batch_size: int = 8,
+                  precision: str = "auto") -> list[list[float]]:
     """[summed token loss, tokens] of each example, in order: a perplexity's per-record values."""
     objective = NextTokenLoss(model)
     out: list[list[float]] = []
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-        with autocast(device):
+        with autocast(device, precision):
             sums, counts = objective.per_row(**batch)
         out += [[round(float(s), 5), int(c)] for s, c in zip(sums, counts)]
     return out
@@ -192,14 +194,14 @@ class InProcess:
     """Scores with a model loaded in this process. `serving.remote.Served` has the same two methods over HTTP,
     so the exact artifact behind an endpoint is scored with the same code."""
 
-    def __init__(self, model, tokenizer, device) -> None:
-        self.model, self.tokenizer, self.device = model.eval(), tokenizer, device
+    def __init__(self, model, tokenizer, device, precision: str = "auto") -> None:
+        self.model, self.tokenizer, self.device, self.precision = model.eval(), tokenizer, device, precision
         config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
         self.context = getattr(config, "max_position_embeddings", None)  # the longest sequence it was built for
 
     def losses(self, examples: list[Example]) -> list[list[float]]:
         """[summed loss, tokens] over each example's supervised tokens."""
-        return record_losses(self.model, examples, self.device, self.tokenizer.pad_token_id)
+        return record_losses(self.model, examples, self.device, self.tokenizer.pad_token_id, precision=self.precision)
 
     def answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         return generate_answers(self.model, self.tokenizer, prompts, self.device, max_new_tokens)
@@ -212,7 +214,7 @@ class InProcess:
 
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             out = self.model(input_ids=torch.tensor([context], device=self.device), use_cache=True)
         cache = getattr(out, "cache", None) or out.past_key_values
         first = torch.log_softmax(out.logits[0, -1].float(), -1)
@@ -223,7 +225,7 @@ class InProcess:
             pad = self.tokenizer.pad_token_id
             steps = torch.tensor([(c + [pad] * width)[: width - 1] for c in continuations], device=self.device)
             mask = torch.ones((len(continuations), len(context) + width - 1), dtype=torch.long, device=self.device)
-            with autocast(self.device):
+            with autocast(self.device, self.precision):
                 out = self.model(input_ids=steps, attention_mask=mask, use_cache=True, **{cache_arg: cache})
             logp = torch.log_softmax(out.logits.float(), -1)
             for i, c in enumerate(continuations):
@@ -398,14 +400,14 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int | None = None, 
     torch.manual_seed(0)
 
     model, tokenizer = _load_trained(model_dir, lineage, device)
-    candidate = score_model(InProcess(model, tokenizer, device), tokenizer, summary.format, splits, forgetting, plan.seq_len,
+    candidate = score_model(InProcess(model, tokenizer, device, plan.precision), tokenizer, summary.format, splits, forgetting, plan.seq_len,
                             max_examples)
     del model
     base_scores = None
     if reference:
         base, base_tok = load_base(Path(reference))
         base.to(device)
-        base_scores = score_model(InProcess(base, base_tok, device), base_tok, summary.format, splits, forgetting,
+        base_scores = score_model(InProcess(base, base_tok, device, plan.precision), base_tok, summary.format, splits, forgetting,
                                   plan.seq_len, max_examples)
         del base
     base_answers = base_scores.answers if base_scores else []
@@ -424,7 +426,7 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int | None = None, 
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=0.0,
         records={**({"train": trained.records["train"]} if trained and "train" in trained.records else {}),
                  **{split: fit.as_dict() for split, fit in candidate.fits.items()}}, scoring=candidate.notes,
-        base_source=base_source(reference))
+        base_source=base_source(reference), precision=precision_name(device, plan.precision))
     add_candidate(evaluation, candidate.values)
     if base_scores is not None:
         add_reference(evaluation, "base", candidate.values, base_scores.values)
@@ -469,15 +471,16 @@ def load_exported(model_dir: Path):
 
 
 def score_directory(workspace: Path, model_dir: Path, dataset: str, seq_len: int, max_examples: int | None = None,
-                    forgetting: tuple[str, ...] | None = None) -> Scores:
-    """Per-record scores of any exported model directory (e.g. the production version) on `dataset`'s splits."""
+                    forgetting: tuple[str, ...] | None = None, precision: str = "auto") -> Scores:
+    """Per-record scores of any exported model directory (e.g. the production version) on `dataset`'s splits, in
+    the candidate's `precision` so that comparisons with it are paired on like numbers."""
     from training.data.store import datasets_dir, load_summary
 
     summary = load_summary(workspace, dataset)
     splits = {name: read_split(datasets_dir(workspace) / dataset, name) for name in ("train", "val", "test")}
     torch.manual_seed(0)
     model, tokenizer, device = load_exported(model_dir)
-    return score_model(InProcess(model, tokenizer, device), tokenizer, summary.format, splits,
+    return score_model(InProcess(model, tokenizer, device, precision), tokenizer, summary.format, splits,
                        forgetting or general_texts(), seq_len, max_examples)
 
 

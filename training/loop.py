@@ -26,7 +26,7 @@ from training.errors import ModelcrewError
 from training.estimate import check_memory
 from training.evaluate import mean_loss
 from training.export import export_model
-from training.objective import NextTokenLoss, autocast, compute_dtype, supervised_tokens
+from training.objective import NextTokenLoss, autocast, precision_name, supervised_tokens
 from training.runs import Run
 from training.setup import Distributed, build_model, prepare_run
 
@@ -160,7 +160,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
                    "grad_norm": None if grad_norm is None else round(parallel.norm_value(grad_norm), 4)}
             if step % plan.eval_every == 0 or (plan.budget.steps and step == plan.budget.steps):
                 last_val = mean_loss(scored, run.val_examples, micro_batch, device, run.tokenizer.pad_token_id,
-                                     max_batches=plan.eval_batches)
+                                     max_batches=plan.eval_batches, precision=plan.precision)
                 row["val_loss"] = round(last_val, 6)
                 if best_loss is None or last_val < best_loss:
                     best_loss, best_step, bad_evals = last_val, step, 0
@@ -211,7 +211,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
         final_dir=str(final_dir), best_dir=str(best_dir) if best_dir else None,
         records={split: fit.as_dict() for split, fit in run.fits.items()}, processes=dist.world,
         strategy=plan.strategy if dist.world > 1 else None,
-        precision="bfloat16" if compute_dtype(device, plan.precision) is not None else "float32")
+        precision=precision_name(device, plan.precision))
     if dist.is_main:
         run.artefacts.write_result(result)
     dist.close()

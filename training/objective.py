@@ -19,7 +19,9 @@ the selection (a data-dependent shape, which would force a host sync and a graph
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -127,14 +129,38 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bfloat16 natively
+
+
+def cpu_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AMX or AVX512-BF16), where bf16 autocast pays
+    (`bench/bench_precision.py`); elsewhere oneDNN emulates it and float32 is faster. MODELCREW_CPU_BF16=0 or 1
+    overrides the detection (the tests pin 0, so their figures do not depend on the machine CI draws)."""
+    forced = os.environ.get("MODELCREW_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
 def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """What matmuls run in under a plan's `precision`: bf16 autocast on CUDA unless float32 is asked for; on CPU
-    float32 unless bfloat16 is asked for (it pays on CPUs with AMX, `bench/bench_precision.py`); None: float32."""
+    """What matmuls run in under a plan's `precision` (None: float32). `auto`: bf16 autocast on CUDA and on CPUs
+    that multiply bf16 natively (`cpu_bf16`), float32 on other CPUs; `float32` and `bfloat16` say it outright."""
     if precision == "float32":
         return None
-    if device.type == "cuda" or precision == "bfloat16":
+    if precision == "bfloat16" or device.type == "cuda" or (device.type == "cpu" and cpu_bf16()):
         return torch.bfloat16
     return None
+
+
+def precision_name(device: torch.device, precision: str = "auto") -> str:
+    """What a run records: the precision its matmuls ran in."""
+    return "bfloat16" if compute_dtype(device, precision) is not None else "float32"
 
 
 def autocast(device: torch.device, precision: str = "auto"):
