@@ -920,13 +920,15 @@ def curate(source: str, workspace: Path, label: str, **settings) -> str:
 def faq_lora_plan(workspace: Path, steps: int, **change):
     """The engine run that bench_precision.py and bench_checkpointing.py each vary one setting of (`change`): LoRA
     rank 8 on the embedded SmolLM2-135M-Instruct over the example FAQ pairs (curated into `workspace`), batch 8,
-    seq_len cap 256, `steps` steps on the CPU, validated and checkpointed only at the end unless `change` says."""
+    seq_len cap 256, `steps` steps on the CPU in float32, validated and checkpointed only at the end unless `change`
+    says otherwise."""
     from training.contracts import Budget, LoraSettings, TrainPlan
 
     fp = curate(str(ROOT / "examples" / "data" / "support_faq.jsonl"), workspace, "the FAQ pairs")
     settings = dict(task="finetune", dataset=fp, base_model="smollm2-135m-instruct", method="lora",
                     lora=LoraSettings(rank=8, alpha=16), lr=2e-4, batch_size=8, seq_len=256, warmup_steps=2,
-                    budget=Budget(steps=steps), eval_every=steps, eval_batches=1, checkpoint_every=steps, device="cpu")
+                    budget=Budget(steps=steps), eval_every=steps, eval_batches=1, checkpoint_every=steps, device="cpu",
+                    precision="float32")
     return TrainPlan(**(settings | change))
 
 
