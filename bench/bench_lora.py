@@ -9,7 +9,7 @@ What it does, all in one run:
    `$TMPDIR/modelcrew-bench`, shared with bench_train.py) and converts the embedded base
    `smollm2-135m-instruct` once into `<workspace>/models/base/` (cached between runs).
 2. Runs, each in a fresh subprocess (its own peak RSS), interleaved:
-   - **ours**: `training.loop.train()` on a LoRA plan (r=8, alpha 16, dropout 0.05 on q/k/v/o_proj);
+   - **ours**: `training.loop.train()` on a LoRA plan (r=8, alpha 16, the engine's default dropout on q/k/v/o_proj);
    - **peft + Trainer**: the same base loaded with `AutoModelForCausalLM.from_pretrained` (float32), a peft
      `LoraConfig` with the same rank, alpha, dropout and target modules, the same examples
      (`training.batches.build_examples`: chat template, loss only on the answer, identical token ids) in
@@ -57,6 +57,12 @@ def plan_for(spec: dict):
                      eval_every=10**6, checkpoint_every=10**6, lr=spec["lr"], warmup_steps=spec["warmup_steps"],
                      seed=spec["seed"], weight_decay=spec["weight_decay"], grad_clip=spec["grad_clip"],
                      min_lr_ratio=spec["min_lr_ratio"], device="cpu", precision=spec["precision"])
+
+
+def default_dropout() -> float:
+    from training.contracts import LoraSettings
+
+    return LoraSettings().dropout
 
 
 def child_prep(spec: dict) -> dict:
@@ -268,7 +274,7 @@ def main(argv=None) -> None:
     fingerprint = curate(str(DATA), args.workspace, DATA.name)
     spec = {"workspace": str(args.workspace), "dataset": fingerprint, "seq_len": args.seq_len, "batch_size": args.batch_size,
             "steps": args.steps, "lr": 2e-4, "warmup_steps": 2, "seed": 0, "weight_decay": 0.0, "grad_clip": 1.0,
-            "min_lr_ratio": 0.1, "rank": 8, "alpha": 16, "lora_dropout": 0.05, "threads": args.threads,
+            "min_lr_ratio": 0.1, "rank": 8, "alpha": 16, "lora_dropout": default_dropout(), "threads": args.threads,
             "precision": resolved_precision(args.precision)}
     prep = run_child(Path(__file__), "prep", spec, f"{BASE}: converting once (about 35 s) or reusing; examples")
     spec["base_dir"] = prep["base_dir"]
