@@ -46,9 +46,10 @@ test: setup
 # (BENCH_FLAGS=--allow-dirty measures anyway and says so). The last line prints every target, MET or MISSED.
 # bench-quick (< 5 minutes) runs reduced sizes into bench/quick/ (ignored by git), never over the published figures.
 # bench_serve and bench_crew use the converted SmolLM2 (converted on first use); bench_gpu.py and gpu_check.py need a GPU.
-BENCHES := bench_data bench_train bench_lora bench_precision bench_checkpointing bench_dropout bench_memory \
-           bench_serve bench_crew bench_report bench_eval bench_bases bench_loop_memory
-QUICK_BENCHES := bench_train bench_lora bench_dropout bench_memory bench_report bench_loop_memory
+BENCHES := bench_data bench_train bench_lora bench_precision bench_checkpointing bench_dropout bench_cpu_levers \
+           bench_memory bench_serve bench_crew bench_report bench_eval bench_bases bench_loop_memory
+# bench_report reads the newest crew run, which a quick bench_crew would leave for the full one: not in the quick set
+QUICK_BENCHES := bench_train bench_lora bench_precision bench_dropout bench_memory bench_loop_memory
 
 bench: setup
 	@set -e; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py $(BENCH_FLAGS); done

@@ -16,7 +16,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 # in the order `make bench` runs them
 BENCHES = ("bench_data", "bench_train", "bench_lora", "bench_precision", "bench_checkpointing", "bench_dropout",
-           "bench_memory", "bench_serve", "bench_crew", "bench_report", "bench_eval", "bench_bases", "bench_loop_memory")
+           "bench_cpu_levers", "bench_memory", "bench_serve", "bench_crew", "bench_report", "bench_eval", "bench_bases", "bench_loop_memory")
 
 
 def rows(results: Path) -> list[tuple[str, str, str, str, str]]:
