@@ -39,7 +39,7 @@ def loop_start(
     once: Annotated[bool, typer.Option("--once", help="One check (and at most one round), then exit.")] = False,
     replay: Annotated[float, typer.Option("--replay", min=0.0, max=0.9, help="Share of a later round's training records drawn from earlier data.")] = 0.5,
     drift: Annotated[float, typer.Option("--drift", min=0.01, max=2.0, help="Embedding-centroid distance between new and training records that counts as drift.")] = 0.3,
-    no_memory: Annotated[bool, typer.Option("--no-memory", help="The trainer ignores earlier runs (a baseline).")] = False,
+    no_memory: Annotated[bool, typer.Option("--no-memory", help="The trainer ignores earlier runs in memory (a baseline); the loop's own rounds still rule out a missed rate.")] = False,
     llm: Annotated[Optional[str], typer.Option("--llm", envvar="MODELCREW_LLM", help="offline (default, a rule-based policy), or a CrewAI model string.")] = None,
     llm_base_url: Annotated[Optional[str], typer.Option("--llm-base-url", envvar="MODELCREW_LLM_BASE_URL", help="An OpenAI-compatible server for the agents' LLM.")] = None,
     workspace: Workspace = DEFAULT_WORKSPACE,
