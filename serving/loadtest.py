@@ -24,6 +24,7 @@ from typing import Callable
 
 WELL_FORMED = ("completion", "stream", "chat", "chat_stream")
 EXPECTED_STATUS = {"bad_ids": 400, "oversized": 413}
+KEEPALIVE_EXPIRY_S = 2.0  # below the server's keep-alive timeout (see run)
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,11 @@ async def run(base_url: str, model: str, mix: Mix, short_prompts: list[str], lon
     import httpx
     import openai
 
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=mix.clients + 8, max_keepalive_connections=mix.clients),
-                             timeout=timeout)
+    # idle connections are dropped after 2 s, well before any uvicorn server closes them (5 s by default, 30 s under
+    # `modelcrew serve`): with httpx's default of 5 s, equal to uvicorn's, a connection reused after ~5 s idle could
+    # meet the server's close and fail with no answer (max_retries=0 here, so that a server fault is never hidden)
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=mix.clients + 8, max_keepalive_connections=mix.clients,
+                                                 keepalive_expiry=KEEPALIVE_EXPIRY_S), timeout=timeout)
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout, http_client=http)
     kinds = mix.kinds()
     outcomes: list[Outcome] = []

@@ -20,7 +20,7 @@ import torch
 import serving.engine as engine
 from serving.loadtest import Mix, run, summarize
 from serving.registry import Registry
-from serving.server import create_app
+from serving.server import KEEP_ALIVE_S, create_app
 from tests.test_serving import FAQ, Server, _evaluation, _gate, ws  # noqa: F401  (ws: the module fixture, shared)
 
 
@@ -101,7 +101,11 @@ def test_200_concurrent_clients_with_disconnects_bad_input_and_a_promotion(ws, t
 
         return asyncio.run(go())
 
-    with Server(app) as server:
+    server = Server(app)
+    # served as `modelcrew serve` serves: idle connections kept 30 s, longer than the load clients' pool keeps them
+    # (uvicorn's default of 5 s met httpx's 5 s: a connection reused after ~5 s idle failed 1 run in 10)
+    server.server.config.timeout_keep_alive = KEEP_ALIVE_S
+    with server:
         # warm-up, with a swap and a rollback, the second wave shaped as the measured one: what stays for a process's
         # life is allocated here (the allocator's arenas of the threads that run batchers and load models). Measured:
         # resident memory grows by 50-70 MB in each of the first two waves, then holds within 20-30 MB of that
@@ -142,7 +146,16 @@ def test_200_concurrent_clients_with_disconnects_bad_input_and_a_promotion(ws, t
         while len(ends) < len(answered) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(ends) == len(answered) and "error" not in ends
-        assert ends.count("cancelled") >= 1
+        # well-formed requests all ran to their length (checked above); the 60 closed streams (64 tokens asked, closed
+        # after 2 chunks) end cancelled unless all 62 of their remaining decode steps ran before the server's event loop
+        # saw the close (one loop turn: starlette's disconnect listener). A step of up to 32 rows (the default
+        # max_batch) takes ~30 ms here (about 1000 tokens/s), so that needs the loop to stall for ~2 s; measured: 60 of
+        # 60 cancelled in each of 11 runs. 80% leaves room for a few closes behind a busy loop, and fails if closes are
+        # not acted on as a rule (a stream that runs on after its client left)
+        cancelled = ends.count("cancelled")
+        print(f"closed streams that ended cancelled: {cancelled} of {kinds['disconnect']}")
+        assert ends.count("length") + cancelled == len(ends)
+        assert cancelled >= 0.8 * kinds["disconnect"], f"{cancelled} of {kinds['disconnect']} closed streams cancelled"
         # nothing left behind: the batcher is idle, v1's has stopped, no request is alive, memory is back
         current = slot.current
         assert current.key == "bot@v2" and current.batcher.rows == [] and current.batcher.queue.empty()
