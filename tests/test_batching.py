@@ -351,3 +351,70 @@ def test_through_the_server_a_closed_stream_stops_decoding_for_it(model_dir):
             time.sleep(0.01)
         assert ended and ended[0]["reason"] == "cancelled" and ended[0]["completion_tokens"] < 120, ended
         assert not batcher.rows
+
+
+# ---- sliding-window models batch statically ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_loaded(model_dir, tmp_path_factory) -> LoadedModel:
+    """A tiny Gemma 3 (random weights, seeded) with a sliding window of 4 on its first layer and full attention on the
+    second, as Gemma 3 alternates them, saved with the tiny model's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("gemma3") / "tiny-gemma3"
+    Gemma3ForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    loaded = LoadedModel(out, "tiny-gemma3", device="cpu")
+    loaded.eos_ids = set()  # every request runs to its max_tokens
+    return loaded
+
+
+def test_a_sliding_window_model_batches_statically_and_answers_the_same(gemma_loaded):
+    loaded = gemma_loaded
+    b = Batcher(loaded, max_batch=8)
+    b.start()
+    try:
+        long_text, short_text = "The water tank is empty again", "How do I descale my brewer?"  # longer than the window
+        assert min(len(ids(loaded, long_text)), len(ids(loaded, short_text))) > loaded.model.config.sliding_window
+        ref_long, ref_short = alone(b, loaded, long_text, 30), alone(b, loaded, short_text, 8)
+        assert b.mergeable is False  # its cache has a sliding-window layer: rows cannot be padded into it mid-way
+        assert len({t for t, _ in ref_long.tokens()}) > 1  # the random model says more than one thing
+
+        short, short_sink = request(loaded, short_text, 8)
+        submitted_at = []
+
+        def send(n: int) -> None:  # on the worker thread after the long one's 5th token: the next step could take it
+            if n == 5:
+                submitted_at.append(len(long_sink.texts))
+                b.submit(short)
+
+        long_req, long_sink = request(loaded, long_text, 30, on_text=send)
+        batches, shared = b.batches, b.shared_steps
+        b.submit(long_req)
+        same_tokens(long_sink, ref_long)
+        same_tokens(short_sink, ref_short)  # answered, and as alone
+        assert submitted_at == [5]
+        # it joined only once the long one had drained: its first token after the long one's last event, its own
+        # prefill, and no step decoded both (a continuous batcher would have finished it mid-way through the long one)
+        assert short_sink.times[0] > long_sink.ended_at
+        assert (b.batches - batches, b.shared_steps - shared) == (2, 0)
+
+        # one call's prompts still start together (left-padded to the longer one in one prefill), and match alone
+        together = [request(loaded, long_text, 30), request(loaded, short_text, 8)]
+        b.submit(*(r for r, _ in together))
+        same_tokens(together[0][1], ref_long)
+        same_tokens(together[1][1], ref_short)
+        assert b.batches - batches == 3
+    finally:
+        b.stop()
+        b.join(timeout=30)
+    assert not b.is_alive()
