@@ -315,3 +315,49 @@ def test_smollm2_gguf_chats_in_llama_cpp(llama_cpp, smol):
                                         max_tokens=24, temperature=0)["choices"][0]
     assert "Paris" in answer["message"]["content"] and answer["finish_reason"] == "stop"
     llm.close()
+
+
+# ---- an adapter version: merged on export ------------------------------------------------------------------------
+
+
+def test_cli_hf_export_of_an_adapter_version_is_the_merged_model(reg, tmp_path, cli):
+    """A LoRA version (its directory an adapter over the registered base) exported with `--format hf` through the
+    CLI: one full model whose logits are the adapter-applied model's. In float32 they differ only by rounding (the
+    merge adds scale * B @ A into W once instead of per forward): measured 5e-7 of the largest logit; tolerance 1e-5.
+    The adapter itself moves the logits far more than that (checked), so an export that dropped it would fail."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.contracts import Budget, LoraSettings, TrainPlan
+    from training.data import curate_to_workspace
+    from training.loop import train
+
+    ws = reg.workspace
+    base_dir = reg.resolve("bot@v1")[2]
+    fp = curate_to_workspace(str(FAQ), ws).summary.fingerprint
+    plan = TrainPlan(task="finetune", dataset=fp, base_model=str(base_dir), method="lora", budget=Budget(steps=6),
+                     lora=LoraSettings(merge=False), **{**TINY, "seq_len": 128, "lr": 1e-2})
+    adapter_run = Path(train(plan, ws, "lora-export", show_progress=False).final_dir)
+    version = reg.register("lora-bot", adapter_run)
+    assert version.weights == "adapter"
+    adapter_dir = reg.resolve("lora-bot@v1")[2]
+    assert (Path(adapter_dir) / "adapter_config.json").is_file()
+
+    ok = cli("models", "export", "lora-bot@v1", tmp_path / "merged", "--format", "hf", "--dtype", "float32",
+             "--workspace", ws, "--json")
+    assert ok.exit_code == 0, ok.stderr
+    out = Path(ok.json()["path"])
+    assert not (out / "adapter_config.json").exists() and any(out.glob("*.safetensors"))
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.float32
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = [tok(p).input_ids for p in PROMPTS]
+    base = AutoModelForCausalLM.from_pretrained(version.base_dir, dtype="float32")
+    base_logits = logits(base, ids)
+    applied = PeftModel.from_pretrained(base, str(adapter_dir)).eval()  # the adapter as a separate branch, unmerged
+    applied_logits = logits(applied, ids)
+    error, moved = rel_error(logits(merged, ids), applied_logits), rel_error(applied_logits, base_logits)
+    print(f"\nmerged vs adapter-applied: {error:.1e}; adapter-applied vs base: {moved:.1e}")
+    assert error < 1e-5
+    assert moved > 100 * 1e-5  # the adapter is really in there
