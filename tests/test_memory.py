@@ -347,3 +347,42 @@ def test_contamination_can_exclude_a_datasets_earlier_versions(world):
     val = [json.loads(line) for line in (ws / "datasets" / sets["faq"].fingerprint / "val.jsonl").read_text().splitlines()]
     assert len(store.contamination([val[0]], exclude_dataset=["0000000000000000"])) == 1
     assert store.contamination([val[0]], exclude_dataset=["0000000000000000", sets["faq"].fingerprint]) == []
+
+
+def test_a_reader_waits_for_a_writer_in_another_process_and_then_succeeds(tmp_path):
+    """A search while another process holds the workspace's memory write lock waits for it, then answers.
+
+    The holder is a real subprocess taking the real `WriterLock` on the store's own lock file (`store.lock.path`)
+    for 1.5 s; it reports CLOCK_MONOTONIC (system-wide on Linux, so comparable across processes) just before it
+    lets go. The search starts while the lock is held and must return no earlier than that moment. No margin is
+    needed: the timestamp is taken before the release, so a read that waited for the release returns after it.
+    It can fail: were `_reading` not to take the shared `ReaderLock`, the search (a few tens of ms on this
+    one-entry index) would return about 1.5 s before the holder's release and the second assertion would fail."""
+    store = MemoryStore(tmp_path, lock_timeout=30)  # well above the 1.5 s hold: waiting must not turn into a timeout
+    lid = store.add_lesson("warming up the learning rate for 10 steps kept the loss from spiking", "r1", "fp")
+    assert store.search("what stopped the loss spikes", "lessons", k=1)[0].id == lid  # client and model loaded first
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from memory.lock import WriterLock
+        lock = WriterLock(Path({str(store.lock.path)!r}))
+        with lock:
+            print("held", flush=True)
+            time.sleep(1.5)
+            print("releasing", time.monotonic(), flush=True)
+    """)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held", holder.stderr.read()[-2000:]
+        started = time.monotonic()
+        hits = store.search("what stopped the loss spikes", "lessons", k=1)
+        returned = time.monotonic()
+        out, err = holder.communicate(timeout=60)
+        assert holder.returncode == 0, err[-2000:]
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    released = float(out.split()[-1])
+    assert started < released, "the search began after the writer let go: nothing was tested"
+    assert returned >= released, f"the search returned {released - returned:.3f} s before the writer released its lock"
+    assert [h.id for h in hits] == [lid] and hits[0].metadata["run_id"] == "r1"  # it waited, then succeeded
