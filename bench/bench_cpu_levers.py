@@ -162,7 +162,7 @@ def section(out: dict, a) -> list[str]:
         *((f"{VARIANTS[n][0]} pays (peak RSS >= {MALLOC_RSS_CUT:.0%} lower at >= {MALLOC_SPEED}x tokens/s)", yes(v[n]["pays"]))
           for n in ("malloc_arenas", "malloc_thresholds")),
     ]
-    adopt = [f"- `compile: true`: " + (
+    adopt = ["- `compile: true`: " + (
         f"pays here ({comp['speed_ratio']:.2f}x after a {comp['warmup_extra_s']:.0f} s warm-up); the engine should "
         "turn it on for CPU runs long enough to repay the warm-up." if comp["pays"] else
         f"does not pay here ({comp['speed_ratio']:.2f}x tokens/s after warm-up, loss gap "

@@ -134,9 +134,8 @@ def main() -> None:
               f"| fine-tuned | {out['accuracy']:.3f} ({i['low']:.3f}–{i['high']:.3f}) | {out['accuracy_raw']:.3f} |",
               f"| paired difference | {change.change:+.3f} ({change.low:+.3f} to {change.high:+.3f}) over {change.n} articles | |", "",
               f"Gate: {'PASSED' if gate and gate.passed else 'FAILED'} — {gate.reasons[0] if gate else 'not gated'}.", "",
-              f"Train records: {r['records']} ({r['whole']} whole, {r['cut']} cut, {r['dropped']} dropped). Machine: {out['cpu']}, "
-              f"{out['platform']}, {out['cores']} cores, load average {out['load_avg']:.2f} when the section was written; "
-              f"commit {out['commit']}, {out['date']}.", ""]
+              f"Train records: {r['records']} ({r['whole']} whole, {r['cut']} cut, {r['dropped']} dropped). Platform: {out['platform']}, "
+              f"load average {out['load_avg_end']:.2f} when the section was written.", ""]
     write_section("bench_eval", lines)
     print("\n".join(lines[1:-1]))
 

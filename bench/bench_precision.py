@@ -154,7 +154,6 @@ def bench_evaluation(plan, a) -> dict:
     gaps = [abs(b[0] - f[0]) / f[0] for f, b in zip(losses["float32"], losses["bfloat16"]) if f[0] > 0]
     speedup = tps["bfloat16"] / tps["float32"]
     gap = max(gaps)
-    del model
     return {"examples": len(examples), "tokens": tokens, "batch": 8, "seconds": times, "tokens_per_s": tps,
             "speedup": speedup, "max_relative_loss_gap": gap, "median_relative_loss_gap": statistics.median(gaps),
             "pays": speedup >= PAYS_SPEED and gap <= PAYS_LOSS}

@@ -199,11 +199,11 @@ def machine_info(packages: tuple[str, ...] = TORCH_PACKAGES) -> dict:
 
 
 def machine_rows(m: dict, packages: tuple[str, ...] = TORCH_PACKAGES) -> list[tuple[str, str]]:
+    """Memory, versions, platform and load at start and end; CPU, cores, commit and date are in the provenance line."""
     return [
-        ("CPU", m["cpu_model"]), ("nproc / cores used", f"{m['nproc']} / {m['cores_used']}"),
         ("memory", f"{fmt(m['mem_total_bytes'] / 10**9, 1)} GB" if m["mem_total_bytes"] else "n/a"),
         (" / ".join(("python",) + packages), " / ".join(m[k] for k in ("python",) + packages)),
-        ("platform", m["platform"]), ("engine commit", m["git_commit"]), ("date (UTC)", m["date_utc"]),
+        ("platform", m["platform"]),
         ("load average (1 min) at start / end, other work on the machine skews timings",
          f"{m['loadavg_start']:.2f} / {m.get('loadavg_end', float('nan')):.2f}"),
     ]
@@ -273,16 +273,14 @@ def cpu_model() -> str:
 
 
 def stamp() -> dict:
-    """Where and when a one-table bench ran: CPU, cores, load average (now, at its end), commit, platform, date."""
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "load_avg": os.getloadavg()[0], "commit": git_commit(),
-            "platform": platform.platform(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    """What the provenance line (commit, machine, date, load at the start) lacks: the platform and the load at the end."""
+    return {"platform": platform.platform(), "load_avg_end": os.getloadavg()[0]}
 
 
 def stamp_rows(out: dict, threads: str = "") -> list[tuple[str, str]]:
-    """The rows of a one-table section saying where (`stamp()` in `out`) and at which commit it ran."""
-    return [("machine", f"{out.get('cpu', 'CPU not recorded')}, {out['platform']}, {out['cores']} cores, {threads}"
-                        f"load average {out['load_avg']:.2f} at the end"),
-            ("engine commit / date (UTC)", f"{out['commit']} / {out['date']}")]
+    """The row of a one-table section with `stamp()`'s platform and end-of-run load (the rest is in its provenance line)."""
+    return [("platform, threads, load at the end", f"{out['platform']}, {threads}load average {out['load_avg_end']:.2f} "
+                                                   "at the end (other work on the machine skews timings)")]
 
 
 def shown_path(path: Path) -> Path:

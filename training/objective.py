@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from training.batches import IGNORE
 
@@ -55,8 +56,6 @@ class NextTokenLoss(torch.nn.Module):
 
     def fusable(self) -> bool:
         """A plain output layer (no bias, no logit softcap, not sharded by FSDP, not quantized) can be fused."""
-        from torch.distributed.tensor import DTensor
-
         head = self.head
         return (type(head) is torch.nn.Linear and head.bias is None and not self.softcap
                 and not isinstance(head.weight, DTensor))
