@@ -130,7 +130,7 @@ class Batcher(threading.Thread):
         self.rows: list[_Row] = []  # the running batch, in the KV cache's row order
         self.cache = None
         self.mask: torch.Tensor | None = None  # [rows, cached positions + 1]: 0 where a row is left-padded
-        self.mergeable: bool | None = None  # can rows join a running cache (plain full-attention layers)? known after a prefill
+        self.mergeable: bool | None = None  # can rows join a running cache (plain or sliding-window layers)? known after a prefill
         self._joining: list[_Row] = []  # being prefilled and merged: a failure there must reach them too
         self._held: list[Request] | None = None  # a group with no room yet: it joins first when rows leave
         self._stopping = False
@@ -229,7 +229,7 @@ class Batcher(threading.Thread):
             if entries is not None:
                 row.emit({"type": "prompt_logprobs", "entries": entries})
         if self.mergeable is None:
-            self.mergeable = _plain(cache)
+            self.mergeable = _joinable(cache)
         self.batches += 1
         self.batched_requests += len(rows)
         for row in rows:
@@ -250,8 +250,11 @@ class Batcher(threading.Thread):
         # both sides left-padded to the longer cache: a row's real positions always end at the last column
         width = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+            kept = _kept(mine, width)
+            mine.keys = torch.cat([_left_pad(mine.keys, kept), _left_pad(theirs.keys, kept)])
+            mine.values = torch.cat([_left_pad(mine.values, kept), _left_pad(theirs.values, kept)])
+            if _sliding(mine):
+                mine.cumulative_length = width
         self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
         self.rows, self._joining = self.rows + rows, []
 
@@ -320,8 +323,12 @@ class Batcher(threading.Thread):
         lead = int((self.mask.cumsum(-1) == 0).sum(-1).min())  # rows are padded on the left only
         if lead and self.mergeable:
             self.mask = self.mask[:, lead:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., lead:, :], layer.values[..., lead:, :]
+            width = self.mask.shape[1]
+            for layer in self.cache.layers:  # a sliding window's cache holds the last columns only: it may keep them all
+                kept = _kept(layer, width)
+                layer.keys, layer.values = layer.keys[..., -kept:, :], layer.values[..., -kept:, :]
+                if _sliding(layer):
+                    layer.cumulative_length = width
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample each active row's next token from its logits, send it, and finish the rows that are done."""
@@ -362,14 +369,27 @@ class Batcher(threading.Thread):
                 row.emit({"type": "error", "message": f"{type(err).__name__}: {err}"})
 
 
-def _plain(cache) -> bool:
-    """Whether every layer of the cache is a plain growing [batch, heads, seq, dim] one that rows can be padded into."""
+def _joinable(cache) -> bool:
+    """Whether rows can be padded into this cache mid-way: every layer a growing [batch, heads, seq, dim] one, either
+    plain (every column) or a sliding window's (the last `sliding_window - 1` columns, as Gemma 3 alternates them)."""
     try:
-        from transformers.cache_utils import DynamicLayer
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
     except ImportError:
         return False
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    return bool(layers) and all(type(layer) is DynamicLayer or
+                                (type(layer) is DynamicSlidingWindowLayer and not layer.record_past) for layer in layers)
+
+
+def _sliding(layer) -> bool:
+    return getattr(layer, "is_sliding", False)
+
+
+def _kept(layer, width: int) -> int:
+    """How many of a batch's `width` columns a layer keeps: all, or a sliding window's last `sliding_window - 1`.
+    Every row shares one column space (left-padded), so a window's count (`cumulative_length`) is the batch's width
+    and the mask built from it lines each row's real positions up at the end."""
+    return min(width, layer.sliding_window - 1) if _sliding(layer) else width
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

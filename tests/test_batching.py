@@ -353,7 +353,7 @@ def test_through_the_server_a_closed_stream_stops_decoding_for_it(model_dir):
         assert not batcher.rows
 
 
-# ---- sliding-window models batch statically ------------------------------------------------------------------
+# ---- sliding-window models batch continuously too -----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -378,42 +378,50 @@ def gemma_loaded(model_dir, tmp_path_factory) -> LoadedModel:
     return loaded
 
 
-def test_a_sliding_window_model_batches_statically_and_answers_the_same(gemma_loaded):
+def test_a_sliding_window_model_joins_requests_mid_batch_and_answers_the_same(gemma_loaded):
+    """Rows join and leave a cache whose first layer keeps only the window's last 3 columns: a joiner wider than the
+    running batch (the running rows are padded), one narrower than the window (its window is padded), a group of two,
+    and the trim when rows leave must all give each request the tokens and logprobs it gets alone."""
     loaded = gemma_loaded
     b = Batcher(loaded, max_batch=8)
     b.start()
     try:
-        long_text, short_text = "The water tank is empty again", "How do I descale my brewer?"  # longer than the window
-        assert min(len(ids(loaded, long_text)), len(ids(loaded, short_text))) > loaded.model.config.sliding_window
-        ref_long, ref_short = alone(b, loaded, long_text, 30), alone(b, loaded, short_text, 8)
-        assert b.mergeable is False  # its cache has a sliding-window layer: rows cannot be padded into it mid-way
-        assert len({t for t, _ in ref_long.tokens()}) > 1  # the random model says more than one thing
+        window = loaded.model.config.sliding_window
+        long_text, wide_text, tiny_text = "The water tank", "How do I descale my brewer? Again and again", "Hi"
+        group_texts = ("coffee beans", "Brewly grinder settings")
+        assert len(ids(loaded, tiny_text)) < window - 1 < len(ids(loaded, long_text)) + 3 < len(ids(loaded, wide_text))
+        refs = {"long": alone(b, loaded, long_text, 40), "wide": alone(b, loaded, wide_text, 8),
+                "tiny": alone(b, loaded, tiny_text, 10), **{t: alone(b, loaded, t, 6) for t in group_texts}}
+        assert b.mergeable is True  # plain and sliding-window layers: rows can be padded into the running cache
+        assert len({t for t, _ in refs["long"].tokens()}) > 1  # the random model says more than one thing
 
-        short, short_sink = request(loaded, short_text, 8)
-        submitted_at = []
+        wide, wide_sink = request(loaded, wide_text, 8)
+        tiny, tiny_sink = request(loaded, tiny_text, 10)
+        group = [request(loaded, t, 6) for t in group_texts]
 
-        def send(n: int) -> None:  # on the worker thread after the long one's 5th token: the next step could take it
-            if n == 5:
-                submitted_at.append(len(long_sink.texts))
-                b.submit(short)
+        def joins(n: int) -> None:  # on the worker thread after the long one's n-th token: they join at the next step
+            if n == 3:
+                b.submit(wide)  # its prompt is wider than the running cache: the long row is padded on the left
+            elif n == 15:
+                b.submit(tiny)  # after `wide` left (the cache was trimmed); its 2 columns are padded to the window's 3
+            elif n == 28:
+                b.submit(*(r for r, _ in group))
 
-        long_req, long_sink = request(loaded, long_text, 30, on_text=send)
+        long_req, long_sink = request(loaded, long_text, 40, on_text=joins)
         batches, shared = b.batches, b.shared_steps
         b.submit(long_req)
-        same_tokens(long_sink, ref_long)
-        same_tokens(short_sink, ref_short)  # answered, and as alone
-        assert submitted_at == [5]
-        # it joined only once the long one had drained: its first token after the long one's last event, its own
-        # prefill, and no step decoded both (a continuous batcher would have finished it mid-way through the long one)
-        assert short_sink.times[0] > long_sink.ended_at
-        assert (b.batches - batches, b.shared_steps - shared) == (2, 0)
+        same_tokens(long_sink, refs["long"])
+        for name, sink in (("wide", wide_sink), ("tiny", tiny_sink), *zip(group_texts, (s for _, s in group))):
+            same_tokens(sink, refs[name])
+            assert sink.ended_at < long_sink.ended_at, name  # it ran beside the long one, not after it
+        assert b.batches - batches == 4  # the long one, then three joins: each its own prefill
+        assert b.shared_steps - shared >= (8 - 1) + (10 - 1) + (6 - 1)  # steps that decoded the joiners with the long one
 
-        # one call's prompts still start together (left-padded to the longer one in one prefill), and match alone
-        together = [request(loaded, long_text, 30), request(loaded, short_text, 8)]
+        # one call's prompts start together (left-padded to the longer one in one prefill), and match alone
+        together = [request(loaded, long_text, 40), request(loaded, tiny_text, 10)]
         b.submit(*(r for r, _ in together))
-        same_tokens(together[0][1], ref_long)
-        same_tokens(together[1][1], ref_short)
-        assert b.batches - batches == 3
+        same_tokens(together[0][1], refs["long"])
+        same_tokens(together[1][1], refs["tiny"])
     finally:
         b.stop()
         b.join(timeout=30)
