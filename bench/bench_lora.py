@@ -196,10 +196,14 @@ def analyse(res: dict) -> list[str]:
         out.append(f"Memory target missed: ours peaks at {fmt(o['peak_rss_train'] / MB)} MB through the last timed step, {mem:.2f}x the "
                    f"peft + Trainer's {fmt(b['peak_rss_train'] / MB)} MB against at most {TARGET_MEMORY}x "
                    f"({fmt(TARGET_MEMORY * b['peak_rss_train'] / MB)} MB): over by {100 * (mem / TARGET_MEMORY - 1):.0f}%. "
-                   f"Both hold the same float32 base ({fmt(4 * w['params'] / MB)} MB of weights) and the same decoder activations for "
-                   "the same batches: the peak is one forward's saved activations (30 layers of 8 x ~115 tokens, with LoRA "
-                   "dropout copies of every adapted input) plus the logits over the 49,152-token vocabulary with their "
-                   "log-softmax and gradient (" + ("ours: a 64 MB chunk of answer positions at a time, fused with the loss; the "
+                   + (f"Both hold the same float32 base ({fmt(4 * w['params'] / MB)} MB of weights) and "
+                      if w.get("precision") != "bfloat16" else
+                      "The Trainer holds the float32 base and casts its linear weights to bfloat16 at every use, keeping the "
+                      "casts for backward; ours holds the frozen linear weights in bfloat16 once (the embedding stays float32). "
+                      "Both keep ")
+                   + "the same decoder activations for the same batches: the peak is one forward's saved activations (30 layers "
+                   "of 8 x ~115 tokens" + (", with LoRA dropout copies of every adapted input" if w["lora_dropout"] else "")
+                   + ") plus the logits over the 49,152-token vocabulary with their log-softmax and gradient (" + ("ours: a 64 MB chunk of answer positions at a time, fused with the loss; the "
                                                    "Trainer: float32 for every position at once" if "chunks" in ours_objective(res) else
                                                    "ours: answer positions only; the Trainer: every position" if "NextTokenLoss" in ours_objective(res)
                                                    else "for every position, on both sides") + "), on top of the weights.")
@@ -213,8 +217,8 @@ def analyse(res: dict) -> list[str]:
                    f"Trainer's) at {fmt(v['tokens_per_s'], 0)} tokens/s ({v['tokens_per_s'] / c['speed']['ours']:.2f}x ours' "
                    f"default, {v['basis']}).")
     if o["peak_rss_total"] > o["peak_rss_train"] * 1.02:
-        out.append(f"The final export raises ours to {fmt(o['peak_rss_total'] / MB)} MB: `export_model` deep-copies the whole "
-                   "model to merge the adapter (`copy.deepcopy(model).merge_and_unload()`), a second float32 copy of the base.")
+        out.append(f"The final export raises ours to {fmt(o['peak_rss_total'] / MB)} MB: `export_model` merges the adapter into "
+                   "a fresh float32 base loaded from disk (`merged_copy`), a second copy of the base beside the trained one.")
     prof = res.get("profile")
     if prof and prof.get("split"):
         total, parts = profile_parts(prof)
@@ -230,11 +234,13 @@ def analyse(res: dict) -> list[str]:
             top = ", ".join(f"`{o['op']}` {100 * o['self_cpu_s'] / max(prof.get('torch_profile_seconds') or 1, 1e-9):.0f}%" for o in ops[:4])
             less = ("ours already applies the output layer to answer positions only (about "
                     f"{100 * w['answer_mean'] / w['len_mean']:.0f}% of the tokens here), which is what it gains over the Trainer; "
-                    "what is left is no dropout on the adapters' input, fewer or cheaper decoder matmuls (a smaller or bfloat16 "
-                    "base on a CPU with bf16 matmuls)"
+                    "what is left is " + ("no dropout on the adapters' input, " if w["lora_dropout"] else "")
+                    + ("fewer or cheaper decoder matmuls (a smaller base)" if w.get("precision") == "bfloat16" else
+                       "fewer or cheaper decoder matmuls (a smaller base, or bfloat16 on a CPU with bf16 matmuls)")
                     if "NextTokenLoss" in ours_objective(res) else
                     "the output layer and loss on answer positions only (about "
-                    f"{100 * w['answer_mean'] / w['len_mean']:.0f}% of the tokens here), no dropout on the adapters' input")
+                    f"{100 * w['answer_mean'] / w['len_mean']:.0f}% of the tokens here)"
+                    + (", no dropout on the adapters' input" if w["lora_dropout"] else ""))
             out.append(f"The step's time goes to the model's operators: {top} of the wall time in the torch profiler; the frozen "
                        "base's matmuls (every linear layer's input gradient included) dominate, and they are the same on both sides. "
                        f"Only computing less moves the ratio: {less}.")

@@ -196,6 +196,28 @@ def test_a_relative_target_over_a_base_that_scores_zero_is_refused_at_planning(w
     assert fit.records == summary.splits["train"] and fit.dropped == 0 and plan.seq_len % 64 == 0
 
 
+def test_a_lora_run_in_bfloat16_holds_its_frozen_decoder_weights_in_bfloat16(ws, tiny_base, tmp_path):
+    """What the loop trains: under bf16 the frozen linear layers are stored in bfloat16 (half their bytes, no cast
+    per use), the embedding and the adapters in float32; under float32 nothing changes."""
+    import torch
+
+    from training.runs import Run
+    from training.setup import Distributed, build_model
+
+    fp = curate_to_workspace(str(ROOT / "examples/data/support_faq.jsonl"), ws).summary.fingerprint
+    dtypes = {}
+    for precision in ("bfloat16", "float32"):
+        plan = TrainPlan(task="finetune", dataset=fp, base_model=str(tiny_base), method="lora", precision=precision,
+                         budget=Budget(steps=1), **TINY)
+        model = build_model(plan, ws, Run.at(tmp_path / precision), Distributed(), torch.device("cpu"))[0]
+        dtypes[precision] = {n: p.dtype for n, p in model.named_parameters()}
+    held = dtypes["bfloat16"]
+    frozen = [n for n in held if n.endswith(("proj.weight", "base_layer.weight"))]
+    assert frozen and {held[n] for n in frozen} == {torch.bfloat16}
+    assert {held[n] for n in held if "lora_" in n or "embed_tokens" in n} == {torch.float32}
+    assert set(dtypes["float32"].values()) == {torch.float32}
+
+
 def test_precision_auto_is_bfloat16_in_training_and_evaluation_where_the_cpu_multiplies_it(ws, tiny_base, monkeypatch):
     """`auto` follows the CPU (MODELCREW_CPU_BF16 stands in for /proc/cpuinfo's flags): where bf16 is native the
     run, its validation and its evaluation (candidate and base alike, so their comparison stays paired) run under

@@ -81,3 +81,52 @@ def test_cpu_bf16_reads_the_cpus_own_flags(monkeypatch):
     assert compute_dtype(torch.device("cpu"), "float32") is None
     monkeypatch.setenv("MODELCREW_CPU_BF16", "0")
     assert not cpu_bf16(epyc) and compute_dtype(torch.device("cpu")) is None
+
+
+def _tiny_lora(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.contracts import LoraSettings
+    from training.models import apply_lora
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    model = apply_lora(LlamaForCausalLM(config), LoraSettings(rank=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():  # B starts at zero; a random B makes the adapters' gradients non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def test_frozen_matmuls_held_in_bfloat16_give_autocasts_loss_and_adapter_gradients():
+    """LoRA under bf16 autocast: the frozen decoder weights stored in bfloat16 are exactly what autocast casts the
+    float32 ones to, so loss and adapter gradients are the same; the embedding (tied head) and adapters stay float32."""
+    from training.models import hold_frozen_matmuls_in
+    from training.objective import NextTokenLoss
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 500, (4, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :10] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    results = []
+    for hold in (False, True):
+        model = _tiny_lora(seed=0)
+        saved = hold_frozen_matmuls_in(model, torch.bfloat16) if hold else 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = NextTokenLoss(model)(**batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((model, saved, loss.detach(), grads))
+    (_, _, ref_loss, ref_grads), (model, saved, loss, grads) = results
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    frozen_linear = [n for n in dtypes if n.endswith("proj.weight") or n.endswith("base_layer.weight")]
+    assert frozen_linear and all(dtypes[n] == torch.bfloat16 for n in frozen_linear)
+    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32
+    assert all(dtypes[n] == torch.float32 for n in grads) and len(grads) == 2 * 2 * 2  # A and B, q and v, 2 layers
+    assert saved == 2 * sum(dict(model.named_parameters())[n].numel() for n in frozen_linear)
+    # the same operands reach the same kernels: equal to the bit (every frozen weight in bf16, embedding included,
+    # moves the loss by 1e-2 and the gradients by 1.3% here)
+    assert torch.equal(loss, ref_loss), (loss, ref_loss)
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)

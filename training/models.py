@@ -336,6 +336,31 @@ def apply_lora(model, settings: LoraSettings):
         return get_peft_model(model, config)
 
 
+def hold_frozen_matmuls_in(model, dtype) -> int:
+    """Store the frozen weights of the decoder's linear layers in autocast's compute `dtype` (bfloat16); returns the
+    bytes saved.
+
+    Under autocast a frozen float32 weight is cast to bfloat16 at every use: autocast caches only the casts of
+    weights that train, so each layer's cast is made again every forward, kept for its input gradient in backward,
+    and the float32 original stays resident beside it. Held in bfloat16, the matmuls get the very same operands
+    (the cast was exact rounding of the same weights) with one half-size copy and no casts. Only the frozen linear
+    layers of the decoder: the embedding (and a head tied to it) stays float32, so the residual stream starts in
+    float32 as before; the adapters, trainable, stay float32 master weights. A LoRA export merges into a fresh float32
+    base from disk (`merged_copy`), so nothing exported is rounded."""
+    import torch
+
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    keep = {id(head.weight) if head is not None else None, id(embed.weight)}
+    saved = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(module, torch.nn.Linear) and not weight.requires_grad and id(weight) not in keep
+                and weight.dtype != dtype):
+            saved += weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
+            module.to(dtype)  # a frozen bias goes with it: the matmul adds it in the same dtype under autocast
+    return saved
+
+
 def count_params(model) -> tuple[int, int]:
     """(trainable, total) parameter counts, shared (tied) tensors counted once."""
     seen, trainable, total = set(), 0, 0

@@ -20,10 +20,11 @@ from training.batches import Example, Fit, fitted_examples, read_split
 from training.contracts import TrainPlan
 from training.data.store import datasets_dir, load_summary
 from training.errors import InputError
+from training.objective import compute_dtype
 from training.progress import Bar
 from training.runs import Run
 from training.models import (apply_lora, base_dir, base_source, build_scratch, check_chat_template, check_qlora,
-                             count_params, load_base, resolve_size)
+                             count_params, hold_frozen_matmuls_in, load_base, resolve_size)
 from training.tokenizer import train_bpe
 
 
@@ -198,6 +199,10 @@ def build_model(plan: TrainPlan, workspace: Path, run: Run, dist: Distributed, d
         model, tokenizer = load_base(weights, quantize_on=device if plan.method == "qlora" else None)
         if plan.method in ("lora", "qlora"):
             model = apply_lora(model, plan.lora)
+        dtype = compute_dtype(device, plan.precision)
+        # FSDP2 gathers a unit's parameters in one dtype: there the frozen weights stay float32
+        if plan.method == "lora" and dtype is not None and not (dist.world > 1 and plan.strategy == "fsdp"):
+            hold_frozen_matmuls_in(model, dtype)
     if plan.method != "qlora":  # a 4-bit model is placed on its device while loading and cannot move
         model.to(device)
     return model, tokenizer, base, weights
