@@ -113,16 +113,27 @@ def _rank_pid(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_fsdp_process_resumes_from_the_last_sharded_checkpoint(ws, fp, tmp_path):
-    fields = dict(dataset=fp, budget={"steps": 30}, checkpoint_every=4, **TINY)
-    train(TrainPlan(**fields), ws, "ref-30", show_progress=False)
-    plan = TrainPlan(**fields, launcher="torchrun", nproc=2, strategy="fsdp")
+KILLED = dict(budget={"steps": 30}, checkpoint_every=4, **TINY)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ws, fp) -> str:
+    train(TrainPlan(dataset=fp, **KILLED), ws, "ref-30", show_progress=False)
+    return "ref-30"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_killed_process_resumes_from_the_last_checkpoint(ws, fp, uninterrupted, tmp_path, strategy):
+    """kill -9 of rank 1 part-way: torchrun fails the job; relaunched with resume, it continues from the last
+    checkpoint (FSDP: each rank's shard; DDP: rank 0's one state) to the uninterrupted run's losses."""
+    plan = TrainPlan(dataset=fp, **KILLED, launcher="torchrun", nproc=2, strategy=strategy)
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(plan.model_dump_json())
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    job = subprocess.Popen(command(plan_file, ws, "killed", 2, resume=False), cwd=ROOT, env=env,
+    run_id = f"killed-{strategy}"
+    job = subprocess.Popen(command(plan_file, ws, run_id, 2, resume=False), cwd=ROOT, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = ws / "runs" / "killed" / "metrics.jsonl"
+    metrics = ws / "runs" / run_id / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 9):
         assert job.poll() is None, job.stderr.read().decode()[-2000:]
@@ -133,14 +144,17 @@ def test_a_killed_fsdp_process_resumes_from_the_last_sharded_checkpoint(ws, fp, 
     assert job.wait(120) != 0
     killed_at = len(metrics.read_text().splitlines())
     assert 9 <= killed_at < 30, "the job should be killed part-way"
-    latest = (ws / "runs" / "killed" / "checkpoints" / "latest").read_text().strip()
+    checkpoints = ws / "runs" / run_id / "checkpoints"
+    latest = (checkpoints / "latest").read_text().strip()
     assert latest in {f"step-{s:07d}" for s in (8, 12, 16, 20, 24, 28)}
+    assert sorted(p.name for p in (checkpoints / latest).glob("*.safetensors")) == (
+        ["shard-000-of-002.safetensors", "shard-001-of-002.safetensors"] if strategy == "fsdp" else ["state.safetensors"])
 
-    result = train(plan, ws, "killed", resume=True, show_progress=False)  # relaunched, from the shards
+    result = train(plan, ws, run_id, resume=True, show_progress=False)  # relaunched, from the checkpoint
     assert (result.status, result.steps) == ("completed", 30)
-    resumed, uninterrupted = _losses(ws, "killed"), _losses(ws, "ref-30")
+    resumed, reference = _losses(ws, run_id), _losses(ws, uninterrupted)
     assert sorted(resumed) == list(range(1, 31))
-    assert max(abs(resumed[s] - uninterrupted[s]) for s in resumed) < LOSS_TOLERANCE
+    assert max(abs(resumed[s] - reference[s]) for s in resumed) < LOSS_TOLERANCE
 
 
 def test_lora_under_fsdp_matches_one_process_and_exports_merged_weights(ws, tmp_path):
