@@ -47,12 +47,13 @@ FRACTIONS = [(r"three[\s-]quarters(?: of)?", "75%"), (r"two[\s-]thirds(?: of)?",
              (r"an? third(?: of)?", "33.33%"), (r"an? fifth(?: of)?", "20%"), (r"an? tenth(?: of)?", "10%"),
              (r"(?<!\w)half(?: of)?(?! an hour)(?! hour)", "50%")]
 
-METRICS = [(r"perplexit(?:y|ies)|\bppl\b", "perplexity"), (r"\baccura(?:cy|te)\b", "accuracy"),
+METRICS = [(r"perplexit(?:y|ies)|\bppl\b", "perplexity"), (r"\bpreference[\s-]*accuracy\b", "preference_accuracy"),
+           (r"\baccura(?:cy|te)\b", "accuracy"),
            (r"exact[\s-]*match(?:es)?|\bem\b", "exact_match"), (r"\b(?:token[\s-]*)?f1(?:[\s-]*score)?\b", "f1"),
            (r"\brouge[\s-]*l?\b", "rougeL")]
 METRIC = "|".join(f"(?:{p})" for p, _ in METRICS)
 METRIC_WORDS = {"perplexity": "perplexity", "accuracy": "accuracy", "exact_match": "exact match", "f1": "F1",
-                "rougeL": "ROUGE-L"}
+                "rougeL": "ROUGE-L", "preference_accuracy": "preference accuracy"}
 BASELINES = [(r"(?:the |its )?(?:base(?:line)?|original|starting|untrained|initial)(?:[\s-]*model)?(?:'s)?|"
               r"where it start(?:s|ed)|what it start(?:s|ed) from", "base"),
              (r"(?:the )?(?:current |existing |deployed |live )?production(?: model| version)?(?:'s)?|"
@@ -270,6 +271,9 @@ def parse_goal(text: str, workspace: Path | None = None) -> Goal:
     deploy, name = _find_deploy(r, data, registered)
     approval = _find_approval(r)
     method = "full" if task == "pretrain" else _find_method(r, base, lora)
+    objective = _find_objective(r, task)
+    if objective != "sft" and not re.search(METRIC, r.low):  # a preference goal is judged on preference accuracy
+        metric = "preference_accuracy"
     size = _find_size(r) if task == "pretrain" else None
     attempts = _find_attempts(r)
     processes, strategy = _find_processes(r)
@@ -277,7 +281,8 @@ def parse_goal(text: str, workspace: Path | None = None) -> Goal:
     if metric == "accuracy":
         _check_labelled(data, fmt, workspace)
     try:
-        return Goal(task=task, data=data, base_model=base or "", method=method, format=fmt, metric=metric, target=target,
+        return Goal(task=task, data=data, base_model=base or "", method=method, objective=objective, format=fmt,
+                    metric=metric, target=target,
                     budget=budget, deploy=deploy, approval=approval, model_name=name, lora=lora,
                     size=size or ("tiny" if task == "pretrain" else None), attempts=attempts, processes=processes,
                     strategy=strategy,
@@ -360,7 +365,7 @@ STOPWORDS = {"it", "on", "with", "using", "a", "the", "my", "our", "this", "that
              "so", "and", "by", "at", "until", "in", "into", "your", "these", "those", "me", "upon", "over", "all",
              "qlora", "low-rank", "base", "model", "weights", "of", "is"}
 PRETRAIN = r"pre[\s-]*train|from scratch|train (?:a|an) (?:new |fresh )?(?:tiny |small |124m )?(?:language )?model on"
-IMPROVE = r"improve|retrain|re-train|update|refresh|keep training|continue training"
+IMPROVE = r"improve|retrain|re-train|update|refresh|keep training|continue training|align"
 
 
 def _find_task(r: Reading, base: str | None) -> str | None:
@@ -443,6 +448,8 @@ def _settle_task(r: Reading, task: str | None, base: str | None, lora: LoraSetti
 
 
 def _find_format(low: str) -> str | None:
+    if re.search(r"\bpreference (?:pairs|data)\b|\bchosen (?:and|/) rejected\b", low):
+        return "preference"
     if re.search(r"\bclassif(?:y|ication|ier)\b|\bas labels?\b|\blabelled\b|\blabeled\b", low):
         return "classification"
     if re.search(r"\b(?:as |in )?chat(?: format| turns| messages)?\b(?! bot)|\bconversations?\b", low) and not re.search(r"chatbot", low):
@@ -757,6 +764,27 @@ def _find_method(r: Reading, base: str | None, lora: LoraSettings | None) -> str
     return "lora" if base_parameters(base) >= 100_000_000 else "full"
 
 
+OBJECTIVES = [(r"\bdpo\b|direct[\s-]+preference[\s-]+optimi[sz]ation", "dpo"),
+              (r"\borpo\b|odds[\s-]+ratio[\s-]+preference[\s-]+optimi[sz]ation", "orpo"),
+              (r"\bkto\b|kahneman[\s-]+tversky(?:[\s-]+optimi[sz]ation)?", "kto")]
+
+
+def _find_objective(r: Reading, task: str) -> str:
+    """"using DPO", "with ORPO", "by KTO": a preference objective (sft when the goal names none)."""
+    found = []
+    for pattern, objective in OBJECTIVES:
+        for m in re.finditer(rf"(?:\b(?:using|with|via|by)\s+)?(?:{pattern})", r.low):
+            if r.free(m.start(), m.end()):
+                r.take(m.start(), m.end())
+                found.append(objective)
+    if len(set(found)) > 1:
+        raise InputError(f"objective: the goal names {' and '.join(o.upper() for o in sorted(set(found)))}; choose one")
+    if found and task != "finetune":
+        raise InputError(f"objective: {found[0].upper()} tunes a pretrained model's preferences; name a base model "
+                         "to fine-tune")
+    return found[0] if found else "sft"
+
+
 def _find_size(r: Reading) -> str | None:
     m = re.search(r"\b(large|big|huge|medium|giant|\d+(?:\.\d+)?\s*b)\s+(?:language\s+)?model\b", r.low)
     if m:
@@ -812,6 +840,8 @@ def goal_sentence(goal: Goal) -> str:
         what = f"Fine-tune {goal.base_model} with LoRA" + (_lora_words(goal.lora) if goal.lora else "")
     else:
         what = f"Fine-tune all the weights of {goal.base_model}"
+    if goal.objective != "sft":
+        what += f" by {goal.objective.upper()} (preference tuning)"
     what += f" on {goal.data}" + (f" as {FORMAT_WORDS[goal.format]}" if goal.format else "")
     limits = [f"{goal.budget.steps:,} step{'s' * (goal.budget.steps != 1)}"] if goal.budget.steps else []
     if goal.budget.minutes:
@@ -833,7 +863,7 @@ def goal_sentence(goal: Goal) -> str:
 
 
 FORMAT_WORDS = {"text": "plain text", "pairs": "prompt-response pairs", "chat": "chat conversations",
-                "classification": "labelled text"}
+                "classification": "labelled text", "preference": "preference pairs", "feedback": "rated answers"}
 
 
 def _lora_words(lora: LoraSettings) -> str:

@@ -4,7 +4,9 @@
   (sequence packing: no padding, every token trains);
 - pairs and chat: rendered with the tokenizer's chat template; labels are -100 everywhere except
   the assistant's tokens, so the loss is only on responses;
-- classification: label generation — the text is the prompt and the label the response.
+- classification: label generation — the text is the prompt and the label the response;
+- preference (DPO, ORPO): each pair is two such sequences, prompt + chosen and prompt + rejected, labelled on the
+  answer alone (`PreferenceExample`); feedback (KTO): one sequence per rated answer, with its rating.
 
 A record longer than `seq_len` is cut in its input, never in its answer: the text, prompt or earliest
 turns lose their tail until the whole fits (`fit_record`); a record whose answer alone does not fit is
@@ -33,6 +35,18 @@ class Example:
 
     input_ids: np.ndarray
     labels: np.ndarray
+
+
+@dataclass
+class PreferenceExample:
+    """A preference pair (rows: chosen, rejected) or a rated answer (rows: the answer; `desirable` says how it
+    was rated), each row an `Example` supervised on the answer alone. `ref_logps`: each row's summed answer
+    log-probability under the reference model (the run's starting weights), filled once before training by
+    `training.objective.reference_logps` for the objectives that need them (DPO, KTO)."""
+
+    rows: tuple[Example, ...]
+    desirable: bool | None = None
+    ref_logps: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -67,8 +81,19 @@ def read_split(dataset_dir: Path, split: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+PREFERENCE = ("preference", "feedback")
+
+
+def answers_of(record: dict, fmt: str) -> list[str]:
+    """The answers a preference (chosen, rejected) or feedback (the one) record is scored on."""
+    return [record["chosen"], record["rejected"]] if fmt == "preference" else [record["completion"]]
+
+
 def to_messages(record: dict, fmt: str) -> list[dict]:
-    """A pairs / chat / classification record as chat messages."""
+    """A pairs / chat / classification record as chat messages (a preference record: its prompt and chosen
+    answer; a feedback record: its prompt and answer)."""
+    if fmt in PREFERENCE:
+        return record["prompt"] + [{"role": "assistant", "content": answers_of(record, fmt)[0]}]
     if fmt == "chat":
         return record["messages"]
     if fmt == "pairs":
@@ -111,7 +136,17 @@ def fit_record(tokenizer, record: dict, fmt: str, seq_len: int) -> tuple[dict | 
     of input tokens cut; (None, 0) when even an empty input leaves no room for the answer.
 
     classification and pairs lose the tail of their text or prompt; chat loses its earliest turns
-    (a system message stays) and then the tail of its last user turn. Answers are never cut."""
+    (a system message stays) and then the tail of its last user turn; a preference or feedback prompt is cut
+    like a chat's so that its longer answer fits. Answers are never cut."""
+    if fmt in PREFERENCE:
+        answers = answers_of(record, fmt)
+        lengths = [len(render_chat(tokenizer, record["prompt"] + [{"role": "assistant", "content": a}])) for a in answers]
+        longest = answers[max(range(len(answers)), key=lengths.__getitem__)]
+        chat = {"messages": record["prompt"] + [{"role": "assistant", "content": longest}]}
+        fitted, cut = fit_record(tokenizer, chat, "chat", seq_len)
+        if fitted is None:
+            return None, 0
+        return (record, 0) if fitted is chat else ({**record, "prompt": fitted["messages"][:-1]}, cut)
     overflow = len(render_chat(tokenizer, to_messages(record, fmt))) - seq_len
     if overflow <= 0:
         return record, 0
@@ -190,7 +225,21 @@ def fitted_examples(tokenizer, records: list[dict], fmt: str, seq_len: int) -> t
         examples = packed_examples(tokenizer, [r["text"] for r in records], seq_len)
         return examples, Fit(records=len(records), whole=len(records))
     kept, fit = fit_records(tokenizer, records, fmt, seq_len)
+    if fmt in PREFERENCE:
+        return [preference_example(tokenizer, r, fmt) for _, r in kept], fit
     return [supervised_example(tokenizer, to_messages(r, fmt)) for _, r in kept], fit
+
+
+def preference_example(tokenizer, record: dict, fmt: str) -> PreferenceExample:
+    """Each answer after the prompt, supervised on the answer alone (earlier assistant turns of a chat prompt are
+    context: the preference is about the final turn)."""
+    start = len(render_chat(tokenizer, record["prompt"], add_generation_prompt=True))
+    rows = []
+    for answer in answers_of(record, fmt):
+        example = supervised_example(tokenizer, record["prompt"] + [{"role": "assistant", "content": answer}])
+        example.labels[:start] = IGNORE
+        rows.append(example)
+    return PreferenceExample(tuple(rows), record["label"] if fmt == "feedback" else None)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -206,14 +255,36 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-class BatchStream:
-    """Endless shuffled batches over `examples`; each process of a DDP run takes its slice of every batch."""
+def collate_preference(items: list[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """k pairs as 2k rows (the k chosen, then the k rejected), or k rated answers as k rows (with `desirable`),
+    plus `ref_logps` in the rows' order (zeros where none were computed: ORPO needs none)."""
+    width = len(items[0].rows)
+    rows = [item.rows[j] for j in range(width) for item in items]
+    batch = collate(rows, pad_id)
+    refs = [item.ref_logps[j] if item.ref_logps else 0.0 for j in range(width) for item in items]
+    batch["ref_logps"] = torch.tensor(refs, dtype=torch.float32)
+    if width == 1:
+        batch["desirable"] = torch.tensor([bool(item.desirable) for item in items])
+    return batch
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int,
-                 rank: int = 0, world: int = 1) -> None:
+
+def collate_any(examples: list, pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate_preference` for preference examples, `collate` for the others."""
+    if examples and isinstance(examples[0], PreferenceExample):
+        return collate_preference(examples, pad_id)
+    return collate(examples, pad_id)
+
+
+class BatchStream:
+    """Endless shuffled batches over `examples`; each process of a DDP run takes its slice of every batch.
+    A batch of preference examples counts pairs (or rated answers), each collated by `collate_fn`."""
+
+    def __init__(self, examples: list, batch_size: int, seed: int, pad_id: int,
+                 rank: int = 0, world: int = 1, collate_fn=collate_any) -> None:
         if len(examples) < 1:
             raise ValueError("no training examples")
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.collate_fn = collate_fn
         self.rank, self.world = rank, world
         self.epoch, self.index = 0, 0  # the position: next batch starts at order[index] of this epoch
         self._order = self._permutation(0)
@@ -236,4 +307,4 @@ class BatchStream:
                 self._order = self._permutation(self.epoch)
             picked.append(self.examples[self._order[self.index]])
             self.index += 1
-        return collate(picked[self.rank :: self.world], self.pad_id)
+        return self.collate_fn(picked[self.rank :: self.world], self.pad_id)

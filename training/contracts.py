@@ -10,7 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-DataFormat = Literal["text", "pairs", "chat", "classification"]
+DataFormat = Literal["text", "pairs", "chat", "classification", "preference", "feedback"]
+# preference: a prompt with a chosen and a rejected answer (DPO, ORPO); feedback: a prompt, one answer and whether
+# it was good (KTO). Both keep the prompt as chat turns, so a multi-turn conversation's shared prefix fits too.
+PREFERENCE_FORMATS = {"dpo": "preference", "orpo": "preference", "kto": "feedback"}
+Objective = Literal["sft", "dpo", "orpo", "kto"]
 
 
 class LengthStats(BaseModel):
@@ -116,6 +120,12 @@ class TrainPlan(BaseModel):
         "the base model stays the reference the evaluation compares with"))
     size: str | ModelSize | None = Field(None, description="pretrain: tiny | small | 124m, or explicit fields")
     method: Method = "full"
+    objective: Objective = Field("sft", description=(
+        "sft: next-token loss on the answers; dpo and orpo: preference pairs (chosen over rejected); kto: single "
+        "answers marked good or bad. With method full, lora or qlora alike"))
+    beta: float = Field(0.1, gt=0, le=10, description=(
+        "dpo / kto: how far the policy may move from the reference (the starting weights); orpo: the weight of the "
+        "odds-ratio term beside the chosen answers' loss"))
     lora: LoraSettings = Field(default_factory=LoraSettings)
     lr: float = Field(3e-4, gt=0, le=1.0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
@@ -147,8 +157,18 @@ class TrainPlan(BaseModel):
         "natively (AMX, AVX512-BF16; bench/bench_precision.py), float32 on other CPUs; float32 weights stay the master "
         "copy either way"))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_as_method(cls, data):
+        """`method: dpo` (as a goal or a hand-written plan may say it) is the objective dpo over full weights."""
+        if isinstance(data, dict) and data.get("method") in PREFERENCE_FORMATS and data.get("objective", "sft") == "sft":
+            data = {**data, "objective": data["method"], "method": "full"}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "TrainPlan":
+        if self.objective != "sft" and self.task != "finetune":
+            raise ValueError(f"objective: {self.objective} tunes a pretrained model's preferences; use task=finetune")
         if self.task == "pretrain":
             if self.base_model:
                 raise ValueError("base_model: a pretraining run starts from scratch; use task=finetune to start from a base")
@@ -248,6 +268,8 @@ class Evaluation(BaseModel):
     scoring: dict[str, str] = Field(default_factory=dict, description="how each task metric was computed")
     base_source: str | None = Field(None, description="where the base's weights came from when that matters (dequantized GGUF)")
     precision: str = Field("float32", description="what the scoring matmuls ran in: float32, or bfloat16 under autocast (the plan's precision)")
+    objective: str | None = Field(None, description="preference data: the objective the preference metrics follow (dpo, orpo, kto)")
+    beta: float | None = Field(None, description="preference data: the plan's beta, which scales reward_margin")
     warnings: list[str] = Field(default_factory=list)
 
 
@@ -266,7 +288,7 @@ class GateVerdict(BaseModel):
 
 # ---- goals (what a user asked for, parsed) --------------------------------------------------------
 
-Metric = Literal["perplexity", "accuracy", "exact_match", "f1", "rougeL"]
+Metric = Literal["perplexity", "accuracy", "exact_match", "f1", "rougeL", "preference_accuracy"]
 
 
 class Target(BaseModel):
@@ -309,6 +331,7 @@ class Goal(BaseModel):
     data: str = Field(min_length=1, description="a path, a directory, or a named corpus (bbc-news), as written")
     base_model: str = Field("", description="a name, a path or a hub id; empty for pretrain")
     method: Literal["full", "lora"]
+    objective: Objective = Field("sft", description="sft, or a preference objective: dpo, orpo (pairs) or kto (rated answers)")
     format: DataFormat | None = Field(None, description="None: detected from the data")
     metric: Metric
     target: Target | None = None

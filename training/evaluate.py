@@ -6,6 +6,9 @@ each number with its sample size and interval, every record kept.
 - classification: every label ranked by its log-likelihood after the prompt, divided by the answer's
   length in characters (lm-evaluation-harness's acc_norm; the raw sum favours short labels, and is kept
   as `accuracy_raw`);
+- preference / feedback (DPO, ORPO, KTO): on the test split's pairs, `preference_accuracy` (how often the
+  chosen answer beats the rejected one), `preference_accuracy_raw` and `reward_margin`, beside the base and
+  production on the same pairs (`preference_values`); perplexities are those of the chosen (or good) answers;
 - pairs / chat: greedy answers, as long as the references need (their 95th percentile in tokens) and
   stopped at the chat template's end of turn, scored by exact match, token F1 (SQuAD-style) and ROUGE-L;
 - a few validation samples: reference, base answer, candidate answer.
@@ -31,10 +34,10 @@ import numpy as np
 import torch
 
 from training import stats
-from training.batches import (IGNORE, Example, Fit, classification_prompt, collate, fit_record, fit_records,
+from training.batches import (IGNORE, PREFERENCE, Example, Fit, classification_prompt, collate, collate_any, fit_record, fit_records,
                               fitted_examples, read_split, render_chat, to_messages)
 from training.contracts import Comparison, Evaluation, Interval, TrainPlan
-from training.objective import NextTokenLoss, autocast, precision_name, supervised_tokens
+from training.objective import NextTokenLoss, autocast, precision_name, units
 
 GENERAL_DOCS = 32  # BBC News articles in the general-text sample
 GENERAL_CHARS = 1500
@@ -47,7 +50,8 @@ SMALL_TEST = 30  # fewer test records than this: the evaluation says its interva
 def mean_loss(model, examples: list[Example], batch_size: int, device, pad_id: int, max_batches: int | None = None,
               precision: str = "auto") -> float:
     """Mean cross-entropy per target token over `examples` (in order: deterministic); the training objective, in the
-    plan's `precision`. `model` may be the loss module itself (an FSDP run's, whose forward gathers the sharded weights)."""
+    plan's `precision`. `model` may be the loss module itself (an FSDP run's, whose forward gathers the sharded weights;
+    a `PreferenceLoss`, whose mean is per pair or rated answer over preference examples)."""
     was_training = model.training
     model.eval()
     objective = model if isinstance(model, NextTokenLoss) else NextTokenLoss(model)
@@ -55,10 +59,10 @@ def mean_loss(model, examples: list[Example], batch_size: int, device, pad_id: i
     for b, start in enumerate(range(0, len(examples), batch_size)):
         if max_batches is not None and b >= max_batches:
             break
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_any(examples[start : start + batch_size], pad_id).items()}
         with autocast(device, precision):
             total += float(objective(**batch))
-        count += supervised_tokens(batch)
+        count += units(batch)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -284,7 +288,7 @@ class Scores:
     notes: dict[str, str] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        return {k: stats.value(v) for k, v in self.values.items() if len(v)}
+        return {k: stats.value(v) for k, v in self.values.items() if len(v) and k not in RAW_KEYS}
 
 
 def score_model(scorer, tokenizer, fmt: str, splits: dict[str, list[dict]], forgetting: tuple[str, ...],
@@ -297,6 +301,14 @@ def score_model(scorer, tokenizer, fmt: str, splits: dict[str, list[dict]], forg
             scores.fits[split] = fit_records(tokenizer, splits[split], fmt, seq_len)[1]
             continue
         examples, scores.fits[split] = fitted_examples(tokenizer, splits[split], fmt, seq_len)
+        if fmt in PREFERENCE:
+            if split == "test":  # each answer's [summed log-probability, tokens]: the preference metrics' raw material
+                examples = examples[:max_examples] if max_examples else examples
+                if fmt == "feedback":
+                    scores.values["labels"] = [bool(e.desirable) for e in examples]
+                losses = iter(scorer.losses([row for e in examples for row in e.rows]) if examples else [])
+                scores.values[ANSWER_LOGPS] = [[[-loss, n] for loss, n in (next(losses) for _ in e.rows)] for e in examples]
+            examples = [e.rows[0] for e in examples if e.desirable is not False]  # chosen (or good) answers
         if examples:
             scores.values[f"{split}_perplexity"] = scorer.losses(examples)
     window = min(FORGETTING_WINDOW, scorer.context or FORGETTING_WINDOW)  # not with a plan's seq_len
@@ -340,14 +352,54 @@ def score_model(scorer, tokenizer, fmt: str, splits: dict[str, list[dict]], forg
     return scores
 
 
+ANSWER_LOGPS = "answer_logps"  # per test record, each answer's [log-probability, tokens]: raw scores, not a metric
+
+
+def preference_values(objective: str, beta: float, mine: list, reference: list, labels: list[bool] | None = None
+                      ) -> dict[str, list[float]]:
+    """Per-record preference metrics of a model from its answers' log-probabilities (`mine`) and the reference's
+    (the base's: the weights training started from) on the same records:
+
+    - pairs: `preference_accuracy`: 1 when the chosen answer's reward beats the rejected one's, 0.5 on a tie, else
+      0. The reward is DPO's implicit one, log p - log p_ref (so the base itself scores 0.5 on every pair: it
+      prefers neither more than it did); for ORPO, whose objective has no reference, it is the mean per-token
+      log-probability (as the odds ratio compares); `preference_accuracy_raw`: the model's own summed log p of
+      the chosen answer above the rejected's; `reward_margin`: beta * ((pc - rc) - (pr - rr));
+    - rated answers (KTO; `labels`): `preference_accuracy`: the reward log p - log p_ref is positive for a good
+      answer and negative for a bad one (0.5 at zero); `reward_margin`: beta * reward, its sign flipped for bad ones.
+    """
+    def side(x: float) -> float:
+        return 1.0 if x > 0 else 0.5 if x == 0 else 0.0
+
+    if labels is not None:
+        rewards = [m[0][0] - r[0][0] for m, r in zip(mine, reference)]
+        signed = [x if good else -x for x, good in zip(rewards, labels)]
+        return {"preference_accuracy": [side(x) for x in signed],
+                "reward_margin": [round(beta * x, 6) for x in signed]}
+    margins = [(m[0][0] - r[0][0]) - (m[1][0] - r[1][0]) for m, r in zip(mine, reference)]
+    if objective == "orpo":
+        accuracy = [side(m[0][0] / max(m[0][1], 1) - m[1][0] / max(m[1][1], 1)) for m in mine]
+    else:
+        accuracy = [side(x) for x in margins]
+    return {"preference_accuracy": accuracy,
+            "preference_accuracy_raw": [side(m[0][0] - m[1][0]) for m in mine],
+            "reward_margin": [round(beta * x, 6) for x in margins]}
+
+
 def add_reference(evaluation: Evaluation, name: str, candidate: dict[str, list], reference: dict[str, list]) -> None:
     """Put a reference model's ('base' or 'production') scores beside the candidate's: `<name>_<metric>` with
-    its interval, and the paired comparison per metric both were scored on (same records)."""
+    its interval, and the paired comparison per metric both were scored on (same records). A preference
+    evaluation's production gets its preference metrics here, against the base's answers on the same pairs."""
     level = evaluation.confidence
+    base_logps = evaluation.per_record.get("base", {}).get(ANSWER_LOGPS)
+    if name != "base" and ANSWER_LOGPS in reference and base_logps and evaluation.objective:
+        labels = evaluation.per_record.get("base", {}).get("labels")
+        reference = {**reference, **preference_values(evaluation.objective, evaluation.beta or 0.1,
+                                                      reference[ANSWER_LOGPS], base_logps, labels)}
     evaluation.per_record[name] = reference
     comparisons = {}
     for metric, values in reference.items():
-        if not len(values):
+        if not len(values) or metric in RAW_KEYS:
             continue
         low, high = stats.interval(values, level)
         evaluation.metrics[f"{name}_{metric}"] = round(stats.value(values), 6)
@@ -364,7 +416,8 @@ def small_test_warning(evaluation: Evaluation, fmt: str) -> str | None:
     n = evaluation.examples.get("test", 0)
     if n >= SMALL_TEST:
         return None
-    key = "accuracy" if fmt == "classification" else "f1" if fmt in ("pairs", "chat") else "test_perplexity"
+    key = ("accuracy" if fmt == "classification" else "f1" if fmt in ("pairs", "chat")
+           else "preference_accuracy" if fmt in PREFERENCE else "test_perplexity")
     interval = evaluation.intervals.get(key)
     width = f" ({key} {interval.low:.3g} to {interval.high:.3g} at {evaluation.confidence:.0%})" if interval else ""
     return (f"only {n} test records: every interval is wide{width}; curate more data or a larger test split "
@@ -410,13 +463,18 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int | None = None, 
         base_scores = score_model(InProcess(base, base_tok, device, plan.precision), base_tok, summary.format, splits, forgetting,
                                   plan.seq_len, max_examples)
         del base
+    if summary.format in PREFERENCE and base_scores is not None:  # the base is the reference: what training started from
+        for scores in (candidate, base_scores):
+            scores.values.update(preference_values(plan.objective, plan.beta, scores.values[ANSWER_LOGPS],
+                                                   base_scores.values[ANSWER_LOGPS], base_scores.values.get("labels")))
+        candidate.notes["preference"] = PREFERENCE_NOTE[plan.objective if summary.format == "preference" else "kto"]
     base_answers = base_scores.answers if base_scores else []
     samples = []
     for i, record in enumerate(splits["val"][: len(candidate.answers)]):
         messages = to_messages(record, summary.format)
         samples.append({"prompt": messages[-2]["content"] if len(messages) > 1 else "", "reference": messages[-1]["content"],
                         "base": base_answers[i] if i < len(base_answers) else None, "candidate": candidate.answers[i]})
-    task_key = next((k for k in ("accuracy", "exact_match") if k in candidate.values), "test_perplexity")
+    task_key = next((k for k in ("accuracy", "exact_match", "preference_accuracy") if k in candidate.values), "test_perplexity")
     evaluation = Evaluation(
         run_id=run_id, dataset=plan.dataset, format=summary.format, base_model=plan.base_model, model_dir=str(model_dir),
         metrics={}, examples={"val": len(candidate.values.get("val_perplexity", [])),
@@ -426,7 +484,9 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int | None = None, 
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), seconds=0.0,
         records={**({"train": trained.records["train"]} if trained and "train" in trained.records else {}),
                  **{split: fit.as_dict() for split, fit in candidate.fits.items()}}, scoring=candidate.notes,
-        base_source=base_source(reference), precision=precision_name(device, plan.precision))
+        base_source=base_source(reference), precision=precision_name(device, plan.precision),
+        objective=plan.objective if summary.format in PREFERENCE else None,
+        beta=plan.beta if summary.format in PREFERENCE else None)
     add_candidate(evaluation, candidate.values)
     if base_scores is not None:
         add_reference(evaluation, "base", candidate.values, base_scores.values)
@@ -438,10 +498,25 @@ def evaluate_run(workspace: Path, run_id: str, max_examples: int | None = None, 
     return evaluation
 
 
+RAW_KEYS = (ANSWER_LOGPS, "labels")  # kept per record, but not metrics
+PREFERENCE_NOTE = {
+    "dpo": "on the test split's pairs: preference_accuracy counts pairs whose chosen answer gained more log-probability "
+           "over the base (the reference) than the rejected one (a tie counts half, so the base scores 0.5); "
+           "preference_accuracy_raw: the model's own log p(chosen) > log p(rejected); reward_margin: beta times the "
+           "difference of those gains",
+    "orpo": "on the test split's pairs: preference_accuracy counts pairs whose chosen answer has the higher mean "
+            "per-token log-probability (ORPO's odds ratio has no reference); preference_accuracy_raw: summed log p; "
+            "reward_margin: beta times the gain over the base of chosen minus rejected",
+    "kto": "on the test split's rated answers: preference_accuracy counts good answers that gained log-probability over "
+           "the base (the reference) and bad ones that lost it (no change counts half, so the base scores 0.5); "
+           "reward_margin: beta times the gain, its sign flipped for bad answers",
+}
+
+
 def add_candidate(evaluation: Evaluation, values: dict[str, list]) -> None:
     evaluation.per_record["candidate"] = values
     for metric, v in values.items():
-        if not len(v):
+        if not len(v) or metric in RAW_KEYS:
             continue
         low, high = stats.interval(v, evaluation.confidence)
         evaluation.metrics[metric] = round(stats.value(v), 6)

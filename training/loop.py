@@ -26,7 +26,7 @@ from training.errors import ModelcrewError
 from training.estimate import check_memory
 from training.evaluate import mean_loss
 from training.export import export_model
-from training.objective import NextTokenLoss, autocast, precision_name, supervised_tokens
+from training.objective import NextTokenLoss, PreferenceLoss, autocast, precision_name, reference_logps, units
 from training.runs import Run
 from training.setup import Distributed, build_model, prepare_run
 
@@ -68,15 +68,22 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
     train_stream = BatchStream(run.train_examples, micro_batch, plan.seed, run.tokenizer.pad_token_id,
                                dist.rank, dist.world)
     mixed_precision = autocast(device, plan.precision)
-    objective = NextTokenLoss(model, packed=plan.task == "pretrain")  # pretraining windows are packed
+    if plan.objective == "sft":
+        objective = NextTokenLoss(model, packed=plan.task == "pretrain")  # pretraining windows are packed
+    else:
+        objective = PreferenceLoss(model, plan.objective, plan.beta)
+    if plan.objective in ("dpo", "kto"):  # the reference: the starting weights, scored once (also on resume) before any step
+        reference_logps(model, run.train_examples + run.val_examples, micro_batch, device, run.tokenizer.pad_token_id,
+                        plan.precision)
     wrapped = parallel.wrap(objective, plan, dist, device)  # DDP, FSDP shards, or the objective itself
     sharded = parallel.sharded(plan, dist)
     params = [p for p in model.parameters() if p.requires_grad]  # after wrap: FSDP's are its shards
     # fused: one kernel for all parameters (CUDA and, since torch 2.4, CPU) instead of one per tensor
     optimizer = torch.optim.AdamW(params, lr=plan.lr, weight_decay=plan.weight_decay, betas=(0.9, 0.95), fused=True)
     step_fn = torch.compile(wrapped) if plan.compile else wrapped
-    # validation under FSDP goes through the loss module, whose forward gathers the shards
-    scored = objective if sharded else model
+    # validation under FSDP goes through the loss module, whose forward gathers the shards; a preference
+    # objective validates on its own loss
+    scored = objective if sharded or plan.objective != "sft" else model
     horizon = plan.step_horizon()  # a minutes budget sets (or shortens) it at the first validation: see timed_horizon
     timed = plan.budget.minutes is None  # whether the horizon already accounts for the minutes budget
 
@@ -120,12 +127,12 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
             lr = lr_at(step, plan, horizon)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # The loss is the mean over every supervised token of the step, on all processes: each
-            # micro-batch contributes its summed loss over the step's token count (DDP then averages
-            # gradients over processes, hence the factor world).
+            # The loss is the mean over every supervised token of the step (a preference objective: every pair or
+            # rated answer), on all processes: each micro-batch contributes its summed loss over the step's count
+            # (DDP then averages gradients over processes, hence the factor world).
             # Counts come from the host copies, and the loss is read once per step: no device sync per micro-batch.
             micro_batches = [train_stream.next() for _ in range(plan.grad_accum)]
-            targets = dist.sum(sum(supervised_tokens(b) for b in micro_batches))
+            targets = dist.sum(sum(units(b) for b in micro_batches))
             step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
             step_loss = torch.zeros((), device=device)
             for micro, batch in enumerate(micro_batches):

@@ -39,9 +39,12 @@ class NextTokenLoss(torch.nn.Module):
         self.head = base.get_output_embeddings()
         self.softcap = getattr(base.config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                **preference: torch.Tensor) -> torch.Tensor:
         """The summed loss over supervised tokens: the caller divides by the step's token count, so
-        micro-batches and processes with different numbers of answer tokens weigh each token the same."""
+        micro-batches and processes with different numbers of answer tokens weigh each token the same.
+        A preference batch's extra tensors (`ref_logps`, `desirable`) are ignored: its rows then cost what the
+        preference loss costs (`training.estimate` times steps this way)."""
         if self.packed:
             hidden = self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
             targets = labels[:, 1:].flatten()
@@ -72,6 +75,92 @@ class NextTokenLoss(torch.nn.Module):
         rows = keep.nonzero()[:, 0]
         sums = torch.zeros(len(input_ids), device=losses.device, dtype=losses.dtype).index_add_(0, rows, losses)
         return sums, keep.sum(1)
+
+
+class PreferenceLoss(NextTokenLoss):
+    """The preference objectives over rows collated by `training.batches.collate_preference`: each row's summed
+    log-probability of its answer tokens (the output layer applied on those positions alone, as in
+    `NextTokenLoss`), then per pair or rated answer:
+
+    - dpo (Rafailov et al. 2023): -log sigmoid(beta * ((pc - rc) - (pr - rr))), p the policy's and r the
+      reference's log-probabilities of the chosen (c) and rejected (r) answers;
+    - orpo (Hong et al. 2024; no reference): the chosen answer's mean token loss + beta * -log sigmoid(log odds
+      ratio), odds of an answer = m / (1 - m) for m its mean per-token probability (in logs: lm - log(1 - e^lm));
+    - kto (Ethayarajh et al. 2024, as TRL's KTOTrainer computes it): r = p - ref, z = the batch's mean r (no
+      gradient, at least 0) as the KL estimate; a desirable answer costs 1 - sigmoid(beta (r - z)), an
+      undesirable one 1 - sigmoid(beta (z - r)).
+
+    Returns the SUM over pairs (or rated answers): the loop divides by the step's count of them (`units`), so
+    micro-batches and processes weigh each pair the same."""
+
+    def __init__(self, model, kind: str, beta: float) -> None:
+        super().__init__(model)
+        self.kind, self.beta = kind, beta
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                ref_logps: torch.Tensor, desirable: torch.Tensor | None = None) -> torch.Tensor:
+        logps, tokens = self.row_logps(input_ids, attention_mask, labels)
+        return preference_loss(self.kind, self.beta, logps, tokens, ref_logps.float(), desirable).sum()
+
+    def row_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probability of the supervised tokens, their count) per row, in float32."""
+        sums, counts = self.per_row(input_ids, attention_mask, labels)
+        return -sums.float(), counts
+
+
+def preference_loss(kind: str, beta: float, logps: torch.Tensor, tokens: torch.Tensor, ref: torch.Tensor,
+                    desirable: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-pair (or per rated answer) loss of `PreferenceLoss`, from each row's summed log-probability."""
+    if kind == "kto":
+        r = logps - ref
+        z = r.mean().detach().clamp(min=0)
+        return torch.where(desirable, 1 - torch.sigmoid(beta * (r - z)), 1 - torch.sigmoid(beta * (z - r)))
+    k = len(logps) // 2
+    if kind == "dpo":
+        return -F.logsigmoid(beta * ((logps[:k] - ref[:k]) - (logps[k:] - ref[k:])))
+    if kind == "orpo":
+        mean = logps / tokens.clamp(min=1)
+        mean = mean.clamp(max=-1e-6)  # log(1 - e^m) is -inf at m = 0 (an answer of probability 1)
+        log_odds = mean - torch.log1p(-torch.exp(mean))
+        return -mean[:k] + beta * -F.logsigmoid(log_odds[:k] - log_odds[k:])
+    raise ValueError(f"objective: {kind}")
+
+
+def units(batch: dict[str, torch.Tensor]) -> int:
+    """What a step's loss is averaged over: rated answers (KTO), pairs (DPO, ORPO), else supervised tokens."""
+    if "desirable" in batch:
+        return len(batch["desirable"])
+    if "ref_logps" in batch:
+        return len(batch["ref_logps"]) // 2
+    return supervised_tokens(batch)
+
+
+@torch.no_grad()
+def reference_logps(model, examples: list, batch_size: int, device, pad_id: int, precision: str = "auto") -> int:
+    """Fill each `PreferenceExample`'s `ref_logps` with its rows' answer log-probabilities under `model` as it is
+    now (the run's starting weights; a LoRA model with its adapters disabled): DPO's and KTO's reference, computed
+    once before the first step, so no second copy of the model is held. Returns the rows scored."""
+    from training.batches import collate_preference
+
+    was_training = model.training
+    model.eval()
+    objective = PreferenceLoss(model, "dpo", 1.0)
+    off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
+    scored = 0
+    with off:
+        for start in range(0, len(examples), batch_size):
+            items = examples[start:start + batch_size]
+            batch = {k: v.to(device) for k, v in collate_preference(items, pad_id).items()}
+            with autocast(device, precision):
+                logps, _ = objective.row_logps(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            width, k = len(items[0].rows), len(items)
+            values = logps.tolist()
+            for i, item in enumerate(items):
+                item.ref_logps = tuple(values[j * k + i] for j in range(width))
+            scored += len(values)
+    model.train(was_training)
+    return scored
 
 
 CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MB of float32 (341 positions of SmolLM2's 49,152-entry vocabulary)

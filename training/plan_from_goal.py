@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from training.contracts import Budget, DatasetSummary, Goal, LoraSettings, TrainPlan
+from training.contracts import PREFERENCE_FORMATS, Budget, DatasetSummary, Goal, LoraSettings, TrainPlan
+from training.errors import InputError
 
 CPU_DEFAULT = Budget(steps=60, minutes=12)  # what a 2-core machine finishes in minutes
 GPU_DEFAULT = Budget(steps=500, minutes=30)
@@ -54,9 +55,11 @@ def plan_for(goal: Goal, summary: DatasetSummary, best=None,
     else:
         lora = goal.lora or LoraSettings(rank=8, alpha=16)
         fields = dict(task="finetune", base_model=goal.base_model, method=goal.method, lora=lora,
+                      objective=objective_for(goal, summary),
                       lr=2e-4 if goal.method == "lora" else 5e-5, batch_size=8, seq_len=seq_len, warmup_steps=5)
     reused = None
-    if best is not None and goal.task == "finetune" and best.plan.task == "finetune" and best.plan.method == goal.method:
+    if (best is not None and goal.task == "finetune" and best.plan.task == "finetune" and best.plan.method == goal.method
+            and best.plan.objective == fields["objective"]):
         fields.update(lr=best.plan.lr, batch_size=best.plan.batch_size, grad_accum=best.plan.grad_accum)
         if not best.passed:
             fields["lr"] = next_lr(best.plan.lr, best.tried_lrs, MAX_FINETUNE_LR[goal.method])
@@ -75,6 +78,20 @@ def plan_for(goal: Goal, summary: DatasetSummary, best=None,
                      checkpoint_every=10, patience=3, **fields), reused
 
 
+def objective_for(goal: Goal, summary: DatasetSummary) -> str:
+    """The goal's objective, checked against the data: preference pairs train by DPO (or ORPO) and rated answers by
+    KTO, also when the goal names no objective (they hold nothing else to learn from); other data trains by sft."""
+    by_data = {"preference": "dpo", "feedback": "kto"}.get(summary.format)
+    if goal.objective == "sft":
+        return by_data or "sft"
+    needed = PREFERENCE_FORMATS[goal.objective]
+    if summary.format != needed:
+        what = "preference pairs (prompt, chosen, rejected)" if needed == "preference" else "rated answers (prompt, completion, label)"
+        raise InputError(f"objective: {goal.objective.upper()} trains on {what}, but {summary.source} is "
+                         f"{summary.format} data" + (f"; use {by_data.upper()}" if by_data else ""))
+    return goal.objective
+
+
 MAX_SEQ_LEN = {"cpu": 512, "cuda": 2048}  # longer records are cut in their input (training.batches.fit_record)
 
 
@@ -89,7 +106,7 @@ def seq_len_for(lengths: list[int], context: int | None = None) -> int:
     return max(64, min(cap, -(-longest // 64) * 64))
 
 
-FRACTION_METRICS = ("accuracy", "exact_match", "f1", "rougeL")
+FRACTION_METRICS = ("accuracy", "exact_match", "f1", "rougeL", "preference_accuracy")
 DECIDABLE = 0.10  # a test split whose interval is wider than this (either side) cannot decide a fraction target
 MIN_TEST = 30  # records below which a perplexity's interval is too wide to decide a target
 

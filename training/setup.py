@@ -221,6 +221,7 @@ def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: 
     elif saved is not None:
         raise InputError(f"run {run_id!r} already exists in {run.dir.parent}; pass --resume to continue it")
     summary = load_summary(workspace, plan.dataset)
+    check_objective(plan, summary.format)
     device = pick_device(plan.device, dist)
     torch.manual_seed(plan.seed)
     data_dir = datasets_dir(workspace) / plan.dataset
@@ -243,7 +244,7 @@ def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: 
     lineage = {"run_id": run_id, "dataset": plan.dataset, "dataset_description": summary.description,
                "base_model": plan.base_model, "base_dir": str(weights) if base else None, "task": plan.task,
                "reference_dir": str(base) if base else None, "init_from": plan.init_from,
-               "method": plan.method, "base_source": base_source(base) if base else None, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+               "method": plan.method, "objective": plan.objective, "base_source": base_source(base) if base else None, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if dist.is_main:
         run.dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -253,6 +254,19 @@ def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: 
     dist.barrier()
     return PreparedRun(plan, run, device, model, tokenizer, train_examples, val_examples, lineage, dist,
                        show_progress, {"train": train_fit, "val": val_fit}, trainable, total)
+
+
+def check_objective(plan: TrainPlan, fmt: str) -> None:
+    """A preference objective trains on preference data, and preference data needs one (one sentence each way)."""
+    from training.contracts import PREFERENCE_FORMATS
+
+    needed = PREFERENCE_FORMATS.get(plan.objective)
+    if needed and fmt != needed:
+        what = "pairs (prompt, chosen, rejected)" if needed == "preference" else "rated answers (prompt, completion, label)"
+        raise InputError(f"objective: {plan.objective} needs {what}, but dataset {plan.dataset} is {fmt} data")
+    if not needed and fmt in ("preference", "feedback"):
+        raise InputError(f"objective: dataset {plan.dataset} is {fmt} data, which trains with objective "
+                         f"{'dpo or orpo' if fmt == 'preference' else 'kto'}, not {plan.objective}")
 
 
 MAX_DROPPED = 0.05  # a larger share of training records lost to seq_len refuses the run

@@ -28,7 +28,7 @@ from training.errors import InputError
 from training.progress import progress
 
 REMOVAL_REASONS = ("empty", "too_long", "exact_duplicate", "near_duplicate")
-FORMATS = ("text", "pairs", "chat", "classification")
+FORMATS = ("text", "pairs", "chat", "classification", "preference", "feedback")
 MIN_USEFUL_RECORDS = 20
 TOPIC_SAMPLE = 5_000  # records read to find a dataset's frequent words
 
@@ -208,12 +208,14 @@ def token_lengths(texts: list[str], tokenizer: str) -> list[int]:
 def summarise(source, fmt, schemas, records, kept, splits, reasons, pii, settings, fp, skipped) -> DatasetSummary:
     bodies = [r.body() for r in kept]
     labels = Counter(r.fields["label"] for r in kept) if fmt == "classification" else None
+    if fmt == "feedback":
+        labels = Counter("good" if r.fields["label"] else "bad" for r in kept)
     # Topics from a fixed sample: `kept` is in hash order, so its head is an order-independent random sample.
     terms = top_terms(bodies[:TOPIC_SAMPLE])
     label_terms = None
     if labels:
         label_terms = {name: top_terms([r.body() for r in kept if r.fields["label"] == name][:TOPIC_SAMPLE], k=4)
-                       for name in labels}
+                       for name in labels} if fmt == "classification" else None
     train_or_all = splits["train"] or [row for rows in splits.values() for row in rows]
     warnings = [f"skipped {len(skipped)} file(s) of unsupported type: {', '.join(skipped[:5])}"] if skipped else []
     if len(kept) < MIN_USEFUL_RECORDS:

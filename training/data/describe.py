@@ -31,6 +31,8 @@ FORMAT_PHRASES = {
     "pairs": "prompt/response pairs",
     "chat": "chat conversations",
     "classification": "labelled texts",
+    "preference": "preference pairs (a prompt, a chosen and a rejected answer)",
+    "feedback": "rated answers (a prompt, an answer, good or bad)",
 }
 
 

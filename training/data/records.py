@@ -30,6 +30,12 @@ class Record:
         if self.format == "chat":
             for m in f["messages"]:
                 m["content"] = fn(m["content"])
+        elif self.format in ("preference", "feedback"):
+            for m in f["prompt"]:
+                m["content"] = fn(m["content"])
+            for key in ("chosen", "rejected", "completion"):
+                if key in f:
+                    f[key] = fn(f[key])
         elif self.format == "pairs":
             f["prompt"] = fn(f["prompt"])
             f["response"] = fn(f["response"])
@@ -42,6 +48,10 @@ class Record:
             return not any(m["content"] for m in f["messages"] if m["role"] != "system")
         if self.format == "pairs":
             return not f["prompt"] or not f["response"]
+        if self.format == "preference":  # two equal answers state no preference
+            return not f["chosen"] or not f["rejected"] or f["chosen"] == f["rejected"]
+        if self.format == "feedback":
+            return not f["completion"]
         if self.format == "classification":
             return not f["text"] or not f["label"]
         return not f["text"]
@@ -53,6 +63,9 @@ class Record:
             return "\n".join(m["content"] for m in f["messages"])
         if self.format == "pairs":
             return f["prompt"] + "\n" + f["response"]
+        if self.format in ("preference", "feedback"):  # dedup key: the prompt and both answers (or the one)
+            answers = [f["chosen"], f["rejected"]] if self.format == "preference" else [f["completion"]]
+            return "\n".join([m["content"] for m in f["prompt"]] + answers)
         return f["text"]
 
     def content_hash(self) -> str:

@@ -11,6 +11,12 @@ Accepted (extra keys are ignored):
     article, highlights       -> pairs (the CNN/DailyMail layout of the same thing)
     instruction, input?, output -> pairs (input appended to the instruction)
     messages [{role, content}] -> chat
+    prompt?, chosen, rejected -> preference (DPO, ORPO); also question / instruction for the prompt,
+                                 accepted / preferred for chosen, dispreferred for rejected; chosen and rejected
+                                 may be message lists (whole conversations sharing a prefix, or the final
+                                 assistant turn after a prompt that is itself a message list)
+    prompt, completion | answer | response, label -> feedback (KTO): label true / false, 1 / -1 (or 0),
+                                 "good" / "bad" (also "true" / "false", "1" / "-1" / "0" as text)
 """
 
 from __future__ import annotations
@@ -36,14 +42,34 @@ ACCEPTED = " | ".join(name for name, _, _ in SCHEMAS)
 CHAT_ROLES = ("system", "user", "assistant")
 
 
+# preference and feedback columns: the first of each tuple present names it
+PROMPT_KEYS = ("prompt", "question", "instruction")
+CHOSEN_KEYS = ("chosen", "accepted", "preferred")
+REJECTED_KEYS = ("rejected", "dispreferred")
+ANSWER_KEYS = ("completion", "answer", "response")
+GOOD_LABELS = {"good", "true", "1", "+1", "yes"}
+BAD_LABELS = {"bad", "false", "0", "-1", "no"}
+ACCEPTED_PREFERENCE = "prompt,chosen,rejected | prompt,completion,label"
+
+
+def _first(keys, names: tuple[str, ...]) -> str | None:
+    return next((k for k in names if k in keys), None)
+
+
 def detect_schema(row: dict, where: str) -> tuple[str, str]:
     """Return (schema name, format) for a row, or raise naming the columns found."""
     keys = row.keys()
+    chosen, rejected, prompt = _first(keys, CHOSEN_KEYS), _first(keys, REJECTED_KEYS), _first(keys, PROMPT_KEYS)
+    if chosen and rejected:
+        return ",".join(k for k in (prompt, chosen, rejected) if k), "preference"
+    answer = _first(keys, ANSWER_KEYS)
+    if prompt and answer and "label" in keys:  # a rated answer: KTO's single-answer feedback
+        return f"{prompt},{answer},label", "feedback"
     for name, required, fmt in SCHEMAS:
         if required <= keys:
             return name, fmt
     found = ", ".join(sorted(map(str, keys))) or "none"
-    raise InputError(f"{where}: columns ({found}) fit no known schema; accepted: {ACCEPTED}")
+    raise InputError(f"{where}: columns ({found}) fit no known schema; accepted: {ACCEPTED} | {ACCEPTED_PREFERENCE}")
 
 
 def _string(row: dict, key: str, where: str, optional: bool = False) -> str:
@@ -77,9 +103,78 @@ def _messages(row: dict, where: str) -> list[dict]:
     return out
 
 
+def _turns(row: dict, key: str, where: str) -> list[dict]:
+    """A field holding a message list, checked like `messages` (without asking for an assistant turn)."""
+    value = row[key]
+    if not isinstance(value, list):
+        raise InputError(f"{where}: field '{key}' must be a string or a list of {{role, content}}")
+    out = []
+    for i, m in enumerate(value):
+        field = f"{key}[{i}]"
+        if not isinstance(m, dict):
+            raise InputError(f"{where}: field '{field}' must be an object with role and content")
+        role = _string(m, "role", f"{where}: {field}")
+        if role not in CHAT_ROLES:
+            raise InputError(f"{where}: field '{field}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        out.append({"role": role, "content": _string(m, "content", f"{where}: {field}")})
+    return out
+
+
+def _prompt_turns(row: dict, key: str | None, where: str) -> list[dict]:
+    if key is None:
+        return []
+    if isinstance(row.get(key), list):
+        return _turns(row, key, where)
+    return [{"role": "user", "content": _string(row, key, where)}]
+
+
+def _preference(row: dict, schema: str, where: str) -> dict:
+    """{prompt: turns, chosen, rejected}: message-list answers lose their shared prefix to the prompt."""
+    keys = schema.split(",")
+    prompt_key = keys[0] if len(keys) == 3 else None
+    chosen_key, rejected_key = keys[-2], keys[-1]
+    prompt = _prompt_turns(row, prompt_key, where)
+    if isinstance(row[chosen_key], list) or isinstance(row[rejected_key], list):
+        chosen, rejected = _turns(row, chosen_key, where), _turns(row, rejected_key, where)
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        prompt += chosen[:shared]
+        ends = chosen[shared:], rejected[shared:]
+        if any(len(end) != 1 or end[0]["role"] != "assistant" for end in ends):
+            raise InputError(f"{where}: fields '{chosen_key}' and '{rejected_key}' must differ only in their final "
+                             f"assistant turn")
+        answers = ends[0][0]["content"], ends[1][0]["content"]
+    else:
+        answers = _string(row, chosen_key, where), _string(row, rejected_key, where)
+    if not any(m["role"] == "user" for m in prompt):
+        raise InputError(f"{where}: a preference record needs a prompt (a '{PROMPT_KEYS[0]}' field, or conversations "
+                         f"in '{chosen_key}' and '{rejected_key}' that start with a user turn)")
+    return {"prompt": prompt, "chosen": answers[0], "rejected": answers[1]}
+
+
+def feedback_label(value, where: str) -> bool:
+    """A rating as desirable (True) or not: true / false, 1 / -1 or 0, "good" / "bad" (also as text)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().casefold() if isinstance(value, (str, int, float)) else None
+    if text in GOOD_LABELS:
+        return True
+    if text in BAD_LABELS:
+        return False
+    raise InputError(f"{where}: field 'label' must be true / false, 1 / -1 or \"good\" / \"bad\", got {value!r}")
+
+
 def to_record(row: dict, where: str) -> tuple[Record, str]:
     """Normalise one raw row; returns the record and the name of the schema it matched."""
     schema, fmt = detect_schema(row, where)
+    if fmt == "preference":
+        return Record(fmt, _preference(row, schema, where), where), schema
+    if fmt == "feedback":
+        prompt_key, answer_key, _ = schema.split(",")
+        fields = {"prompt": _prompt_turns(row, prompt_key, where), "completion": _string(row, answer_key, where),
+                  "label": feedback_label(row["label"], where)}
+        return Record(fmt, fields, where), schema
     if schema == "messages":
         fields = {"messages": _messages(row, where)}
     elif schema == "instruction,input,output":
@@ -105,8 +200,13 @@ def convert(record: Record, target: str) -> Record:
     if record.format == target:
         return record
     f = record.fields
+    if record.format in ("preference", "feedback") and target != "text":
+        raise InputError(f"{record.where}: a {record.format} record cannot be used as {target} data (curate it as "
+                         f"{record.format}, or as text)")
     if target == "text":
-        if record.format == "chat":
+        if record.format in ("preference", "feedback"):
+            text = "\n\n".join(m["content"] for m in f["prompt"]) + "\n\n" + f.get("chosen", f.get("completion", ""))
+        elif record.format == "chat":
             text = "\n\n".join(f"{m['role']}: {m['content']}" for m in f["messages"])
         elif record.format == "pairs":
             text = f"{f['prompt']}\n\n{f['response']}"
