@@ -663,9 +663,13 @@ def run_ours(spec: dict, plan, profile: bool = False) -> dict:
            "loss": [r["loss"] for r in rows]}
     if profile:
         functions = cprofile_rows(prof.pop("_cprof"))
-        out["profile"] = {**top_functions(functions), "split": step_split(functions), "steps": spec["profile_steps"],
-                          "cprofile_seconds": prof.get("cprofile_seconds"), "cprofile_cpu_util": prof.get("cprofile_cpu_util"),
-                          "torch_profile_seconds": prof.get("torch_profile_seconds"), "torch_ops": prof.get("torch_ops", [])}
+        secs, ts = prof.get("cprofile_seconds"), prof.get("torch_profile_seconds")
+        # the shares the section shows, kept with the seconds they come from
+        split = [{**r, "share": r["seconds"] / secs} if secs else r for r in step_split(functions)]
+        ops = [{**r, "share_of_wall": r["self_cpu_s"] / max(ts or 0, 1e-9)} for r in prof.get("torch_ops", [])]
+        out["profile"] = {**top_functions(functions), "split": split, "steps": spec["profile_steps"],
+                          "cprofile_seconds": secs, "cprofile_cpu_util": prof.get("cprofile_cpu_util"),
+                          "torch_profile_seconds": ts, "torch_ops": ops}
         return out
     tokens = [rows[0]["tokens"]] + [b["tokens"] - a["tokens"] for a, b in itertools.pairwise(rows)]
     out.update(clock=clock.as_dict(), tokens_per_step=tokens, checksums=checksums,

@@ -3,7 +3,7 @@
     .venv/bin/python bench/summary.py [--quick]
 
 Reads the `summary` rows each bench script writes into its JSON (bench/results/, or bench/quick/results/ with
---quick) and prints them; `make bench` and `make bench-quick` end with it. A bench whose JSON is missing is listed as
+--quick) and prints them; `make bench`, `make bench-studies` and `make bench-quick` end with it. A bench whose JSON is missing is listed as
 not run. Exits 0 whatever the verdicts: a MISSED target is a finding, not a failure of the run.
 """
 
@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-# in the order `make bench` runs them
-BENCHES = ("bench_data", "bench_train", "bench_lora", "bench_precision", "bench_checkpointing", "bench_dropout",
-           "bench_cpu_levers", "bench_memory", "bench_serve", "bench_crew", "bench_report", "bench_eval", "bench_bases", "bench_loop_memory")
+# in the order `make bench` runs them, then `make bench-studies`
+BENCHES = ("bench_data", "bench_train", "bench_lora", "bench_precision", "bench_memory", "bench_serve", "bench_crew",
+           "bench_report", "bench_loop_memory",
+           "bench_checkpointing", "bench_dropout", "bench_cpu_levers", "bench_eval", "bench_bases")
 
 
 def rows(results: Path) -> list[tuple[str, str, str, str, str]]:
