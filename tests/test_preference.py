@@ -19,7 +19,7 @@ from training import loop
 from training.contracts import Budget, CurationSettings, Goal, Target, TrainPlan
 from training.data import curate, curate_to_workspace
 from training.errors import InputError
-from training.evaluate import evaluate_run
+from training.evaluate import add_reference, evaluate_run, score_directory
 from training.gate import gate
 from training.loop import train
 
@@ -143,6 +143,12 @@ def test_dpo_with_lora_learns_the_preference_and_scores_the_reference_once(ws, t
     line = next(r for r in verdict.reasons if r.startswith("preference_accuracy"))
     assert (" met (" in line and "NOT met" not in line) == (ev.intervals["preference_accuracy"].low >= 0.8), line
     assert verdict.metric == "preference_accuracy" and verdict.value == ev.metrics["preference_accuracy"]
+    # production scored on the same pairs, against the same reference (the base stands in as production here)
+    production = score_directory(ws, tiny_base, pairs.fingerprint, 64, forgetting=("a short text to score",))
+    add_reference(ev, "production", ev.per_record["candidate"], production.values)
+    assert ev.metrics["production_preference_accuracy"] == 0.5
+    assert ev.comparisons["production"]["preference_accuracy"].low > 0
+    assert any(r.startswith("production: preference_accuracy") and r.endswith(": met") for r in gate(goal, ev).reasons)
     better_production = gate(goal, ev, production={"preference_accuracy": ev.metrics["preference_accuracy"] + 0.01})
     assert not better_production.passed and any(r.startswith("production:") and "NOT met" in r
                                                 for r in better_production.reasons)
@@ -202,3 +208,46 @@ def test_a_goal_using_dpo_plans_the_dpo_objective(ws, pairs, rated, tmp_path):
     assert plain.objective == "sft" and plan_for(plain, rated)[0].objective == "kto"  # rated answers hold nothing else
     with pytest.raises(InputError, match="objective: the goal names DPO and KTO"):
         parse_goal(f"fine-tune smollm2 on {tmp_path / 'prefs.jsonl'} using DPO and KTO")
+
+
+def test_a_resumed_dpo_run_scores_the_reference_from_the_starting_weights_again(ws, tiny_base, pairs, monkeypatch):
+    from training.setup import MetricsLog
+
+    fields = dict(task="finetune", dataset=pairs.fingerprint, base_model=str(tiny_base), method="lora",
+                  objective="dpo", lr=3e-3, budget=Budget(steps=8), **{**PLAN, "checkpoint_every": 4})
+    train(TrainPlan(**fields), ws, "dpo-whole", show_progress=False)
+    write = MetricsLog.write
+
+    def killed_after_six(self, row):
+        if row["step"] == 7:
+            raise KeyboardInterrupt  # stands in for a kill: the checkpoint of step 4 is the last one
+        write(self, row)
+
+    monkeypatch.setattr(MetricsLog, "write", killed_after_six)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainPlan(**fields), ws, "dpo-resumed", show_progress=False)
+    monkeypatch.setattr(MetricsLog, "write", write)
+    train(TrainPlan(**fields), ws, "dpo-resumed", resume=True, show_progress=False)
+    whole, resumed = metric_rows(ws, "dpo-whole"), metric_rows(ws, "dpo-resumed")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    # the reference is the base again after the resume, not the step-4 weights: every loss as in the whole run
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(whole, resumed)) < 1e-4
+    assert resumed[4]["loss"] != pytest.approx(math.log(2), abs=1e-3)  # the policy had moved from the reference
+
+
+def test_a_chat_pair_supervises_only_its_final_answers_and_cuts_only_the_prompt(tiny_base):
+    from training.batches import IGNORE, fitted_examples
+    from training.models import load_base
+
+    _, tok = load_base(tiny_base)
+    prompt = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "an earlier answer"},
+              {"role": "user", "content": "Ticket T-1234: the printer " + "is very broken " * 30}]
+    record = {"prompt": prompt, "chosen": "Logged as T-1234.", "rejected": "Logged."}
+    too_long = {"prompt": prompt[:1], "chosen": "word " * 200, "rejected": "no"}
+    (pair,), fit = fitted_examples(tok, [record, too_long], "preference", 64)
+    assert (fit.records, fit.cut, fit.dropped) == (2, 1, 1)  # the long prompt cut, the long answer's pair dropped
+    for row, answer in zip(pair.rows, ("Logged as T-1234.", "Logged.")):
+        assert len(row.input_ids) <= 64
+        supervised = [int(t) for t in row.labels if t != IGNORE]
+        # the answer and its end of turn, nothing of the earlier assistant turn
+        assert tok.decode(supervised).startswith(answer) and "earlier" not in tok.decode(supervised)
