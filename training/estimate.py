@@ -281,8 +281,16 @@ def first_fix(plan: TrainPlan, shapes: Shapes, device: torch.device, room: list[
                 return f"use method={method}"
     if device.type == "cuda":
         for n in range(2, len(room) + 1):
-            if plan_row(plan, shapes, device, room, layout="fsdp", devices=n).fits:
-                return f"use {n} GPUs with strategy=fsdp (launcher=torchrun, nproc={n})"
+            # the micro-batch must split evenly over the processes (prepare_run refuses it otherwise): when the plan's
+            # does not, micro-batches of n (one sequence each) with the same batch_size, if n divides it
+            if micro % n == 0:
+                change, extra = {}, ""
+            elif plan.batch_size % n == 0:
+                change, extra = {"micro_batch": n}, f", grad_accum={plan.batch_size // n}"
+            else:
+                continue
+            if plan_row(plan, shapes, device, room, layout="fsdp", devices=n, **change).fits:
+                return f"use {n} GPUs with strategy=fsdp (launcher=torchrun, nproc={n}{extra})"
     for micro_batch, extra in ((micro, ""), (1, f" and set grad_accum to {plan.batch_size} (micro-batches of 1)")):
         fitting = [s for s in range(8, plan.seq_len, 8)
                    if plan_row(plan, shapes, device, room, micro_batch=micro_batch, seq_len=s).fits]
