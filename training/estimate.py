@@ -186,7 +186,11 @@ def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_bat
     if method == "full":
         weights, trainable = 4 * p + (2 * shapes.matmul_params if bf16 else 0), p
     elif method == "lora":
-        weights, trainable = 4 * p + (2 * shapes.matmul_params if bf16 else 0) + 4 * a, a
+        m = shapes.matmul_params
+        if bf16 and layout != "fsdp":  # the frozen matmul weights held in bf16, no casts (models.hold_frozen_matmuls_in)
+            weights, trainable = 4 * (p - m) + 2 * m + 4 * a, a
+        else:
+            weights, trainable = 4 * p + (2 * m if bf16 else 0) + 4 * a, a
     else:  # 4-bit decoder matmuls, float32 embeddings/norms (peft upcasts them), one layer's weights dequantized at a time
         weights = NF4_BYTES * shapes.matmul_params + 4 * (p - shapes.matmul_params) + 4 * a
         weights += 2 * shapes.largest_unit
