@@ -251,3 +251,18 @@ def test_a_chat_pair_supervises_only_its_final_answers_and_cuts_only_the_prompt(
         supervised = [int(t) for t in row.labels if t != IGNORE]
         # the answer and its end of turn, nothing of the earlier assistant turn
         assert tok.decode(supervised).startswith(answer) and "earlier" not in tok.decode(supervised)
+
+
+def test_dpo_over_two_ddp_processes_matches_one_process(ws, tiny_base, pairs):
+    """Each process scores the reference once for every pair, takes half of each batch's pairs, and the loss is
+    averaged per pair over both: the same steps as one process taking the whole batch."""
+    losses = {}
+    for name, extra in (("dpo-one", {}), ("dpo-ddp", dict(launcher="torchrun", nproc=2))):
+        plan = TrainPlan(task="finetune", dataset=pairs.fingerprint, base_model=str(tiny_base), method="lora",
+                         objective="dpo", lr=3e-3, budget=Budget(steps=4), **{**PLAN, "eval_every": 4}, **extra)
+        assert train(plan, ws, name, show_progress=False).processes == (2 if extra else 1)
+        losses[name] = [(r["loss"], r.get("val_loss")) for r in metric_rows(ws, name)]
+    assert losses["dpo-one"][0][0] == pytest.approx(math.log(2), abs=1e-4)
+    assert losses["dpo-one"][-1][0] < losses["dpo-one"][0][0]  # it trained (measured 0.693 -> 0.635 in 4 steps)
+    for (one, val_one), (ddp, val_ddp) in zip(losses["dpo-one"], losses["dpo-ddp"]):
+        assert ddp == pytest.approx(one, abs=1e-5) and val_ddp == pytest.approx(val_one, abs=1e-5)

@@ -2,7 +2,7 @@
 
 Checks, each giving one line of reasons (failing ones first):
 1. the goal's target, on the held-out test split when it was measured (the validation split chose the
-   best checkpoint, so it flatters): absolute ("accuracy >= 0.85"), relative to the base model
+   best checkpoint, so it flatters): absolute ("accuracy >= 0.85", "preference_accuracy >= 0.8" on held-out pairs), relative to the base model
    ("perplexity 20% below the base") or to production (production's score on the same evaluation set;
    with no production yet, the base stands in and the reason says so); with no target, the candidate
    must not be worse than its base. A target is met only when the evidence holds: with per-record

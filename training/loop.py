@@ -4,8 +4,11 @@ Read it top to bottom: set up -> build model and data -> (resume) -> for each st
 gradients, clip, step, log; every `eval_every` steps validate, keep the best, maybe stop early;
 every `checkpoint_every` steps checkpoint; stop at the first budget reached -> export `final/`, `best/`.
 What differs between pretraining and fine-tuning lives in `training.setup`, not here; what differs between one
-process, DDP and FSDP lives in `training.parallel`. A plan with `launcher: torchrun` started outside a launched job
-goes to `training.launch`, which runs this loop in `nproc` processes and follows them.
+process, DDP and FSDP lives in `training.parallel`. A preference objective (DPO, ORPO, KTO:
+`training.objective.PreferenceLoss`) changes only the loss module, the unit a step averages over (pairs, not
+tokens) and, for DPO and KTO, adds the reference log-probabilities, scored once before the first step. A plan
+with `launcher: torchrun` started outside a launched job goes to `training.launch`, which runs this loop in `nproc`
+processes and follows them.
 """
 
 from __future__ import annotations

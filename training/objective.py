@@ -86,9 +86,10 @@ class PreferenceLoss(NextTokenLoss):
       reference's log-probabilities of the chosen (c) and rejected (r) answers;
     - orpo (Hong et al. 2024; no reference): the chosen answer's mean token loss + beta * -log sigmoid(log odds
       ratio), odds of an answer = m / (1 - m) for m its mean per-token probability (in logs: lm - log(1 - e^lm));
-    - kto (Ethayarajh et al. 2024, as TRL's KTOTrainer computes it): r = p - ref, z = the batch's mean r (no
-      gradient, at least 0) as the KL estimate; a desirable answer costs 1 - sigmoid(beta (r - z)), an
-      undesirable one 1 - sigmoid(beta (z - r)).
+    - kto (Ethayarajh et al. 2024; the losses as TRL's KTOTrainer.kto_loss computes them): r = p - ref; a desirable
+      answer costs 1 - sigmoid(beta (r - z)), an undesirable one 1 - sigmoid(beta (z - r)), z the KL estimate
+      (no gradient, at least 0). TRL estimates z on mismatched (prompt, another row's answer) pairs, a third
+      forward pass; here it is the micro-batch's mean r, which needs none.
 
     Returns the SUM over pairs (or rated answers): the loop divides by the step's count of them (`units`), so
     micro-batches and processes weigh each pair the same."""
