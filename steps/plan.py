@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from memory.store import MemoryStore
-from training.batches import Fit, fit_records, read_split, render_chat, to_messages
+from training.batches import Fit, fit_records, read_split, rendered_length
 from training.contracts import DatasetSummary, Goal, TrainPlan
 from training.data.store import datasets_dir
 from training.errors import InputError
@@ -40,7 +40,7 @@ def plan_goal(workspace: Path, goal: Goal, summary: DatasetSummary, *, use_memor
         check_chat_template(tokenizer, plan.base_model, summary.format)
         if train_records is None:
             train_records = read_split(datasets_dir(workspace) / summary.fingerprint, "train")
-        lengths = [len(render_chat(tokenizer, to_messages(r, summary.format))) for r in train_records]
+        lengths = [rendered_length(tokenizer, r, summary.format) for r in train_records]
         update["seq_len"] = seq_len_for(lengths, context)
         fit = fit_records(tokenizer, train_records, summary.format, update["seq_len"])[1]
     plan = TrainPlan.model_validate(plan.model_copy(update=update).model_dump())  # re-check the plan's rules

@@ -266,3 +266,16 @@ def test_dpo_over_two_ddp_processes_matches_one_process(ws, tiny_base, pairs):
     assert losses["dpo-one"][-1][0] < losses["dpo-one"][0][0]  # it trained (measured 0.693 -> 0.635 in 4 steps)
     for (one, val_one), (ddp, val_ddp) in zip(losses["dpo-one"], losses["dpo-ddp"]):
         assert ddp == pytest.approx(one, abs=1e-5) and val_ddp == pytest.approx(val_one, abs=1e-5)
+
+
+def test_planning_sizes_seq_len_for_the_longer_answer_of_each_pair(ws, tiny_base, tmp_path):
+    from steps.plan import plan_goal
+
+    rows = [{**r, "rejected": r["rejected"] + " Meanwhile please restart it, unplug it and wait a while." * 3}
+            for r in ticket_rows(40, seed=2)]
+    summary = curate_to_workspace(str(write_jsonl(tmp_path / "long-rejected.jsonl", rows)), ws).summary
+    goal = Goal(task="finetune", data="x.jsonl", base_model=str(tiny_base), method="lora", objective="dpo",
+                metric="preference_accuracy")
+    plan, _, fit = plan_goal(ws, goal, summary, use_memory=False)
+    assert plan.objective == "dpo" and plan.seq_len > 64  # the chosen conversations alone fit 64 tokens
+    assert fit.records == summary.splits["train"] and fit.cut == fit.dropped == 0

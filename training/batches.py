@@ -108,6 +108,15 @@ def classification_prompt(text: str) -> str:
     return f"{text}\n\nCategory:"
 
 
+def rendered_length(tokenizer, record: dict, fmt: str) -> int:
+    """Tokens of a record's conversation as trained: a preference pair's longer one (prompt and chosen, or prompt
+    and rejected)."""
+    if fmt == "preference":
+        return max(len(render_chat(tokenizer, record["prompt"] + [{"role": "assistant", "content": a}]))
+                   for a in answers_of(record, fmt))
+    return len(render_chat(tokenizer, to_messages(record, fmt)))
+
+
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
     if isinstance(out, dict) or hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
