@@ -60,7 +60,7 @@ def check_relative_target(workspace: Path, goal: Goal, plan: TrainPlan, summary:
         return
     import torch
 
-    from training.evaluate import InProcess, score_model
+    from training.evaluate import ANSWER_LOGPS, InProcess, preference_values, score_model
     from training.models import base_dir, load_base
 
     splits = {name: read_split(datasets_dir(workspace) / summary.fingerprint, name) for name in ("train", "val")}
@@ -70,6 +70,9 @@ def check_relative_target(workspace: Path, goal: Goal, plan: TrainPlan, summary:
     device = torch.device("cpu")
     scores = score_model(InProcess(model, tokenizer, device), tokenizer, summary.format,
                          {"train": splits["train"], "val": [], "test": splits["val"][:ZERO_CHECK_RECORDS]}, (), plan.seq_len)
+    if ANSWER_LOGPS in scores.values:  # preference data: the base is its own reference
+        logps = scores.values[ANSWER_LOGPS]
+        scores.values.update(preference_values(plan.objective, plan.beta, logps, logps, scores.values.get("labels")))
     values = scores.values.get(goal.metric)
     if values and max(values) == 0:
         raise InputError(f"target: the base scores 0 on {goal.metric} ({len(values)} validation records), so "

@@ -279,3 +279,18 @@ def test_planning_sizes_seq_len_for_the_longer_answer_of_each_pair(ws, tiny_base
     plan, _, fit = plan_goal(ws, goal, summary, use_memory=False)
     assert plan.objective == "dpo" and plan.seq_len > 64  # the chosen conversations alone fit 64 tokens
     assert fit.records == summary.splits["train"] and fit.cut == fit.dropped == 0
+
+
+def test_a_relative_orpo_target_over_a_base_that_never_prefers_the_chosen_answer_is_refused(ws, tiny_base, pairs):
+    from steps.plan import plan_goal
+
+    def goal(objective: str) -> Goal:
+        return Goal(task="finetune", data="x.jsonl", base_model=str(tiny_base), method="full", objective=objective,
+                    metric="preference_accuracy", target=Target(metric="preference_accuracy", direction="higher",
+                                                                kind="relative", value=0.2, baseline="base"))
+
+    # ORPO compares the model's own per-token log-probabilities: the base prefers no chosen answer (the code's
+    # digits are unlikely), so '20% above it' would ask for nothing
+    with pytest.raises(InputError, match=r"the base scores 0 on preference_accuracy .* asks for nothing"):
+        plan_goal(ws, goal("orpo"), pairs, use_memory=False)
+    assert plan_goal(ws, goal("dpo"), pairs, use_memory=False)[0].objective == "dpo"  # DPO's base scores 0.5
