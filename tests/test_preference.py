@@ -206,6 +206,8 @@ def test_a_goal_using_dpo_plans_the_dpo_objective(ws, pairs, rated, tmp_path):
     assert orpo.objective == "orpo" and orpo.target.metric == "preference_accuracy" and orpo.target.value == 0.8
     plain = parse_goal(f"fine-tune smollm2 on {tmp_path / 'prefs.jsonl'}")
     assert plain.objective == "sft" and plan_for(plain, rated)[0].objective == "kto"  # rated answers hold nothing else
+    with pytest.raises(ValueError, match="objective: kto tunes a pretrained model's preferences; it needs task finetune"):
+        Goal(task="evaluate", data="x.jsonl", base_model="b", method="full", objective="kto", metric="perplexity")
     with pytest.raises(InputError, match="objective: the goal names DPO and KTO"):
         parse_goal(f"fine-tune smollm2 on {tmp_path / 'prefs.jsonl'} using DPO and KTO")
 

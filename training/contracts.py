@@ -354,6 +354,8 @@ class Goal(BaseModel):
             raise ValueError("base_model: name the model to fine-tune or evaluate (e.g. smollm2-135m-instruct)")
         if self.task == "pretrain" and self.method != "full":
             raise ValueError("method: pretraining trains every weight (full)")
+        if self.objective != "sft" and self.task != "finetune":
+            raise ValueError(f"objective: {self.objective} tunes a pretrained model's preferences; it needs task finetune")
         if self.target and self.target.metric != self.metric:
             raise ValueError(f"target: measures {self.target.metric} but the goal's metric is {self.metric}")
         if self.task == "evaluate" and (self.processes or self.strategy):
