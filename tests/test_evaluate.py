@@ -204,18 +204,27 @@ def test_a_lora_run_in_bfloat16_holds_its_frozen_decoder_weights_in_bfloat16(ws,
     from training.runs import Run
     from training.setup import Distributed, build_model
 
+    import gc
+
     fp = curate_to_workspace(str(ROOT / "examples/data/support_faq.jsonl"), ws).summary.fingerprint
-    dtypes = {}
+    dtypes, mapped = {}, {}
     for precision in ("bfloat16", "float32"):
         plan = TrainPlan(task="finetune", dataset=fp, base_model=str(tiny_base), method="lora", precision=precision,
                          budget=Budget(steps=1), **TINY)
         model = build_model(plan, ws, Run.at(tmp_path / precision), Distributed(), torch.device("cpu"))[0]
         dtypes[precision] = {n: p.dtype for n, p in model.named_parameters()}
+        gc.collect()
+        mapped[precision] = "model.safetensors" in Path("/proc/self/maps").read_text()
+        del model
+        gc.collect()
     held = dtypes["bfloat16"]
     frozen = [n for n in held if n.endswith(("proj.weight", "base_layer.weight"))]
     assert frozen and {held[n] for n in frozen} == {torch.bfloat16}
     assert {held[n] for n in held if "lora_" in n or "embed_tokens" in n} == {torch.float32}
     assert set(dtypes["float32"].values()) == {torch.float32}
+    # transformers maps the checkpoint file and float32 weights view it; the bf16 model holds copies, so the mapping
+    # (and every page of it the conversion read) is gone
+    assert mapped == {"bfloat16": False, "float32": True}, mapped
 
 
 def test_precision_auto_is_bfloat16_in_training_and_evaluation_where_the_cpu_multiplies_it(ws, tiny_base, monkeypatch):

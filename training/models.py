@@ -358,6 +358,13 @@ def hold_frozen_matmuls_in(model, dtype) -> int:
                 and weight.dtype != dtype):
             saved += weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
             module.to(dtype)  # a frozen bias goes with it: the matmul adds it in the same dtype under autocast
+    # transformers maps the checkpoint file and its tensors view it: while any frozen weight still does (the
+    # embedding, the norms) the whole mapping stays, with every page the conversion read resident beside the bf16
+    # copies. Copies of the few float32 ones let it go (bench/bench_lora.py measures the peak).
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.requires_grad and param.dtype != dtype:
+                param.data = param.data.clone()
     return saved
 
 
