@@ -361,3 +361,18 @@ if __name__ == "__main__":  # the measuring process: python tests/test_estimate.
         measure_rank(*sys.argv[2:5])
     else:
         print(json.dumps(measure(sys.argv[1], sys.argv[2])))
+
+
+def test_a_preference_pair_counts_two_sequences_in_the_micro_batch(llama):
+    """DPO and ORPO put prompt + chosen and prompt + rejected in the micro-batch: the activations of 8 pairs are those of
+    16 sequences; KTO's rated answers are one sequence each."""
+    import torch
+
+    from training.estimate import memory_row, plan_row
+
+    device, room = torch.device("cuda"), [80.0]
+    rows = {objective: plan_row(_fix_plan(objective=objective, method="lora", batch_size=8, seq_len=1024), llama["1B"],
+                                device, room) for objective in ("sft", "dpo", "orpo", "kto")}
+    sixteen = memory_row(llama["1B"], "lora", "single", 1, 16, 1024, device, room)
+    assert rows["dpo"].activations == rows["orpo"].activations == sixteen.activations
+    assert rows["kto"].activations == rows["sft"].activations < sixteen.activations

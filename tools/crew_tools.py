@@ -28,7 +28,8 @@ FINGERPRINT = r"^[0-9a-f]{16}$"
 
 class CurateArgs(ToolArgs):
     data: str = Field(min_length=1, max_length=500, description="the data the goal names: a path or bbc-news")
-    format: Literal["text", "pairs", "chat", "classification"] | None = Field(None, description="force a format")
+    format: Literal["text", "pairs", "chat", "classification", "preference", "feedback"] | None = Field(
+        None, description="force a format")
 
 
 class CurateDatasetTool(RunTool):

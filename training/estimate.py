@@ -248,8 +248,8 @@ def memory_table(plan: TrainPlan, shapes: Shapes, device: torch.device, room: li
     micro = plan.batch_size // plan.grad_accum
     methods = ["full"] if plan.task == "pretrain" else ["full", "lora", "qlora"]
     counts = sorted({n for n in TABLE_DEVICES if n > 1} | {plan_layout(plan, device)[1]} - {1})
-    return [memory_row(shapes, method, layout, n, micro, plan.seq_len, device, room, plan.precision,
-                       plan.activation_checkpointing)
+    return [memory_row(shapes, method, layout, n, micro * rows_per_record(plan), plan.seq_len, device, room,
+                       plan.precision, plan.activation_checkpointing)
             for method in methods
             for layout, n in [("single", 1)] + [(layout, n) for layout in ("ddp", "fsdp") for n in counts]]
 
@@ -260,8 +260,13 @@ def plan_row(plan: TrainPlan, shapes: Shapes, device: torch.device, room: list[f
     args = {"method": plan.method, "layout": layout, "devices": devices,
             "micro_batch": plan.batch_size // plan.grad_accum, "seq_len": plan.seq_len,
             "checkpointing": plan.activation_checkpointing} | change
-    return memory_row(shapes, args["method"], args["layout"], args["devices"], args["micro_batch"], args["seq_len"],
-                      device, room, plan.precision, args["checkpointing"])
+    return memory_row(shapes, args["method"], args["layout"], args["devices"], args["micro_batch"] * rows_per_record(plan),
+                      args["seq_len"], device, room, plan.precision, args["checkpointing"])
+
+
+def rows_per_record(plan: TrainPlan) -> int:
+    """Sequences a record puts in a micro-batch: a DPO or ORPO pair is two (prompt + chosen, prompt + rejected)."""
+    return 2 if plan.objective in ("dpo", "orpo") else 1
 
 
 def memory_need(plan: TrainPlan, run) -> dict[str, float]:
