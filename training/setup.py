@@ -173,6 +173,31 @@ def warm_start_dir(path: str) -> Path:
     return init
 
 
+MMAP_THRESHOLD = 1 << 20  # bytes: glibc maps allocations from this size up on their own, and unmaps them when freed
+
+
+def cpu_malloc(device: torch.device) -> int | None:
+    """On a CPU with glibc, have malloc map every allocation of 1 MB and more on its own (mallopt M_MMAP_THRESHOLD),
+    returned to the system when freed. glibc's default threshold grows with each large block freed, up to 32 MB, so
+    a training step's activations and gradients come from the heap, where freed blocks stay resident and fragment it:
+    bench/bench_lora.py measured both a lower peak and more tokens/s with 1 MB than with glibc's default. A user's
+    own MALLOC_MMAP_THRESHOLD_ is left alone; MODELCREW_MMAP_THRESHOLD sets another size, 0 keeps glibc's default.
+    Returns the threshold set, or None."""
+    import ctypes
+    import ctypes.util
+
+    chosen = os.environ.get("MODELCREW_MMAP_THRESHOLD", "").strip()
+    size = int(chosen) if chosen.isdigit() else MMAP_THRESHOLD
+    if device.type != "cpu" or size == 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to set
+        return None
+    return size if mallopt(-3, size) == 1 else None  # -3: M_MMAP_THRESHOLD; mallopt returns 1 on success
+
+
 def build_model(plan: TrainPlan, workspace: Path, run: Run, dist: Distributed, device: torch.device,
                 train_records: list[dict] | None = None):
     """(model, tokenizer, base directory, weights directory) as the plan starts from, on `device`: a fresh model
@@ -223,6 +248,7 @@ def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: 
     summary = load_summary(workspace, plan.dataset)
     check_objective(plan, summary.format)
     device = pick_device(plan.device, dist)
+    cpu_malloc(device)  # before the model and data: their allocations follow it
     torch.manual_seed(plan.seed)
     data_dir = datasets_dir(workspace) / plan.dataset
     train_records, val_records = read_split(data_dir, "train"), read_split(data_dir, "val")
