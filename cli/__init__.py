@@ -7,6 +7,7 @@
     models.py   models … | serve
     memory.py   memory search | show | stats | doctor | rebuild
     loop.py     loop start | status | trigger | stop
+    feedback.py feedback stats
 
 Heavy libraries are imported inside the commands that need them, so `--help` answers at once.
 `cli` is the top layer: it may import every package below it.
@@ -18,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli import crew, data, engine, loop, memory, models
+from cli import crew, data, engine, feedback, loop, memory, models
 
 
 def _version(value: bool) -> None:
@@ -76,6 +77,7 @@ app.add_typer(crew.runs_app, name="runs")
 app.add_typer(models.app, name="models")
 app.add_typer(memory.app, name="memory")
 app.add_typer(loop.app, name="loop")
+app.add_typer(feedback.app, name="feedback")
 
 engine_app = _app("The engine alone (no agents): curate data, train, estimate and evaluate. "
                   "`train` also runs under torchrun and accelerate launch.")

@@ -163,16 +163,20 @@ def serve_command(
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, max=256, help="Most requests decoded together.")] = 32,
     max_body_mb: Annotated[int, typer.Option("--max-body-mb", min=1, max=1024,
                                              help="Largest request body in MiB (413 beyond); raise it for batches of long token-id prompts.")] = 1,
+    record: Annotated[bool, typer.Option("--record", help="Record every answer, PII scrubbed, with the version that answered, "
+                                         "under WORKSPACE/feedback/<model>/ and take ratings at POST /v1/feedback.")] = False,
     workspace: Workspace = DEFAULT_WORKSPACE,
     debug: Debug = False,
 ) -> None:
-    """Serve a model over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions)."""
+    """Serve a model over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions, and with
+    --record /v1/feedback; see `modelcrew feedback stats`)."""
     with reported(debug):
         from serving.server import serve
 
-        print(f"serving {ref} on http://{host}:{port}/v1", file=sys.stderr)
+        print(f"serving {ref} on http://{host}:{port}/v1" + (f", recording under {workspace}/feedback" if record else ""),
+              file=sys.stderr)
         serve(ref, check_workspace(workspace), host=host, port=port, api_key=api_key, max_batch=max_batch,
-              max_body_bytes=max_body_mb << 20)
+              max_body_bytes=max_body_mb << 20, record=record)
 
 
 COMMANDS = {"serve": serve_command}

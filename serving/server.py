@@ -4,6 +4,7 @@
     GET  /v1/models
     POST /v1/completions         (echo + logprobs, so lm-evaluation-harness's local-completions can score it)
     POST /v1/chat/completions    (the model's chat template; tool calls, tool results and a `tools` list too)
+    POST /v1/feedback            a rating (and correction) of a recorded answer, when the server records (below)
 
 A completion's `prompt` is text, token ids, or a list of either (at most MAX_PROMPTS = 64): several prompts are
 decoded as one batch and answered as one choice each, in order, with summed usage (streaming takes one prompt).
@@ -26,6 +27,22 @@ shape: bad parameters 400, missing or wrong key 401 (when an API key is set), un
 413, a failure of ours 500. A client that goes away (a stream closed, or a connection dropped while waiting for
 an answer) marks its requests `cancelled`, for the batcher to drop them.
 
+Recording (`record=True`, `modelcrew serve --record`; off by default): every answer delivered is appended, PII
+scrubbed, to <workspace>/feedback/<model>/completions.jsonl (serving/feedback.py has the layout and the rows), with
+the exact version that answered. One row per choice: a completions request with several prompts gives one per
+prompt, each with its `index`. A stream is recorded when its last token is out, before its final chunk is sent, so
+a client that has the whole answer can rate it at once. Not recorded: requests that failed, and requests whose
+client went away before the answer was complete (a closed stream, a dropped connection): nothing whole was
+delivered, so there is nothing to rate, and a cut-off answer would teach the retraining loop a truncated reply.
+A failure to write a record is logged and the answer still goes out.
+
+    POST /v1/feedback   {"id": "chatcmpl-…", "rating": 1 | -1, "correction": "…" (optional), "index": 0 (optional)}
+
+rates a recorded answer (behind the same API key): 200 with the stored row; 400 for a rating other than the
+integers 1 and -1, a correction over 8,000 characters or blank, a field of the wrong type or a field we do not
+know; 404 for an id (and index) this server has not recorded, and 404 from a server started without recording.
+Rejected feedback writes nothing. An answer may be rated again; the latest rating counts.
+
 Serving `name@production` follows promotions and rollbacks without a restart: each request resolves the
 reference; when it moved, the new version loads in a background thread (one load at a time) while the old one
 keeps answering, then new requests switch to it at once. Requests already running finish on the version they
@@ -45,15 +62,16 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Awaitable, Callable, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import Batcher, LoadedModel, Request
+from serving.feedback import MAX_CORRECTION_CHARS, MAX_ID_CHARS, FeedbackStore, UnknownCompletion, now
 from training.errors import InputError
 
 
@@ -170,6 +188,30 @@ class ChatParams(CommonParams):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None  # accepted; we do not produce tool calls
+
+
+class FeedbackParams(BaseModel):
+    """POST /v1/feedback: strict types (a rating of true, 1.0 or "1" is refused), no fields beyond these."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: StrictStr = Field(min_length=1, max_length=MAX_ID_CHARS)
+    rating: StrictInt
+    correction: StrictStr | None = Field(None, max_length=MAX_CORRECTION_CHARS)
+    index: StrictInt = Field(0, ge=0, lt=MAX_PROMPTS)  # the choice, for a completions request with several prompts
+
+    @field_validator("rating")
+    @classmethod
+    def _good_or_bad(cls, rating: int) -> int:
+        if rating not in (1, -1):
+            raise ValueError(f"give 1 (a good answer) or -1 (a bad one), not {rating}")
+        return rating
+
+    @field_validator("correction")
+    @classmethod
+    def _not_blank(cls, correction: str | None) -> str | None:
+        if correction is not None and not correction.strip():
+            raise ValueError("a blank correction; leave the field out to rate without one")
+        return correction
 
 
 class Deployment:
@@ -343,10 +385,15 @@ class _Gate:
 
 
 def create_app(ref: str, workspace: Path | None = None, api_key: str | None = None, max_batch: int = 32,
-               device: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               device: str | None = None, max_body_bytes: int = MAX_BODY_BYTES, record: bool = False) -> FastAPI:
+    """The app; `record` appends every delivered answer under <workspace>/feedback/ and takes POST /v1/feedback."""
+    if record and workspace is None:
+        raise InputError("record: recording needs a workspace to write to")
     slot = Slot(ref, workspace, max_batch, device)
+    store = FeedbackStore(workspace, slot.name) if record else None
     app = FastAPI(title="modelcrew", docs_url=None, redoc_url=None)
     app.state.slot = slot
+    app.state.feedback = store
     app.add_middleware(_Gate, api_key=api_key, max_body=max_body_bytes)
 
     @app.exception_handler(APIError)
@@ -393,19 +440,38 @@ def create_app(ref: str, workspace: Path | None = None, api_key: str | None = No
         loading = slot.loading[0] if slot.loading is not None and not slot.loading[1].done() else None
         return {"status": "ok", "model": slot.name, "reference": slot.ref, "version": d.key, "aliases": aliases,
                 "loading": loading, "error": error, "batches": d.batcher.batches,
-                "batched_requests": d.batcher.batched_requests}
+                "batched_requests": d.batcher.batched_requests, "recording": store is not None}
 
     @app.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": slot.name, "object": "model", "created": 0, "owned_by": "modelcrew"}]}
 
+    def recorder(params: CommonParams, version: str, inputs: Callable[[int], dict]) -> Recorder | None:
+        """What records a request's answers (None when recording is off): `inputs(i)` is choice i's request part."""
+        if store is None:
+            return None
+
+        async def record(rid: str, results: list[dict]) -> None:
+            at = now()
+            rows = [{"id": rid, "index": r["index"], "created": at, "model": params.model, "version": version,
+                     **inputs(r["index"]), "answer": r["answer"], "finish_reason": r["finish_reason"],
+                     "usage": r["usage"]} for r in results]
+            try:  # off the event loop: scrubbing and the write (under a file lock another process may hold)
+                await asyncio.to_thread(store.record, rows)
+            except Exception:  # the client still gets its answer; the operator sees why it was not recorded
+                log.exception("recording %s (%s) failed", rid, version)
+
+        return record
+
     async def answer(params: CommonParams, http: HTTPRequest, kind: str,
-                     build: Callable[[LoadedModel], tuple[list[Request], list[str] | None]]):
+                     build: Callable[[LoadedModel], tuple[list[Request], list[str] | None]],
+                     inputs: Callable[[int], dict]):
         check_model(params.model)
         lease = slot.lease()
         try:
             reqs, echoes = build(lease.deployment.loaded)  # all checked before any is queued
-            response = await _respond(reqs, lease, params, kind, echoes, http)
+            response = await _respond(reqs, lease, params, kind, echoes, http,
+                                      recorder(params, lease.deployment.key, inputs))
         except BaseException:
             lease.release()
             raise
@@ -415,8 +481,11 @@ def create_app(ref: str, workspace: Path | None = None, api_key: str | None = No
 
     @app.post("/v1/completions")
     async def completions(params: CompletionParams, http: HTTPRequest):
+        texts: list[str] = []  # each prompt as text, for the record
+
         def build(loaded: LoadedModel):
             prompts = _prompts(params.prompt, loaded)
+            texts.extend(text for _, text in prompts)
             if params.stream and len(prompts) > 1:
                 raise APIError(400, f"stream: streaming takes one prompt, not {len(prompts)}; send a list without stream",
                                param="stream")
@@ -424,7 +493,7 @@ def create_app(ref: str, workspace: Path | None = None, api_key: str | None = No
                              params.echo and params.logprobs is not None) for ids, _ in prompts]
             return reqs, [text for _, text in prompts] if params.echo else None
 
-        return await answer(params, http, "text_completion", build)
+        return await answer(params, http, "text_completion", build, lambda i: {"kind": "completion", "prompt": texts[i]})
 
     @app.post("/v1/chat/completions")
     async def chat(params: ChatParams, http: HTTPRequest):
@@ -436,7 +505,30 @@ def create_app(ref: str, workspace: Path | None = None, api_key: str | None = No
             wanted = params.max_completion_tokens if params.max_completion_tokens is not None else params.max_tokens
             return [_request(params, ids, loaded, wanted, DEFAULT_CHAT_TOKENS, top, False)], None
 
-        return await answer(params, http, "chat.completion", build)
+        def conversation(_: int) -> dict:
+            messages = []
+            for i, m in enumerate(params.messages):
+                row = {"role": m.role, "content": _text(m, i)}
+                if m.tool_calls:
+                    row["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+                row.update({k: v for k, v in (("tool_call_id", m.tool_call_id), ("name", m.name)) if v is not None})
+                messages.append(row)
+            tools = {"tools": [t.model_dump(exclude_none=True) for t in params.tools]} if params.tools else {}
+            return {"kind": "chat", "messages": messages, **tools}
+
+        return await answer(params, http, "chat.completion", build, conversation)
+
+    @app.post("/v1/feedback")
+    async def feedback(params: FeedbackParams):
+        if store is None:
+            raise APIError(404, "feedback: this server does not record its answers, so it takes no feedback; "
+                           "start it with `modelcrew serve ... --record`", code="recording_off")
+        try:  # off the event loop: scrubbing, the lock and the fsync
+            return await asyncio.to_thread(store.add_feedback, params.id, params.rating, params.correction, params.index)
+        except UnknownCompletion:
+            which = f"{params.id!r}" + (f" (choice {params.index})" if params.index else "")
+            raise APIError(404, f"id: no recorded answer {which} on this server", param="id",
+                           code="completion_not_found") from None
 
     return app
 
@@ -612,9 +704,14 @@ async def _disconnected(receive) -> None:
         pass
 
 
+Recorder = Callable[[str, list[dict]], Awaitable[None]]  # (response id, one result per choice) -> recorded
+
+
 async def _respond(reqs: list[Request], lease: Lease, params, kind: str, echoes: list[str] | None,
-                   http: HTTPRequest):
-    """Queue every request at once (the batcher decodes them together) and answer one choice per request, in order."""
+                   http: HTTPRequest, record: Recorder | None = None):
+    """Queue every request at once (the batcher decodes them together) and answer one choice per request, in order.
+    `record`, when given, gets each finished answer (index, answer text, finish_reason, usage) before the client has
+    the end of it; an answer that failed or whose client went away is not given to it."""
     loop = asyncio.get_running_loop()
     queues: list[asyncio.Queue] = []
     for req in reqs:
@@ -630,6 +727,7 @@ async def _respond(reqs: list[Request], lease: Lease, params, kind: str, echoes:
         req, events, echo = reqs[0], queues[0], echoes[0] if echoes else None
         prompt_tokens = len(req.prompt_ids)
         finished = False
+        sent: list[str] = []  # the answer's text as streamed, for the record
 
         async def stream():
             nonlocal finished
@@ -650,6 +748,7 @@ async def _respond(reqs: list[Request], lease: Lease, params, kind: str, echoes:
                     yield chunk(error_body(event["message"], "server_error"))
                     break
                 if event["type"] == "text" and event["text"]:
+                    sent.append(event["text"])
                     if kind == "chat.completion":
                         yield chunk({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                                      "choices": [{"index": 0, "delta": {"content": event["text"]}, "finish_reason": None}]})
@@ -660,6 +759,9 @@ async def _respond(reqs: list[Request], lease: Lease, params, kind: str, echoes:
                     finished = True
                     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": event["completion_tokens"],
                              "total_tokens": prompt_tokens + event["completion_tokens"]}
+                    if record is not None and event["reason"] != "cancelled":  # before the end: rateable at [DONE]
+                        await record(rid, [{"index": 0, "answer": "".join(sent), "finish_reason": event["reason"],
+                                            "usage": usage}])
                     last = ({"index": 0, "delta": {}, "finish_reason": event["reason"]} if kind == "chat.completion"
                             else {"index": 0, "text": "", "logprobs": None, "finish_reason": event["reason"]})
                     obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
@@ -707,9 +809,12 @@ async def _respond(reqs: list[Request], lease: Lease, params, kind: str, echoes:
     # a loop turn later; reading its result before then raised InvalidStateError, a 500 traceback per such client)
     if gone:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    choices, completion_tokens = [], 0
+    choices, completion_tokens, results = [], 0, []
     for index, (req, (completion, entries, prompt_entries, finish)) in enumerate(zip(reqs, collecting.result())):
         completion_tokens += finish["completion_tokens"]
+        results.append({"index": index, "answer": completion, "finish_reason": finish["reason"],
+                        "usage": {"prompt_tokens": len(req.prompt_ids), "completion_tokens": finish["completion_tokens"],
+                                  "total_tokens": len(req.prompt_ids) + finish["completion_tokens"]}})
         if kind == "chat.completion":
             choices.append({"index": index, "message": {"role": "assistant", "content": completion},
                             "finish_reason": finish["reason"],
@@ -726,6 +831,8 @@ async def _respond(reqs: list[Request], lease: Lease, params, kind: str, echoes:
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
              "total_tokens": prompt_tokens + completion_tokens}
     body = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, "usage": usage}
+    if record is not None:
+        await record(rid, [r for r in results if r["finish_reason"] != "cancelled"])
     return JSONResponse(body, headers={"X-Model-Version": version})
 
 
@@ -742,8 +849,8 @@ def _completion_logprobs(prompt_entries: list | None, entries: list[dict], echo:
 
 
 def serve(ref: str, workspace: Path | None, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_batch: int = 32, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+          max_batch: int = 32, max_body_bytes: int = MAX_BODY_BYTES, record: bool = False) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(ref, workspace, api_key, max_batch, max_body_bytes=max_body_bytes), host=host, port=port,
-                log_level="warning", timeout_keep_alive=KEEP_ALIVE_S)
+    uvicorn.run(create_app(ref, workspace, api_key, max_batch, max_body_bytes=max_body_bytes, record=record), host=host,
+                port=port, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S)
