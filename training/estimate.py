@@ -31,12 +31,15 @@ from training.errors import InputError
 from training.models import LORA_TARGETS, check_qlora
 from training.objective import CHUNK_ELEMENTS, NextTokenLoss, autocast, compute_dtype, supervised_tokens
 from training.runs import Run
-from training.setup import Distributed, prepare_run
+from training.setup import MMAP_THRESHOLD, Distributed, prepare_run
 
 GB = 1024**3
 USABLE = 0.9  # of a device's memory: the rest is the CUDA context, the allocator's cache, the OS
-CPU_HEAP_SLACK = 1.5  # peak RSS / live bytes of a CPU step's transient tensors (glibc keeps freed chunks)
-GLIBC_MMAP_MAX = 32 * 1024**2  # glibc's largest mmap threshold: bigger allocations go back to the OS when freed
+# peak RSS / live bytes of a CPU step's transient tensors: glibc keeps freed heap chunks. Measured by
+# tests/test_estimate.py with the engine's 1 MB mmap threshold (training.setup.cpu_malloc), which gives blocks from
+# 1 MB up back when freed: 1.2-1.25 on its tiny models, where glibc's own growing threshold (up to 32 MB) kept 1.5
+CPU_HEAP_SLACK = 1.25
+MALLOC_MAPPED = MMAP_THRESHOLD  # blocks this large go back to the OS when freed: no slack
 CPU_FIXED_GB = 8 / 1024  # a CPU step's fixed cost beyond its tensors (thread pools, kernels' scratch), measured
 NF4_BYTES = 0.5 + 0.127 / 8  # QLoRA: 4 bits a weight + double-quantized block scales (~0.127 bits)
 TABLE_DEVICES = (1, 2, 4, 8)
@@ -209,7 +212,7 @@ def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_bat
         gradients += 4 * shapes.vocab * shapes.hidden
     if not cuda:  # glibc keeps freed heap chunks resident; it maps (and unmaps) chunks of 32 MB and more itself
         layers, gradients = layers * CPU_HEAP_SLACK, gradients * CPU_HEAP_SLACK
-        logits *= CPU_HEAP_SLACK if logits / 3 < GLIBC_MMAP_MAX else 1
+        logits *= CPU_HEAP_SLACK if logits / 3 < MALLOC_MAPPED else 1
     activations = layers + logits + (0 if cuda else CPU_FIXED_GB * GB)
     total = weights + gradients + optimizer + activations
     if cuda:
