@@ -89,15 +89,7 @@ def _messages(row: dict, where: str) -> list[dict]:
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
         raise InputError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
-    out = []
-    for i, m in enumerate(messages):
-        field = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise InputError(f"{where}: field '{field}' must be an object with role and content")
-        role = _string(m, "role", f"{where}: {field}")
-        if role not in CHAT_ROLES:
-            raise InputError(f"{where}: field '{field}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-        out.append({"role": role, "content": _string(m, "content", f"{where}: {field}")})
+    out = _turns(row, "messages", where)
     if not any(m["role"] == "assistant" for m in out):
         raise InputError(f"{where}: field 'messages' has no assistant message to learn from")
     return out
