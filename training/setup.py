@@ -180,7 +180,8 @@ def cpu_malloc(device: torch.device) -> int | None:
     """On a CPU with glibc, have malloc map every allocation of 1 MB and more on its own (mallopt M_MMAP_THRESHOLD),
     returned to the system when freed. glibc's default threshold grows with each large block freed, up to 32 MB, so
     a training step's activations and gradients come from the heap, where freed blocks stay resident and fragment it:
-    bench/bench_lora.py measured both a lower peak and more tokens/s with 1 MB than with glibc's default. A user's
+    bench/bench_lora.py measured a lower peak with 1 MB than with glibc's default in each run (tokens/s went either
+    way between runs). A user's
     own MALLOC_MMAP_THRESHOLD_ is left alone; MODELCREW_MMAP_THRESHOLD sets another size, 0 keeps glibc's default.
     Returns the threshold set, or None."""
     import ctypes
