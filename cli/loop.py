@@ -33,6 +33,8 @@ def parse_duration(text: str, option: str) -> float:
 def loop_start(
     goal: Annotated[Optional[str], typer.Argument(help="The goal in plain words (omit to continue this workspace's loop).")] = None,
     watch: Annotated[Optional[Path], typer.Option("--watch", help="File or directory of records to watch (default: the goal's data).")] = None,
+    feedback: Annotated[Optional[str], typer.Option("--feedback", metavar="MODEL", help="Learn from MODEL's recorded answers and ratings (`serve --record`) instead of a folder: corrections and good answers for SFT, corrected answers as pairs for DPO/ORPO, ratings for KTO.")] = None,
+    min_feedback: Annotated[int, typer.Option("--min-feedback", min=1, help="With --feedback: a round waits for this many new training records.")] = 20,
     every: Annotated[str, typer.Option("--every", help="Time between checks: 90s, 15m, 1h, 2d.")] = "1h",
     schedule: Annotated[Optional[str], typer.Option("--schedule", help="Also retrain at least this often without new data.")] = None,
     max_rounds: Annotated[Optional[int], typer.Option("--max-rounds", min=1, help="Stop after this many rounds.")] = None,
@@ -58,8 +60,9 @@ def loop_start(
         if goal is not None:
             from crews.loop_policy import loop_goal
 
-            parsed, watch = loop_goal(goal, watch, workspace)  # the one parse of the loop's goal
-            settings = LoopSettings(goal_text=goal, watch=str(watch), every_s=parse_duration(every, "--every"),
+            parsed, watch = loop_goal(goal, watch, workspace, feedback)  # the one parse of the loop's goal
+            settings = LoopSettings(goal_text=goal, watch=str(watch), feedback=feedback, min_feedback=min_feedback,
+                                    every_s=parse_duration(every, "--every"),
                                     schedule_s=parse_duration(schedule, "--schedule") if schedule else None,
                                     max_rounds=max_rounds, replay=replay, drift_distance=drift, use_memory=not no_memory,
                                     llm=llm, base_url=llm_base_url)
@@ -93,6 +96,9 @@ def loop_status(workspace: Workspace = DEFAULT_WORKSPACE, as_json: Json = False,
         print(f"loop on {workspace}: {'running (' + running + ')' if running else 'not running'}")
         print(f"goal: {state.settings.goal_text}\nwatching: {state.settings.watch} every {state.settings.every_s:g} s; "
               f"{state.checks} checks, last {state.last_check_at or 'never'}")
+        for version, s in state.feedback_rates.items():
+            rate = "no ratings yet" if s["good_rate"] is None else f"{s['good_rate']:.0%} good"
+            print(f"feedback on {version}: {s['completions']} answers, {s['rated']} rated, {rate}, {s['corrected']} corrected")
         for row in timeline(state):
             print(f"round {row['number']} {row['started']} [{row['triggers']}] {row['data']}; "
                   f"{row['metric']} {row['candidate']} vs production {row['production']}: {row['verdict']}; {row['action']}")

@@ -12,6 +12,8 @@ and report are code (`crews/loop_policy.py`), so triggers, gates and rollbacks n
 judgement. This file is the graph; the rules are in loop_policy.
 
 - Triggers (`check`): new records in the watched source (by content hash: a re-delivered copy is not new),
+  or, for a feedback loop (`loop start --feedback MODEL`), at least `min_feedback` new training records made from
+  the served model's rated answers (`loop_policy.export_feedback`),
   drift (the new records' embedding centroid is far from the training data's, or production's
   perplexity on them is well above the value it was deployed with), a schedule, or `loop trigger`.
 - A round's data: every new record, every earlier evaluation record (the hash-based split puts each record
@@ -265,10 +267,10 @@ def start_state(workspace: Path, settings: LoopSettings | None, goal: Goal | Non
     if settings is None:
         raise InputError(f"goal: no loop has run on {workspace}; `modelcrew loop start GOAL --watch PATH` starts one")
     watch = Path(settings.watch).expanduser()
-    if not watch.exists():
+    if settings.feedback is None and not watch.exists():
         raise InputError(f"--watch: {watch} does not exist")
     if goal is None:
-        goal, _ = policy.loop_goal(settings.goal_text, watch, workspace)
+        goal, _ = policy.loop_goal(settings.goal_text, None if settings.feedback else watch, workspace, settings.feedback)
     return LoopState(settings=settings, goal=goal)
 
 

@@ -22,11 +22,22 @@ from steps.evaluate import production
 from training.gate import lower_is_better
 
 
-def loop_goal(goal_text: str, watch: Path | None, workspace: Path) -> tuple[Goal, Path]:
-    """The loop's goal, parsed once, and the source it watches (`watch`, else the goal's data)."""
+def loop_goal(goal_text: str, watch: Path | None, workspace: Path, feedback: str | None = None) -> tuple[Goal, Path]:
+    """The loop's goal, parsed once, and the source it watches (`watch`, else the goal's data). A feedback loop
+    (`feedback`: a served model's name) watches `loop/feedback.jsonl`, written here from the recorded feedback."""
     from crews.goals import parse_goal
 
-    if watch is not None and not Path(watch).expanduser().exists():
+    if feedback is not None:
+        from serving.feedback import read_feedback
+
+        if watch is not None:
+            raise InputError("--watch: a feedback loop watches the served model's recorded feedback; give --watch or --feedback")
+        try:
+            read_feedback(workspace, feedback)  # before anything is written
+        except InputError as err:
+            raise InputError(f"--feedback: {err}") from None
+        watch = feedback_path(workspace)  # written below, once the goal is understood
+    elif watch is not None and not Path(watch).expanduser().exists():
         raise InputError(f"--watch: {Path(watch).expanduser()} does not exist")
     try:
         goal = parse_goal(goal_text, workspace)
@@ -41,7 +52,34 @@ def loop_goal(goal_text: str, watch: Path | None, workspace: Path) -> tuple[Goal
                          f"this goal asks to {goal.task}")
     if goal.deploy == "never" or not goal.model_name:
         raise InputError("goal: the loop deploys what passes; say the model's name (e.g. 'deploy as support-bot if it passes')")
+    if feedback is not None:
+        goal = goal.model_copy(update={"data": str(watch), "format": None})  # the records the feedback makes
+        export_feedback(workspace, feedback, goal.objective)
     return goal, watch or Path(goal.data)
+
+
+# ---- learning from production: the served model's rated answers -----------------------------------------------
+
+
+def feedback_path(workspace: Path) -> Path:
+    return loop_dir(workspace) / "feedback.jsonl"
+
+
+def export_feedback(workspace: Path, model: str, objective: str) -> tuple[int, dict[str, dict]]:
+    """Write `model`'s rated answers as training records for `objective` (`serving.feedback.training_records`) to
+    the feedback loop's watched file, and return (how many records, the rates by version). The file is rewritten
+    only when its records changed, so its signature moves with new feedback alone; records keep their content
+    ids through curation, so the pool knows which ones a round has taken."""
+    from serving.feedback import read_feedback, stats, training_records
+    from training.atomic import write_text_atomic
+
+    rows = read_feedback(workspace, model)
+    records = training_records(rows, objective)
+    text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+    path = feedback_path(workspace)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text_atomic(path, text)
+    return len(records), stats(rows)
 
 
 def seed_pool(workspace: Path, goal: Goal) -> int:
@@ -51,8 +89,8 @@ def seed_pool(workspace: Path, goal: Goal) -> int:
     from training.data.store import datasets_dir
 
     version, path = production(workspace, goal)
-    if version is None or read_pool(workspace):
-        return 0
+    if version is None or read_pool(workspace) or goal.data == str(feedback_path(workspace)):
+        return 0  # a feedback loop's stream is production's own traffic, not the data production was trained on
     dataset = json.loads((Path(path) / "lineage.json").read_text(encoding="utf-8")).get("dataset")
     if not dataset or not (datasets_dir(workspace) / dataset).is_dir():
         return 0
@@ -101,8 +139,17 @@ def find_triggers(workspace: Path, state: LoopState, pool: dict[str, dict], say)
                time.time() - datetime.fromisoformat(state.last_round_at).timestamp() >= s.schedule_s)
     if due:
         triggers.append(Trigger(kind="schedule", detail=f"no round for {s.schedule_s:g} s"))
-    signature = source_signature(s.watch)
-    detail = {"signature": signature, "newest": {}, "production": None}
+    detail = {"signature": "", "newest": {}, "production": None}
+    if s.feedback:
+        try:
+            count, state.feedback_rates = export_feedback(workspace, s.feedback, state.goal.objective)
+        except InputError as err:  # nothing recorded yet, or a feedback file a person broke: wait for it
+            say(f"the recorded feedback cannot be used yet: {err}")
+            return [], [], "retrain", detail
+        if not count:
+            say(f"no rated answers of {s.feedback} to learn from yet")
+            return [], [], "retrain", detail
+    signature = detail["signature"] = source_signature(s.watch)
     new: list[dict] = []
     if signature != state.source_signature or triggers:
         try:
@@ -118,6 +165,9 @@ def find_triggers(workspace: Path, state: LoopState, pool: dict[str, dict], say)
             say("the watched data changed but holds no new records (a re-delivered copy?): no round")
             state.source_signature = signature
     route = "retrain"
+    if s.feedback and new and len(new) < s.min_feedback and not triggers:
+        say(f"{len(new)} new training records from {s.feedback}'s feedback; a round waits for {s.min_feedback}")
+        return [], [], "retrain", detail
     if new:
         triggers.insert(0, Trigger(kind="data", detail=f"{len(new)} new records", value=len(new)))
         old = [e["record"] for e in pool.values() if e["status"] == "used"]
@@ -130,8 +180,10 @@ def find_triggers(workspace: Path, state: LoopState, pool: dict[str, dict], say)
                     f"the new records' embedding centroid is {distance:.3f} from the training data's "
                     f"(threshold {s.drift_distance:g})")))
         # On data unlike anything trained on, every version is poor and retraining is the remedy:
-        # a rollback is only considered when the new records resemble the training data.
-        route = check_production(workspace, state, new, triggers, detail, consider_rollback=not shifted)
+        # a rollback is only considered when the new records resemble the training data. Never in a feedback
+        # loop: its new records are what users rated and wrote, and a rollback moves production without a gate,
+        # so whoever rates could move it (answers rated against the rule would roll a good version back).
+        route = check_production(workspace, state, new, triggers, detail, consider_rollback=not shifted and not s.feedback)
     return triggers, new, route, detail
 
 
@@ -142,12 +194,13 @@ def check_production(workspace: Path, state: LoopState, new: list[dict], trigger
     from training.evaluate import perplexity_on
 
     version, path = production(workspace, state.goal)
-    if version is None:
+    if version is None or state.goal.objective != "sft":  # preference records are not scored by perplexity
         return "retrain"
     name = state.goal.model_name
     detail["production"] = f"{name} {version.version}"
     records = [e["record"] for e in new]
     fmt, seq_len = format_and_seq_len(workspace, path)
+    fmt = new[0].get("format", fmt)  # the new records as curated (production may have learned from another format)
     ppl = perplexity_on(path, records, fmt, seq_len)
     if ppl is None:
         return "retrain"
@@ -214,7 +267,7 @@ def measure_heldout(workspace: Path, state: LoopState, r: Round, model_dir: Path
     from training.evaluate import perplexity_on
 
     held_out = [e["record"] for e in new_records(workspace, r) if e["split"] != "train"]
-    if not held_out:
+    if not held_out or fmt in ("preference", "feedback"):  # preference records are not scored by perplexity
         return
     r.newest["candidate_heldout"] = perplexity_on(Path(model_dir), held_out, fmt, seq_len)
     version, path = production(workspace, state.goal)

@@ -5,6 +5,7 @@
     loop.lock         held by the running loop; loop.holder names it (pid, command, start, goal)
     requests/         `trigger` and `stop`, written by `modelcrew loop trigger|stop`
     pool.jsonl        every record a round has taken: used, quarantined (its candidate was worse) or failed
+    feedback.jsonl    a feedback loop's watched file: the served model's rated answers as training records
     rounds/NNNN/      each round's input data (data.jsonl) and its new records (new.jsonl)
     report.md, report.html   the timeline of rounds
 """
@@ -42,7 +43,11 @@ class LoopSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     goal_text: str
-    watch: str = Field(description="the watched file or directory of records")
+    watch: str = Field(description="the watched file or directory of records (a feedback loop: loop/feedback.jsonl)")
+    feedback: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description=(
+        "learn from this served model's recorded feedback (`serve --record`) instead of a folder of records"))
+    min_feedback: int = Field(20, ge=1, le=1_000_000, description=(
+        "a feedback loop's round waits for this many new training records from rated answers"))
     every_s: float = Field(3600.0, gt=0, description="seconds between checks")
     schedule_s: float | None = Field(None, gt=0, description="a round at least this often, even without new data")
     max_rounds: int | None = Field(None, ge=1, description="stop after this many rounds (in one `loop start`)")
@@ -109,6 +114,8 @@ class LoopState(BaseModel):
     last_check_at: str | None = None
     last_round_at: str | None = None
     recheck: bool = False  # check again at once (after a rollback)
+    feedback_rates: dict[str, dict] = Field(default_factory=dict, description=(
+        "a feedback loop: completions, ratings and the rate of good answers per version (`serving.feedback.stats`)"))
 
 
 def earlier_rounds(workspace: Path, state: LoopState) -> list[tuple[float, bool]]:
@@ -223,11 +230,12 @@ def source_signature(path: str) -> str:
 
 
 def read_watched(settings: LoopSettings, goal: Goal) -> list[dict]:
-    """The watched source's records, curated as the crew would: [{"id", "split", "record"}] in hash order."""
+    """The watched source's records, curated as the crew would: [{"id", "split", "format", "record"}] in hash order."""
     from training.data import curate
 
     root = Path(settings.watch).expanduser().resolve()
     curated = curate(str(root), format=goal.format, allowed_roots=[root], show_progress=False)
-    out = [{"id": r["id"], "split": split, "record": {k: v for k, v in r.items() if k != "id"}}
+    fmt = curated.summary.format
+    out = [{"id": r["id"], "split": split, "format": fmt, "record": {k: v for k, v in r.items() if k != "id"}}
            for split, rows in curated.splits.items() for r in rows]
     return sorted(out, key=lambda e: e["id"])

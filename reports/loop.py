@@ -55,6 +55,14 @@ def timeline(state) -> list[dict]:
     return rows
 
 
+def feedback_rows(state) -> list[dict]:
+    """A feedback loop: one row per version that answered, with its rate of good answers (rated good / rated)."""
+    return [{"version": v, "completions": fmt(s["completions"]), "rated": fmt(s["rated"]), "good": fmt(s["good"]),
+             "bad": fmt(s["bad"]), "corrected": fmt(s["corrected"]),
+             "good_rate": "—" if s["good_rate"] is None else f"{s['good_rate']:.1%}"}
+            for v, s in state.feedback_rates.items()]
+
+
 def plot(state) -> str | None:
     """Production's metric across rounds with every candidate and rollback, as base64 PNG (None before a finished round)."""
     done = [r for r in state.rounds if r.route == "retrain" and r.status == "done" and r.candidate is not None]
@@ -95,7 +103,7 @@ def render_loop_report(workspace: Path, state) -> tuple[Path, Path]:
         "counts": {"rounds": len(state.rounds), "deployed": sum(bool(r.deployed) for r in done),
                    "rejected": sum(r.passed is False for r in done), "rolled_back": sum(bool(r.rolled_back) for r in done),
                    "failed": sum(r.status == "failed" for r in state.rounds)},
-        "settings": state.settings, "checks": state.checks, "fmt": fmt,
+        "settings": state.settings, "checks": state.checks, "fmt": fmt, "feedback": feedback_rows(state),
     }
     md = write_rendered(out / "report.md", "loop_report.md.j2", **data)
     html = write_rendered(out / "report.html", "loop_report.html.j2", **data, plot=plot(state))

@@ -37,9 +37,9 @@ raised, and a torn tail left by a writer killed mid-write is cut before the next
 only. Readers take a shared flock, so they never see a line being written. Completion rows are not fsynced (a
 power cut may lose the last answers, never tear one); feedback rows are (a 200 means it is on disk).
 
-Readers: `read_feedback(workspace, model)` joins each completion with its latest feedback (what the loop turns
-into supervised pairs, preference pairs and KTO labels), `stats(rows)` counts them by version, `models(workspace)`
-lists the models with records.
+Readers: `read_feedback(workspace, model)` joins each completion with its latest feedback, `training_records(rows,
+objective)` turns the rated ones into what the retraining loop trains on (supervised pairs, preference pairs or KTO
+labels), `stats(rows)` counts them by version, `models(workspace)` lists the models with records.
 """
 
 from __future__ import annotations
@@ -277,4 +277,55 @@ def stats(rows: list[dict]) -> dict[str, dict]:
             s["corrected"] += 1
     for s in out.values():
         s["good_rate"] = s["good"] / s["rated"] if s["rated"] else None
+    return out
+
+
+def _prompt_turns(row: dict) -> list[dict] | None:
+    """The conversation before the answer as chat turns (a completion's prompt as one user turn); None for a
+    conversation with tools (tool calls and results have no place in the chat template the trainer applies)."""
+    if row.get("kind") == "completion":
+        return [{"role": "user", "content": row.get("prompt") or ""}]
+    if row.get("tools") or any(m.get("role") not in ("system", "user", "assistant") or m.get("tool_calls")
+                               or not isinstance(m.get("content"), str) for m in row.get("messages") or []):
+        return None
+    return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+
+
+def training_records(rows: list[dict], objective: str) -> list[dict]:
+    """The rated completions of `read_feedback` as training records for `objective`, oldest first:
+
+    sft          a correction becomes the answer to train on, and so does an answer rated good as it was
+                 (chat -> {messages}, completion -> {prompt, completion}); an answer rated bad without a
+                 correction teaches nothing here
+    dpo, orpo    a rated answer with a correction: {prompt, chosen: the correction, rejected: the answer}
+    kto          every rated answer: {prompt, completion: the answer, label: rated good}, and each correction
+                 as a good answer of its own
+
+    Unrated completions, conversations with tools and corrections equal to the answer are left out."""
+    if objective not in ("sft", "dpo", "orpo", "kto"):
+        raise ValueError(f"objective: sft, dpo, orpo or kto, not {objective!r}")
+    out = []
+    for r in rows:
+        if r.get("rating") not in (1, -1):
+            continue
+        turns = _prompt_turns(r)
+        if turns is None:
+            continue
+        answer = r.get("answer") or ""
+        correction = r.get("correction") if (r.get("correction") or "").strip() and r.get("correction") != answer else None
+        if objective == "sft":
+            target = correction or (answer if r["rating"] == 1 else None)
+            if target is None:
+                continue
+            if r.get("kind") == "completion":
+                out.append({"prompt": r.get("prompt") or "", "completion": target})
+            else:
+                out.append({"messages": turns + [{"role": "assistant", "content": target}]})
+        elif objective in ("dpo", "orpo"):
+            if correction is not None:
+                out.append({"prompt": turns, "chosen": correction, "rejected": answer})
+        else:
+            out.append({"prompt": turns, "completion": answer, "label": r["rating"] == 1})
+            if correction is not None:
+                out.append({"prompt": turns, "completion": correction, "label": True})
     return out

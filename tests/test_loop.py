@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from crews.loop import run_loop
 from crews.loop_state import LoopSettings, load_state, pending, read_pool, request
 from serving.registry import Registry
-from tests.helpers import poisoned, shifted_rows, ticket_base, ticket_rows, write_jsonl
+from tests.helpers import poisoned, shifted_rows, ticket_rows, write_jsonl
 from training.batches import read_split
 from training.contracts import Evaluation, GateVerdict
 from training.data.store import datasets_dir
@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A tiny model that has learned the tickets' chat format and to copy ids from question to answer."""
-    return ticket_base(tmp_path_factory.mktemp("loop-base"))
+def base(ticket_model) -> Path:
+    """A tiny model that has learned the tickets' chat format and to copy ids from question to answer (conftest)."""
+    return ticket_model
 
 
 def goal(base: Path, steps: int = 60) -> str:
