@@ -52,7 +52,7 @@ BENCHES := bench_data bench_train bench_lora bench_precision bench_memory bench_
            bench_loop_memory
 STUDIES := bench_checkpointing bench_dropout bench_cpu_levers bench_eval bench_bases
 # bench_report reads the newest crew run, which a quick bench_crew would leave for the full one: not in the quick set
-QUICK_BENCHES := bench_train bench_lora bench_precision bench_dropout bench_memory bench_loop_memory
+QUICK_BENCHES := bench_train bench_lora bench_precision bench_memory bench_loop_memory
 
 bench: setup
 	@set -e; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py $(BENCH_FLAGS); done

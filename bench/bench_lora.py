@@ -26,14 +26,14 @@ What it does, all in one run:
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from common import MB, ROOT, Comparison, StepClock, batch_order, comparison_parser, curate, fmt, machine_info, machine_rows
-from common import memory_rows, min_quiet, ours_objective, profile_parts, profiled_run
+from common import memory_rows, ours_objective, profile_parts, profiled_run
 from common import record_comparison, resolved_precision, result_json, rss_bytes, run_child, run_ours, run_pairs, run_trainer
-from common import speed_missed, speed_target_row, steady, throughput_rows, wait_for_quiet, workload_rows
+from common import speed_missed, speed_target_row, throughput_rows, variant_peak, variant_rows, variant_run
+from common import workload_rows
 
 DEFAULT_OUT = result_json("bench_lora")
 TARGET_SPEED = 1.5  # ours / (peft + Trainer) tokens/s
@@ -143,7 +143,7 @@ def report_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:
         ]),
         ("Steady-state throughput", throughput_rows(c, "peft + Trainer")),
         ("Memory and wall time (median of runs)", memory_rows(c, "peft + Trainer", "train() only, no saving")),
-    ] + variant_rows(res) + [
+    ] + (variant_rows(res, variant_label(res["variant"]), "peft + Trainer") if res.get("variant") else []) + [
         ("Targets", [
             speed_target_row(c, TARGET_SPEED, "peft + Trainer", w["threads"]),
             (f"peak RSS <= {TARGET_MEMORY}x the peft + Trainer's", f"{mem:.2f}x -> {'MET' if mem <= TARGET_MEMORY else 'MISSED'}{short_mem}"),
@@ -151,36 +151,11 @@ def report_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:
     ]
 
 
-def variant_peak(v: dict) -> tuple[str, float]:
-    """The variant's peak RSS at the end of the last timed step, or (older JSON) before its export."""
-    if "peak_rss_last_step" in v:
-        return "peak RSS through the last timed step", v["peak_rss_last_step"]
-    return "peak RSS before export (the last step's validation included)", v["peak_rss_train"]
-
-
-def variant_peak_row(v: dict, b: dict) -> tuple[str, str]:
-    label, peak = variant_peak(v)
-    return (f"{label} / vs peft + Trainer's through the last timed step", f"{fmt(peak / MB)} MB / {peak / b['peak_rss_train']:.2f}x")
-
-
 def variant_label(v: dict) -> str:
     env = v["env"]
     if env.get("MODELCREW_MMAP_THRESHOLD") == "0":
         return "glibc's default malloc (MODELCREW_MMAP_THRESHOLD=0: no 1 MB mmap threshold set by the engine)"
     return f"MALLOC_MMAP_THRESHOLD_={env['MALLOC_MMAP_THRESHOLD_']} in its environment"  # JSON of an older run
-
-
-def variant_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:
-    v = res.get("variant")
-    if not v:
-        return []
-    b = res["comparison"]["baseline"]
-    return [(f"Ours with {variant_label(v)} (one run; not used for the targets)", [
-        ("tokens/s", f"{fmt(v['tokens_per_s'], 0)} ({v['basis']}: {v['steady']['quiet_steps']} of {v['steady']['steps']} uncontended)"),
-        variant_peak_row(v, b),
-        ("RSS at the end of the timed steps, min-max", f"{fmt(v['rss_step_end_min'] / MB)}-{fmt(v['rss_step_end_max'] / MB)} MB"),
-        ("peak RSS of the whole run (export included)", f"{fmt(v['peak_rss_total'] / MB)} MB"),
-    ])]
 
 
 def summary(res: dict) -> list[dict]:
@@ -312,20 +287,9 @@ def main(argv=None) -> None:
     record_comparison(res, runs, args.warmup, last, args.threads)
     if not args.no_profile:
         res["profile"] = profiled_run(Path(__file__), spec, args.warmup, args.profile_steps, args.quiet_wait_s, "bench-lora")
-    if not args.no_variant:
-        quiet = wait_for_quiet(args.quiet_wait_s, args.threads, "waiting for idle cores before the variant run")
-        r = run_child(Path(__file__), "ours", {**spec, "run_id": f"bench-lora-variant-{os.getpid()}", "env": VARIANT_ENV},
-                      f"ours with glibc's default malloc: {args.steps} LoRA steps")
-        st = steady(r["clock"], r["tokens_per_step"], args.warmup, last, args.threads)
-        enough = st["quiet_steps"] >= min_quiet(args.warmup, last)
-        res["variant"] = {"env": VARIANT_ENV, "peak_rss_train": r["peak_rss_train"],
-                          "peak_rss_last_step": r["clock"]["peak"][last],
-                          "peak_rss_total": r["peak_rss_total"], "rss_step_end_min": st["rss_min_in_window"],
-                          "rss_step_end_max": st["rss_max_in_window"], "quiet_wait": quiet, "steady": st,
-                          "tokens_per_s": st["quiet_tokens"] / st["quiet_seconds"] if enough else st["tokens_per_s"],
-                          "basis": "uncontended steps" if enough else "all timed steps"}
-        console.print(f"ours with glibc's default malloc: {res['variant']['tokens_per_s']:,.0f} tokens/s, "
-                      f"peak RSS {r['peak_rss_train'] / MB:,.0f} MB")
+    if not (args.no_variant or args.quick):
+        res["variant"] = variant_run(Path(__file__), spec, VARIANT_ENV, "glibc's default malloc", args, last, console,
+                                     "bench-lora", res)
     REPORT.finish(res, runs, args, console)
 
 

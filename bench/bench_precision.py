@@ -25,8 +25,8 @@ the physical limit. Decision rules the section applies (each "pays" or not):
 training: bfloat16 >= 1.2x float32's tokens/s with the loss within 1% at every step; evaluation: >= 1.2x tokens/s
 with every record's loss within 1%; serving: >= 1.2x tokens/s at both 1 and 8 requests, with the first 16 greedy
 tokens the same as float32's on at least 7 of the 8 prompts.
-Writes bench/results/bench_precision.json and its section of bench/RESULTS.md (`--quick`: 5 training steps, 2
-repeats, 16 tokens, into bench/quick/).
+Writes bench/results/bench_precision.json and its section of bench/RESULTS.md (`--quick`: 5 training steps, 1
+repeat, 16 tokens, into bench/quick/).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ FAQ = ROOT / "examples" / "data" / "support_faq.jsonl"
 PAYS_SPEED, PAYS_LOSS = 1.2, 0.01  # training and evaluation: speed-up and the largest relative loss difference
 SERVE_CONCURRENT = (1, 8)  # requests decoded at once
 AGREE_TOKENS, AGREE_PROMPTS = 16, 7  # serving pays only if the first 16 greedy tokens agree on >= 7 of the 8 prompts
-QUICK_SIZES = {"steps": 5, "repeats": 2, "max_tokens": 16}
+QUICK_SIZES = {"steps": 5, "repeats": 1, "max_tokens": 16}
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed passes of evaluation and serving per precision")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens each served request generates (>= 16)")
     ap.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
-    ap.add_argument("--quick", action="store_true", help="5 steps, 2 repeats, 16 tokens (bench/quick/)")
+    ap.add_argument("--quick", action="store_true", help="5 steps, 1 repeat, 16 tokens (bench/quick/)")
     a = parse(ap)
     if a.quick:
         a.steps, a.repeats, a.max_tokens = QUICK_SIZES["steps"], QUICK_SIZES["repeats"], QUICK_SIZES["max_tokens"]

@@ -43,7 +43,7 @@ from pathlib import Path
 from common import Comparison, StepClock, comparison_parser, curate, fmt, machine_info, machine_rows
 from common import memory_rows, ours_fused, profile_parts, profiled_run, record_comparison, result_json, rss_bytes
 from common import run_child, run_ours, run_pairs, run_trainer, speed_missed, speed_target_row, throughput_rows
-from common import resolved_precision, workload_rows
+from common import resolved_precision, variant_rows, variant_run, workload_rows
 
 DEFAULT_OUT = result_json("bench_train")
 TARGET_SPEED = 1.3  # ours / Trainer steady-state tokens/s, CPU
@@ -117,6 +117,11 @@ def child_trainer(spec: dict) -> dict:
 # report
 
 
+VARIANT_ENV = {"MODELCREW_MMAP_THRESHOLD": str(1 << 20)}  # the engine's setting for LoRA runs, not for this one
+VARIANT_LABEL = ("the 1 MB mmap threshold (MODELCREW_MMAP_THRESHOLD=1048576: the engine's malloc setting for LoRA, "
+                 "which a full-weight run does not get)")
+
+
 def report_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:
     m, w, c = res["machine"], res["workload"], res["comparison"]
     return [
@@ -129,6 +134,7 @@ def report_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:
         ]),
         ("Steady-state throughput", throughput_rows(c, "Trainer")),
         ("Memory and wall time (median of runs)", memory_rows(c, "Trainer", "train() only, no saving")),
+        *variant_rows(res, VARIANT_LABEL, "Trainer"),
         ("Targets", [speed_target_row(c, TARGET_SPEED, "Trainer", w["threads"])]),
     ]
 
@@ -183,6 +189,7 @@ REPORT = Comparison("bench_train", "bench_train: our loop vs HF Trainer (pretrai
 def main(argv=None) -> None:
     p = comparison_parser(__doc__, DEFAULT_OUT, steps=30, warmup=8, repeats=2, profile_steps=4)
     p.add_argument("--size", default="small", choices=["tiny", "small"])
+    p.add_argument("--no-variant", action="store_true", help="skip the extra run of ours with the 1 MB mmap threshold")
     args = REPORT.start(p, argv, child_prep, child_ours, child_trainer)
     if args is None:
         return
@@ -213,6 +220,9 @@ def main(argv=None) -> None:
     res["loss_last_step"] = {k: [r["loss"][-1] for r in runs[k]] for k in ("ours",)}
     if not args.no_profile:
         res["profile"] = profiled_run(Path(__file__), spec, max(2, min(args.warmup, 4)), args.profile_steps, args.quiet_wait_s, "bench-train")
+    if not (args.no_variant or args.quick):  # what the engine's LoRA malloc setting would cost a full-weight run
+        res["variant"] = variant_run(Path(__file__), spec, VARIANT_ENV, "the 1 MB mmap threshold", args, last, console,
+                                     "bench-train", res)
     REPORT.finish(res, runs, args, console)
 
 

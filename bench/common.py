@@ -1203,3 +1203,52 @@ CONTENTION_NOTE = (
 # a stream of support tickets and a tiny model pretrained on them (bench_loop_memory.py): examples/tickets.py
 
 from examples.tickets import ticket_base, ticket_rows, write_jsonl  # noqa: E402,F401  (shared with the tests)
+
+
+# ---- one extra run of ours with another environment (a malloc setting), beside a comparison ---------------------
+
+
+def variant_run(script: Path, spec: dict, env: dict, what: str, args, last: int, console, prefix: str, res: dict) -> dict:
+    """One run of ours with `env` added to its environment, after the compared runs (`res["comparison"]`): its
+    tokens/s (uncontended steps when there are enough) and peak RSS, and both as ratios to the compared runs', for
+    the section's "ours with ..." rows (`variant_rows`)."""
+    quiet = wait_for_quiet(args.quiet_wait_s, args.threads, "waiting for idle cores before the variant run")
+    r = run_child(script, "ours", {**spec, "run_id": f"{prefix}-variant-{os.getpid()}", "env": env}, f"ours with {what}")
+    st = steady(r["clock"], r["tokens_per_step"], args.warmup, last, args.threads)
+    enough = st["quiet_steps"] >= min_quiet(args.warmup, last)
+    v = {"env": env, "what": what, "peak_rss_train": r["peak_rss_train"], "peak_rss_last_step": r["clock"]["peak"][last],
+         "peak_rss_total": r["peak_rss_total"], "rss_step_end_min": st["rss_min_in_window"],
+         "rss_step_end_max": st["rss_max_in_window"], "quiet_wait": quiet, "steady": st,
+         "tokens_per_s": st["quiet_tokens"] / st["quiet_seconds"] if enough else st["tokens_per_s"],
+         "basis": "uncontended steps" if enough else "all timed steps"}
+    c = res["comparison"]
+    v["speed_vs_ours"] = v["tokens_per_s"] / c["ours"]["tokens_per_s"]
+    v["peak_vs_baseline"] = variant_peak(v)[1] / c["baseline"]["peak_rss_train"]
+    console.print(f"ours with {what}: {v['tokens_per_s']:,.0f} tokens/s, peak RSS {r['peak_rss_train'] / MB:,.0f} MB")
+    return v
+
+
+def variant_peak(v: dict) -> tuple[str, float]:
+    """The variant's peak RSS at the end of the last timed step, or (older JSON) before its export."""
+    if "peak_rss_last_step" in v:
+        return "peak RSS through the last timed step", v["peak_rss_last_step"]
+    return "peak RSS before export (the last step's validation included)", v["peak_rss_train"]
+
+
+def variant_rows(res: dict, label: str, baseline: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The section's rows for `res["variant"]` beside the compared runs: ours with `label`, against `baseline`'s
+    peak and ours' tokens/s."""
+    v = res.get("variant")
+    if not v:
+        return []
+    b = res["comparison"]["baseline"]
+    peak_label, peak = variant_peak(v)
+    speed = f" / {v['speed_vs_ours']:.2f}x" if "speed_vs_ours" in v else ""  # older JSON: no ratio stored
+    return [(f"Ours with {label} (one run; not used for the targets)", [
+        ("tokens/s" + (" / vs ours' in the compared runs" if speed else ""),
+         f"{fmt(v['tokens_per_s'], 0)}{speed} ({v['basis']}: {v['steady']['quiet_steps']} of {v['steady']['steps']} uncontended)"),
+        (f"{peak_label} / vs {baseline}'s through the last timed step",
+         f"{fmt(peak / MB)} MB / {v.get('peak_vs_baseline', peak / b['peak_rss_train']):.2f}x"),
+        ("RSS at the end of the timed steps, min-max", f"{fmt(v['rss_step_end_min'] / MB)}-{fmt(v['rss_step_end_max'] / MB)} MB"),
+        ("peak RSS of the whole run (export included)", f"{fmt(v['peak_rss_total'] / MB)} MB"),
+    ])]

@@ -176,24 +176,32 @@ def warm_start_dir(path: str) -> Path:
 MMAP_THRESHOLD = 1 << 20  # bytes: glibc maps allocations from this size up on their own, and unmaps them when freed
 
 
-def cpu_malloc(device: torch.device) -> int | None:
-    """On a CPU with glibc, have malloc map every allocation of 1 MB and more on its own (mallopt M_MMAP_THRESHOLD),
-    returned to the system when freed. glibc's default threshold grows with each large block freed, up to 32 MB, so
-    a training step's activations and gradients come from the heap, where freed blocks stay resident and fragment it:
-    bench/bench_lora.py measured a lower peak with 1 MB than with glibc's default in each run (tokens/s went either
-    way between runs). A user's
-    own MALLOC_MMAP_THRESHOLD_ is left alone; MODELCREW_MMAP_THRESHOLD sets another size, 0 keeps glibc's default.
-    Returns the threshold set, or None."""
+def maps_large_blocks(method: str, strategy: str | None) -> bool:
+    """Whether a CPU run gets the engine's 1 MB mmap threshold (`cpu_malloc`): LoRA and QLoRA runs, and FSDP
+    processes (measured: under glibc's default each FSDP process of tests/test_estimate.py peaked at 428-458 MB, the
+    full model freed by sharding kept in the heap, against 255-257 MB with the threshold)."""
+    return method in ("lora", "qlora") or strategy == "fsdp"
+
+
+def cpu_malloc(device: torch.device, method: str, strategy: str | None = None) -> int | None:
+    """On a CPU with glibc, for a LoRA or QLoRA run (or an FSDP process: `maps_large_blocks`), have malloc map every
+    allocation of 1 MB and more on its own (mallopt M_MMAP_THRESHOLD), returned to the system when freed. glibc's
+    default threshold grows with each large block freed, up to 32 MB, so a step's activations come from the heap,
+    where freed blocks stay resident and fragment it around the frozen weights: bench_lora measured a lower peak
+    with 1 MB in every run, at about the same tokens/s. Other full-weight runs keep glibc's default: each mapped
+    block is fresh pages the kernel faults in and zeroes, every step, and pretraining ran at 0.6x the tokens/s with
+    1 MB (measured with bench_train's workload). A user's own MALLOC_MMAP_THRESHOLD_ is left alone;
+    MODELCREW_MMAP_THRESHOLD sets another size for any run, 0 keeps glibc's default. Returns the threshold set, or
+    None."""
     import ctypes
     import ctypes.util
 
     chosen = os.environ.get("MODELCREW_MMAP_THRESHOLD", "").strip()
-    size = int(chosen) if chosen.isdigit() else MMAP_THRESHOLD
+    size = int(chosen) if chosen.isdigit() else MMAP_THRESHOLD if maps_large_blocks(method, strategy) else 0
     if device.type != "cpu" or size == 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to set
         return None
     return size if mallopt(-3, size) == 1 else None  # -3: M_MMAP_THRESHOLD; mallopt returns 1 on success
@@ -249,7 +257,7 @@ def prepare_run(plan: TrainPlan, workspace: Path, run: Run, resume: bool, dist: 
     summary = load_summary(workspace, plan.dataset)
     check_objective(plan, summary.format)
     device = pick_device(plan.device, dist)
-    cpu_malloc(device)  # before the model and data: their allocations follow it
+    cpu_malloc(device, plan.method, plan.strategy if plan.launcher == "torchrun" else None)  # before the model and data: their allocations follow it
     torch.manual_seed(plan.seed)
     data_dir = datasets_dir(workspace) / plan.dataset
     train_records, val_records = read_split(data_dir, "train"), read_split(data_dir, "val")
