@@ -51,20 +51,27 @@ test: setup
 BENCHES := bench_data bench_train bench_lora bench_precision bench_memory bench_serve bench_crew bench_report \
            bench_loop_memory
 STUDIES := bench_checkpointing bench_dropout bench_cpu_levers bench_eval bench_bases
-# bench_report reads the newest crew run, which a quick bench_crew would leave for the full one: not in the quick set
-QUICK_BENCHES := bench_train bench_lora bench_precision bench_memory bench_loop_memory
+# bench_report reads the newest crew run, which a quick bench_crew would leave for the full one: not in the quick set;
+# bench_precision --quick took 107 s of a 6.4-minute bench-quick (c0861ba): left to make bench
+QUICK_BENCHES := bench_train bench_lora bench_memory bench_loop_memory
+
+# Each bench's wall seconds (and the load average before it) go to <results>/<target>_times.tsv, which
+# bench/summary.py reads for the total.
+RUN_BENCHES = set -e; mkdir -p $(2); out=$(2)/$@_times.tsv; : > $$out; \
+	for b in $(1); do echo "== bench/$$b.py $(3)"; load=$$(cut -d' ' -f1 /proc/loadavg); s=$$(date +%s); \
+	  $(PY) bench/$$b.py $(3); printf '%s\t%s\t%s\n' $$b $$(( $$(date +%s) - s )) $$load >> $$out; done
 
 bench: setup
-	@set -e; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py $(BENCH_FLAGS); done
-	$(PY) bench/summary.py
+	@$(call RUN_BENCHES,$(BENCHES),bench/results,$(BENCH_FLAGS))
+	$(PY) bench/summary.py --times bench/results/bench_times.tsv
 
 bench-studies: setup
-	@set -e; for b in $(STUDIES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py $(BENCH_FLAGS); done
-	$(PY) bench/summary.py
+	@$(call RUN_BENCHES,$(STUDIES),bench/results,$(BENCH_FLAGS))
+	$(PY) bench/summary.py --times bench/results/bench-studies_times.tsv
 
 bench-quick: setup
-	@set -e; for b in $(QUICK_BENCHES); do echo "== bench/$$b.py --quick"; $(PY) bench/$$b.py --quick --allow-dirty; done
-	$(PY) bench/summary.py --quick
+	@$(call RUN_BENCHES,$(QUICK_BENCHES),bench/quick/results,--quick --allow-dirty)
+	$(PY) bench/summary.py --quick --times bench/quick/results/bench-quick_times.tsv
 
 clean:
 	rm -rf .modelcrew .pytest_cache
