@@ -417,9 +417,12 @@ def main(argv=None) -> None:
     p.set_defaults(batch_size=4)  # pairs: 8 sequences a step, as bench_lora's batch of 8
     p.add_argument("--pairs", type=int, default=200, help=f"preference pairs built from the FAQ (--quick: {QUICK_PAIRS})")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta, on both sides")
+    p.add_argument("--profile", action="store_true", help="also profile ours (about 2 minutes more: off by default, "
+                   "as both targets are met and make bench keeps to its time)")
     args = REPORT.start(p, argv, child_prep, child_ours, child_baseline)
     if args is None:
         return
+    args.no_profile = args.no_profile or not args.profile
     if args.quick:
         args.pairs = min(args.pairs, QUICK_PAIRS)
     from importlib.metadata import version

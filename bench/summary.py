@@ -17,7 +17,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 # in the order `make bench` runs them, then `make bench-studies`
-BENCHES = ("bench_data", "bench_train", "bench_lora", "bench_precision", "bench_memory", "bench_serve", "bench_crew",
+BENCHES = ("bench_data", "bench_train", "bench_lora", "bench_dpo", "bench_precision", "bench_memory", "bench_serve", "bench_crew",
            "bench_report", "bench_loop_memory",
            "bench_checkpointing", "bench_dropout", "bench_cpu_levers", "bench_eval", "bench_bases")
 
