@@ -49,8 +49,8 @@ def cli():
 
 @pytest.fixture(scope="session")
 def ticket_model(tmp_path_factory) -> Path:
-    """A tiny model that has learned the tickets' chat format and to copy ids from question to answer
-    (examples/tickets.py; ~50 s on 2 cores, so one per session: test_flywheel and test_loop share it)."""
+    """A tiny model that has learned the tickets' chat format and templates (examples/tickets.py; ~50 s on 2 cores,
+    so one per session: test_flywheel and test_loop share it)."""
     from examples.tickets import ticket_base
 
     return ticket_base(tmp_path_factory.mktemp("ticket-base"))

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def base(ticket_model) -> Path:
-    """A tiny model that has learned the tickets' chat format and to copy ids from question to answer (conftest)."""
+    """A tiny model that has learned the tickets' chat format and templates (conftest)."""
     return ticket_model
 
 
