@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 PROBE = textwrap.dedent("""
-    import ctypes, ctypes.util, json, sys
+    import ctypes, ctypes.util, json, os, sys
     sys.path.insert(0, sys.argv[1])
     import torch
     from training.setup import cpu_malloc
@@ -29,21 +29,39 @@ PROBE = textwrap.dedent("""
                                                           "fsmblks", "uordblks", "fordblks", "keepcost")]
     libc.mallinfo2.restype = MallInfo2
 
-    libc.free(libc.malloc(16 << 20))  # a freed mapped block raises glibc's dynamic threshold to 16 MB
-    chosen = cpu_malloc(torch.device(sys.argv[2]), sys.argv[3])
-    before = libc.mallinfo2().hblks
-    block = libc.malloc(2 << 20)
-    mapped = libc.mallinfo2().hblks - before
-    libc.free(block)
-    print(json.dumps({"chosen": chosen, "mapped": mapped}))
+    def case(device, method, env):  # in a forked child: the setting lasts for the process
+        os.environ.update(env)
+        libc.free(libc.malloc(16 << 20))  # a freed mapped block raises glibc's dynamic threshold to 16 MB
+        chosen = cpu_malloc(torch.device(device), method)
+        before = libc.mallinfo2().hblks
+        block = libc.malloc(2 << 20)
+        mapped = libc.mallinfo2().hblks - before
+        libc.free(block)
+        return {"chosen": chosen, "mapped": mapped}
+
+    out = []
+    for device, method, env in json.loads(sys.argv[2]):  # one torch import, a fresh process (fork) per case
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.write(write, json.dumps(case(device, method, env)).encode())
+            os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            out.append(json.loads(f.read()))
+        assert os.waitpid(pid, 0)[1] == 0
+    print(json.dumps(out))
 """)
 
 
-def probe(device: str, method: str = "lora", **env: str) -> dict:
+def probe(*cases: tuple[str, str, dict], **start_env: str) -> list[dict]:
+    """Each case (device, method, environment) in its own forked process of one interpreter started with
+    `start_env` (glibc reads MALLOC_* variables when a process starts)."""
     import os
 
-    done = subprocess.run([sys.executable, "-c", PROBE, str(ROOT), device, method], capture_output=True, text=True, timeout=120,
-                          env={k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "MODELCREW_MMAP"))} | env)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "MODELCREW_MMAP"))} | start_env
+    done = subprocess.run([sys.executable, "-c", PROBE, str(ROOT), json.dumps(cases)], capture_output=True, text=True,
+                          timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -51,11 +69,15 @@ def probe(device: str, method: str = "lora", **env: str) -> dict:
 @pytest.mark.skipif(not Path("/proc/self/maps").exists() or "glibc" not in " ".join(__import__("platform").libc_ver()),
                     reason="mallopt and mallinfo2 are glibc's")
 def test_a_cpu_lora_run_maps_every_allocation_from_1_mb_up_and_leaves_a_users_setting_alone():
-    assert probe("cpu") == {"chosen": 1 << 20, "mapped": 1}  # its own mapping, unmapped when freed
-    assert probe("cpu", "qlora") == {"chosen": 1 << 20, "mapped": 1}
-    assert probe("cpu", "full") == {"chosen": None, "mapped": 0}  # glibc's default: from the heap
-    assert probe("cpu", "full", MODELCREW_MMAP_THRESHOLD="1048576") == {"chosen": 1 << 20, "mapped": 1}  # asked for
-    assert probe("cpu", MODELCREW_MMAP_THRESHOLD="0") == {"chosen": None, "mapped": 0}  # glibc's: from the heap
-    assert probe("cpu", MALLOC_MMAP_THRESHOLD_="33554432") == {"chosen": None, "mapped": 0}  # the user's own, kept
-    assert probe("cpu", MODELCREW_MMAP_THRESHOLD="4194304") == {"chosen": 4 << 20, "mapped": 0}  # 2 MB is under it
-    assert probe("meta") == {"chosen": None, "mapped": 0}  # not a CPU run: untouched
+    assert probe(("cpu", "lora", {}),  # its own mapping, unmapped when freed
+                 ("cpu", "qlora", {}),
+                 ("cpu", "full", {}),  # glibc's default: from the heap
+                 ("cpu", "full", {"MODELCREW_MMAP_THRESHOLD": "1048576"}),  # asked for
+                 ("cpu", "lora", {"MODELCREW_MMAP_THRESHOLD": "0"}),  # glibc's: from the heap
+                 ("cpu", "lora", {"MODELCREW_MMAP_THRESHOLD": "4194304"}),  # 2 MB is under it
+                 ("meta", "lora", {})) == [  # not a CPU run: untouched
+        {"chosen": 1 << 20, "mapped": 1}, {"chosen": 1 << 20, "mapped": 1}, {"chosen": None, "mapped": 0},
+        {"chosen": 1 << 20, "mapped": 1}, {"chosen": None, "mapped": 0}, {"chosen": 4 << 20, "mapped": 0},
+        {"chosen": None, "mapped": 0}]
+    # the user's own setting, read by glibc when the process starts, is kept
+    assert probe(("cpu", "lora", {}), MALLOC_MMAP_THRESHOLD_="33554432") == [{"chosen": None, "mapped": 0}]
