@@ -87,7 +87,7 @@ def rate(server: Server, asked, judge) -> None:
         assert answer.status_code == 200, answer.text
 
 
-def test_a_feedback_round_serves_a_better_version_and_adversarial_ratings_are_refused(ticket_model, tmp_path):
+def test_a_feedback_round_serves_a_better_version_and_adversarial_ratings_are_refused(ticket_model, tmp_path, cli):
     ws = tmp_path / "ws"
     ws.mkdir()
     old = write_jsonl(tmp_path / "old.jsonl", [{"question": r["question"], "answer": generic(r)}
@@ -162,6 +162,10 @@ def test_a_feedback_round_serves_a_better_version_and_adversarial_ratings_are_re
     v1 = state.feedback_rates["support-bot@v1"]
     assert f"| support-bot@v1 | {v1['completions']} | {v1['rated']} | {v1['good']} |" in md
     assert "| support-bot@v2 |" in md
+    status = cli("loop", "status", "--workspace", ws)
+    assert status.exit_code == 0, status.stderr
+    assert (f"feedback on support-bot@v1: {v1['completions']} answers, {v1['rated']} rated, "
+            f"{v1['good_rate']:.0%} good, {v1['corrected']} corrected") in status.stdout
 
 
 def test_a_feedback_loop_refuses_bad_input_in_one_line(cli, tmp_path):
