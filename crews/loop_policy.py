@@ -122,6 +122,8 @@ def start_round(workspace: Path, state: LoopState, pool: dict[str, dict], say) -
               run_id=f"loop-r{number:03d}-{datetime.now().strftime('%Y%m%d-%H%M%S')}", newest=detail["newest"],
               production_before=detail["production"], new_records=len(new))
     if route == "retrain":
+        if "current" in detail:
+            pool = {k: e for k, e in pool.items() if k in detail["current"]}
         write_round_data(workspace, state, r, new, pool)
     return r
 
@@ -153,7 +155,10 @@ def find_triggers(workspace: Path, state: LoopState, pool: dict[str, dict], say)
     new: list[dict] = []
     if signature != state.source_signature or triggers:
         try:
-            new = [e for e in read_watched(s, state.goal) if e["id"] not in pool]
+            watched = read_watched(s, state.goal)
+            new = [e for e in watched if e["id"] not in pool]
+            if s.feedback:  # a re-rated answer's earlier record is superseded: neither replayed nor evaluated on
+                detail["current"] = {e["id"] for e in watched}
         except InputError as err:  # a malformed delivery: say so and wait for a fix, losing nothing
             say(f"the watched data cannot be used yet: {err}")
             return [], [], "retrain", detail

@@ -224,3 +224,44 @@ def test_rated_answers_become_the_records_each_objective_trains_on(tmp_path):
     for objective, records, fmt in (("sft", sft[:3], "chat"), ("dpo", dpo, "preference"), ("kto", kto, "feedback")):
         summary = curate(str(write_jsonl(tmp_path / f"{objective}.jsonl", records))).summary
         assert (summary.format, summary.records_after) == (fmt, len(records)), objective
+
+
+def test_a_re_rated_answer_replaces_its_earlier_record_in_the_next_round(tmp_path):
+    """A person changes a rating (a thumbs-down given by mistake, a better correction): the next round trains and
+    evaluates on the latest rating only, never replaying the record the earlier one made."""
+    import json
+
+    from crews.loop_policy import round_dir, start_round
+    from crews.loop_state import LoopState, add_to_pool
+    from serving.feedback import FeedbackStore
+    from training.contracts import Goal
+
+    store = FeedbackStore(tmp_path, MODEL)
+    rows = ticket_rows(30, seed=5)
+    store.record([{"id": f"chatcmpl-{i}", "index": 0, "created": "2026-12-02T00:00:00.000+00:00", "model": MODEL,
+                   "version": "support-bot@v1", "kind": "chat", "messages": [{"role": "user", "content": r["question"]}],
+                   "answer": r["answer"], "finish_reason": "stop", "usage": {}} for i, r in enumerate(rows)])
+    for i in range(30):
+        store.add_feedback(f"chatcmpl-{i}", 1)
+    goal = Goal(task="finetune", data=str(feedback_path(tmp_path)), base_model="smollm2-135m-instruct", method="full",
+                metric="perplexity", deploy="if_passed", model_name=MODEL)
+    state = LoopState(settings=LoopSettings(goal_text="g", watch=str(feedback_path(tmp_path)), feedback=MODEL,
+                                            min_feedback=5, replay=0.9), goal=goal)
+    said: list[str] = []
+    first = start_round(tmp_path, state, read_pool(tmp_path), said.append)
+    assert first is not None and first.new_records == 30, said
+    taken = [json.loads(line) for line in (round_dir(tmp_path, first) / "new.jsonl").read_text().splitlines()]
+    add_to_pool(tmp_path, [{**e, "round": 1, "status": "used"} for e in taken])  # as closing the round does
+    state.rounds.append(first)
+    state.source_signature = first.signature
+
+    # answers 0-5 re-rated: wrong after all, with a correction each
+    for i in range(6):
+        store.add_feedback(f"chatcmpl-{i}", -1, f"Corrected answer {i}.")
+    second = start_round(tmp_path, state, read_pool(tmp_path), said.append)
+    assert second is not None and second.new_records == 6, said
+    data = [json.loads(line) for line in (round_dir(tmp_path, second) / "data.jsonl").read_text().splitlines()]
+    answers = [r["messages"][-1]["content"] for r in data]
+    assert {f"Corrected answer {i}." for i in range(6)} <= set(answers)
+    assert not {rows[i]["answer"] for i in range(6)} & set(answers)  # the superseded records: gone
+    assert {rows[i]["answer"] for i in range(6, 30)} & set(answers)  # the others: replayed or evaluated on
