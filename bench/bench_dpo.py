@@ -48,14 +48,15 @@ from pathlib import Path
 from common import MB, ROOT, TORCH_PACKAGES, Comparison, StepClock, batch_checksum, batch_order, comparison_parser
 from common import curate, fmt, free_cores_needed, machine_info, machine_rows, memory_rows, peak_rss_bytes, profile_parts, profiled_run
 from common import record_comparison, resolved_precision, result_json, rss_bytes, run_child, run_ours, run_pairs
-from common import speed_missed, speed_target_row, throughput_rows, trainer_clock_callback, verdict, write_jsonl
+from common import speed_missed, speed_target_row, throughput_rows, trainer_args, trainer_clock_callback, verdict, write_jsonl
+from common import LORA_BASE, LORA_TARGETS, default_dropout, spec_lora_plan
 
 DEFAULT_OUT = result_json("bench_dpo")
 TARGET_SPEED = 1.3  # ours / TRL DPOTrainer tokens/s
 TARGET_MEMORY = 0.8  # ours / TRL DPOTrainer peak RSS, at most
-BASE = "smollm2-135m-instruct"
+BASE = LORA_BASE
 DATA = ROOT / "examples" / "data" / "support_faq.jsonl"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TARGETS = LORA_TARGETS
 PACKAGES = TORCH_PACKAGES + ("trl", "datasets")
 QUICK_PAIRS = 60  # --quick: fewer pairs, so that both reference passes stay short
 TRL = "TRL DPOTrainer"
@@ -119,24 +120,6 @@ def pair_tokens(example) -> int:
 # children
 
 
-def plan_for(spec: dict):
-    from training.contracts import Budget, LoraSettings, TrainPlan
-
-    return TrainPlan(task="finetune", dataset=spec["dataset"], base_model=BASE, method="lora", objective="dpo",
-                     beta=spec["beta"],
-                     lora=LoraSettings(rank=spec["rank"], alpha=spec["alpha"], dropout=spec["lora_dropout"], target_modules=TARGETS),
-                     seq_len=spec["seq_len"], batch_size=spec["batch_size"], budget=Budget(steps=spec["steps"]),
-                     eval_every=10**6, checkpoint_every=10**6, lr=spec["lr"], warmup_steps=spec["warmup_steps"],
-                     seed=spec["seed"], weight_decay=spec["weight_decay"], grad_clip=spec["grad_clip"],
-                     min_lr_ratio=spec["min_lr_ratio"], device="cpu", precision=spec["precision"])
-
-
-def default_dropout() -> float:
-    from training.contracts import LoraSettings
-
-    return LoraSettings().dropout
-
-
 def child_prep(spec: dict) -> dict:
     """Convert the embedded base once; describe the pairs both sides will train on."""
     import statistics
@@ -181,7 +164,7 @@ def child_ours(spec: dict, profile: bool = False) -> dict:
         return scored
 
     loop.reference_logps = timed
-    out = run_ours({**spec, "tokenizer_dir": None}, plan_for(spec), profile)
+    out = run_ours({**spec, "tokenizer_dir": None}, spec_lora_plan(spec, objective="dpo", beta=spec["beta"]), profile)
     return {**out, **timing}
 
 
@@ -252,17 +235,9 @@ def child_baseline(spec: dict) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bench_dpo_trl_") as out_dir:
-        args = DPOConfig(
-            output_dir=out_dir, per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-            max_steps=spec["steps"], learning_rate=spec["lr"], warmup_steps=spec["warmup_steps"],
-            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": spec["min_lr_ratio"]},
-            weight_decay=spec["weight_decay"], adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=spec["grad_clip"],
-            eval_strategy="no", save_strategy="no", logging_strategy="no", report_to=[], dataloader_num_workers=0,
-            dataloader_pin_memory=False, train_sampling_strategy="sequential", seed=spec["seed"], data_seed=spec["seed"],
-            disable_tqdm=True, use_cpu=True, remove_unused_columns=False, bf16=spec["precision"] == "bfloat16",
-            gradient_checkpointing=False, beta=spec["beta"], loss_type=["sigmoid"], max_length=spec["seq_len"],
-            precompute_ref_log_probs=True, disable_dropout=spec["lora_dropout"] == 0,
-        )
+        args = trainer_args(spec, out_dir, DPOConfig, gradient_checkpointing=False, beta=spec["beta"],
+                            loss_type=["sigmoid"], max_length=spec["seq_len"], precompute_ref_log_probs=True,
+                            disable_dropout=spec["lora_dropout"] == 0)
         lora = LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], lora_dropout=spec["lora_dropout"],
                           target_modules=TARGETS, task_type="CAUSAL_LM")
         trainer = BenchDPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset, processing_class=tok,

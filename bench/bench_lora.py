@@ -33,36 +33,19 @@ from common import MB, ROOT, Comparison, StepClock, batch_order, comparison_pars
 from common import memory_rows, ours_objective, profile_parts, profiled_run
 from common import record_comparison, resolved_precision, result_json, rss_bytes, run_child, run_ours, run_pairs, run_trainer
 from common import speed_missed, speed_target_row, throughput_rows, variant_peak, variant_rows, variant_run
-from common import workload_rows
+from common import LORA_BASE, LORA_TARGETS, default_dropout, spec_lora_plan, workload_rows
 
 DEFAULT_OUT = result_json("bench_lora")
 TARGET_SPEED = 1.5  # ours / (peft + Trainer) tokens/s
 TARGET_MEMORY = 0.7  # ours / (peft + Trainer) peak RSS, at most
-BASE = "smollm2-135m-instruct"
+BASE = LORA_BASE
 DATA = ROOT / "examples" / "data" / "support_faq.jsonl"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+TARGETS = LORA_TARGETS
 VARIANT_ENV = {"MODELCREW_MMAP_THRESHOLD": "0"}  # the engine leaves glibc's dynamic mmap threshold (up to 32 MB) alone
 
 
 # --------------------------------------------------------------------------------------------------
 # children
-
-
-def plan_for(spec: dict):
-    from training.contracts import Budget, LoraSettings, TrainPlan
-
-    return TrainPlan(task="finetune", dataset=spec["dataset"], base_model=BASE, method="lora",
-                     lora=LoraSettings(rank=spec["rank"], alpha=spec["alpha"], dropout=spec["lora_dropout"], target_modules=TARGETS),
-                     seq_len=spec["seq_len"], batch_size=spec["batch_size"], budget=Budget(steps=spec["steps"]),
-                     eval_every=10**6, checkpoint_every=10**6, lr=spec["lr"], warmup_steps=spec["warmup_steps"],
-                     seed=spec["seed"], weight_decay=spec["weight_decay"], grad_clip=spec["grad_clip"],
-                     min_lr_ratio=spec["min_lr_ratio"], device="cpu", precision=spec["precision"])
-
-
-def default_dropout() -> float:
-    from training.contracts import LoraSettings
-
-    return LoraSettings().dropout
 
 
 def child_prep(spec: dict) -> dict:
@@ -91,7 +74,7 @@ def child_prep(spec: dict) -> dict:
 
 
 def child_ours(spec: dict, profile: bool = False) -> dict:
-    return run_ours({**spec, "tokenizer_dir": None}, plan_for(spec), profile)
+    return run_ours({**spec, "tokenizer_dir": None}, spec_lora_plan(spec), profile)
 
 
 def child_baseline(spec: dict) -> dict:

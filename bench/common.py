@@ -534,19 +534,21 @@ class ListDataset:
         return self.rows[i]
 
 
-def trainer_args(spec: dict, output_dir: str):
-    """TrainingArguments matching the engine's optimizer, schedule and precision (bf16: CPU autocast, as the
-    engine's); no eval, no saving, no reporting."""
-    from transformers import TrainingArguments
+def trainer_args(spec: dict, output_dir: str, cls=None, **extra):
+    """TrainingArguments (or `cls`, a subclass such as TRL's DPOConfig, with its `extra` fields) matching the
+    engine's optimizer, schedule and precision (bf16: CPU autocast, as the engine's); no eval, no saving, no
+    reporting."""
+    if cls is None:
+        from transformers import TrainingArguments as cls
 
-    return TrainingArguments(
+    return cls(
         output_dir=output_dir, per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
         max_steps=spec["steps"], learning_rate=spec["lr"], warmup_steps=spec["warmup_steps"],
         lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": spec["min_lr_ratio"]},
         weight_decay=spec["weight_decay"], adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=spec["grad_clip"],
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to=[], dataloader_num_workers=0,
         dataloader_pin_memory=False, train_sampling_strategy="sequential", seed=spec["seed"], data_seed=spec["seed"],
-        disable_tqdm=True, use_cpu=True, remove_unused_columns=False, bf16=spec["precision"] == "bfloat16",
+        disable_tqdm=True, use_cpu=True, remove_unused_columns=False, bf16=spec["precision"] == "bfloat16", **extra,
     )
 
 
@@ -919,6 +921,29 @@ def curate(source: str, workspace: Path, label: str, **settings) -> str:
         return curate_to_workspace(source, workspace, **settings).summary.fingerprint
 
 
+LORA_BASE = "smollm2-135m-instruct"  # bench_lora and bench_dpo: the embedded base, its attention projections adapted
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def default_dropout() -> float:
+    from training.contracts import LoraSettings
+
+    return LoraSettings().dropout
+
+
+def spec_lora_plan(spec: dict, **extra):
+    """The engine's LoRA plan for a comparison child's `spec` (bench_lora; bench_dpo adds objective and beta)."""
+    from training.contracts import Budget, LoraSettings, TrainPlan
+
+    return TrainPlan(task="finetune", dataset=spec["dataset"], base_model=LORA_BASE, method="lora",
+                     lora=LoraSettings(rank=spec["rank"], alpha=spec["alpha"], dropout=spec["lora_dropout"],
+                                       target_modules=LORA_TARGETS),
+                     seq_len=spec["seq_len"], batch_size=spec["batch_size"], budget=Budget(steps=spec["steps"]),
+                     eval_every=10**6, checkpoint_every=10**6, lr=spec["lr"], warmup_steps=spec["warmup_steps"],
+                     seed=spec["seed"], weight_decay=spec["weight_decay"], grad_clip=spec["grad_clip"],
+                     min_lr_ratio=spec["min_lr_ratio"], device="cpu", precision=spec["precision"], **extra)
+
+
 def faq_lora_plan(workspace: Path, steps: int, **change):
     """The engine run that bench_precision.py and bench_checkpointing.py each vary one setting of (`change`): LoRA
     rank 8 on the embedded SmolLM2-135M-Instruct over the example FAQ pairs (curated into `workspace`), batch 8,
@@ -927,7 +952,7 @@ def faq_lora_plan(workspace: Path, steps: int, **change):
     from training.contracts import Budget, LoraSettings, TrainPlan
 
     fp = curate(str(ROOT / "examples" / "data" / "support_faq.jsonl"), workspace, "the FAQ pairs")
-    settings = dict(task="finetune", dataset=fp, base_model="smollm2-135m-instruct", method="lora",
+    settings = dict(task="finetune", dataset=fp, base_model=LORA_BASE, method="lora",
                     lora=LoraSettings(rank=8, alpha=16), lr=2e-4, batch_size=8, seq_len=256, warmup_steps=2,
                     budget=Budget(steps=steps), eval_every=steps, eval_batches=1, checkpoint_every=steps, device="cpu",
                     precision="float32")
