@@ -15,6 +15,7 @@ from pathlib import Path
 
 from crews.loop_state import (LoopState, Round, Trigger, add_to_pool, clear, loop_dir, now, pending, read_pool,
                               read_watched, source_signature)
+from training.batches import PREFERENCE
 from training.contracts import Goal
 from training.data.store import load_contamination, load_summary, write_jsonl
 from training.errors import InputError
@@ -199,13 +200,15 @@ def check_production(workspace: Path, state: LoopState, new: list[dict], trigger
     from training.evaluate import perplexity_on
 
     version, path = production(workspace, state.goal)
-    if version is None or state.goal.objective != "sft":  # preference records are not scored by perplexity
+    if version is None:
         return "retrain"
     name = state.goal.model_name
     detail["production"] = f"{name} {version.version}"
     records = [e["record"] for e in new]
     fmt, seq_len = format_and_seq_len(workspace, path)
     fmt = new[0].get("format", fmt)  # the new records as curated (production may have learned from another format)
+    if fmt in PREFERENCE:  # pairs and rated answers are not scored by perplexity
+        return "retrain"
     ppl = perplexity_on(path, records, fmt, seq_len)
     if ppl is None:
         return "retrain"
@@ -272,7 +275,7 @@ def measure_heldout(workspace: Path, state: LoopState, r: Round, model_dir: Path
     from training.evaluate import perplexity_on
 
     held_out = [e["record"] for e in new_records(workspace, r) if e["split"] != "train"]
-    if not held_out or fmt in ("preference", "feedback"):  # preference records are not scored by perplexity
+    if not held_out or fmt in PREFERENCE:  # pairs and rated answers are not scored by perplexity
         return
     r.newest["candidate_heldout"] = perplexity_on(Path(model_dir), held_out, fmt, seq_len)
     version, path = production(workspace, state.goal)
