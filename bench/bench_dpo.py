@@ -1,7 +1,7 @@
 """Benchmark of DPO with LoRA: our loop vs TRL's `DPOTrainer`, on preference pairs made from the shipped FAQ.
 
     .venv/bin/python bench/bench_dpo.py [--steps 10] [--warmup 2] [--repeats 1] [--threads 2] [--batch-size 4]
-                                        [--pairs 200] [--beta 0.1] [--out FILE] [--results-md FILE] [--no-profile]
+                                        [--pairs 80] [--beta 0.1] [--out FILE] [--results-md FILE] [--no-profile]
 
 TRL is a bench-only dependency (`pip install trl==1.16.0`); nothing outside bench/ imports it.
 
@@ -390,7 +390,7 @@ REPORT = Comparison("bench_dpo", "bench_dpo: our DPO vs TRL DPOTrainer (LoRA)", 
 def main(argv=None) -> None:
     p = comparison_parser(__doc__, DEFAULT_OUT, steps=10, warmup=2, repeats=1, profile_steps=2)
     p.set_defaults(batch_size=4)  # pairs: 8 sequences a step, as bench_lora's batch of 8
-    p.add_argument("--pairs", type=int, default=200, help=f"preference pairs built from the FAQ (--quick: {QUICK_PAIRS})")
+    p.add_argument("--pairs", type=int, default=80, help=f"preference pairs built from the FAQ (--quick: {QUICK_PAIRS})")
     p.add_argument("--beta", type=float, default=0.1, help="DPO's beta, on both sides")
     p.add_argument("--profile", action="store_true", help="also profile ours (about 2 minutes more: off by default, "
                    "as both targets are met and make bench keeps to its time)")

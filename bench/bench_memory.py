@@ -1,6 +1,6 @@
-"""Benchmark of the memory index: insert 5,000 evaluation records, then time 1,000 searches.
+"""Benchmark of the memory index: insert 2,000 evaluation records, then time 1,000 searches.
 
-    .venv/bin/python bench/bench_memory.py [--records 5000] [--queries 1000] [--workspace DIR] [--quick] [--allow-dirty]
+    .venv/bin/python bench/bench_memory.py [--records 2000] [--queries 1000] [--workspace DIR] [--quick] [--allow-dirty]
 
 Each evaluation is a real `Evaluation` + `TrainPlan` pair (varied datasets, base models, methods,
 learning rates, ranks and metrics) indexed by `MemoryStore.add_evaluations` in batches of 500, with
@@ -63,8 +63,8 @@ def make_items(n: int, seed: int = 0):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--records", type=int, default=5_000,
-                    help="evaluations indexed (10,000 take about 4 minutes on 2 cores, embedding-bound: make bench's budget)")
+    ap.add_argument("--records", type=int, default=2_000,
+                    help="evaluations indexed (5,000 took 105 s on 2 cores, embedding-bound; queries barely depend on it: make bench's budget)")
     ap.add_argument("--queries", type=int, default=1_000)
     ap.add_argument("--workspace", type=Path, default=Path(tempfile.gettempdir()) / "modelcrew-bench-memory")
     ap.add_argument("--quick", action="store_true", help=f"reduced sizes ({QUICK_SIZES['records']:,} records, "

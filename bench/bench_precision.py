@@ -1,7 +1,7 @@
 """Benchmark of precision on the CPU, float32 against bfloat16 in one run: LoRA training, evaluation's scoring and
 the server's decoding.
 
-    .venv/bin/python bench/bench_precision.py [--steps 10] [--repeats 3] [--max-tokens 32] [--workspace DIR] [--quick]
+    .venv/bin/python bench/bench_precision.py [--steps 10] [--repeats 2] [--max-tokens 32] [--workspace DIR] [--quick]
 
 The model throughout is the embedded SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF); the data the example
 FAQ pairs, curated into the workspace as `common.faq_lora_plan` does.
@@ -53,7 +53,7 @@ QUICK_SIZES = {"steps": 5, "repeats": 1, "max_tokens": 16}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="LoRA steps per training run (>= 4)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed passes of evaluation and serving per precision")
+    ap.add_argument("--repeats", type=int, default=2, help="timed passes of evaluation and serving per precision")
     ap.add_argument("--max-tokens", type=int, default=32, help="tokens each served request generates (>= 16)")
     ap.add_argument("--workspace", type=Path, default=DEFAULT_WORKSPACE)
     ap.add_argument("--quick", action="store_true", help="5 steps, 1 repeat, 16 tokens (bench/quick/)")

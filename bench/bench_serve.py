@@ -111,7 +111,7 @@ def one_at_a_time(client, name: str, texts: list[str], max_tokens: int) -> dict:
 def sweep(base_url: str, name: str, texts: list[str], max_tokens: int, clients: int, vocab: int) -> dict:
     from serving.loadtest import Mix, run, summarize
 
-    rounds = max(2, -(-2 * len(texts) // clients))
+    rounds = max(2, -(-len(texts) // clients))  # one client: each prompt once (as the one-at-a-time pass); more: 2 rounds
     mix = Mix(clients=clients, rounds=rounds, disconnect=0, bad_ids=0, oversized=0, long_share=0, short_tokens=max_tokens,
               only="stream")
     outcomes = asyncio.run(run(base_url, name, mix, texts, texts, vocab))

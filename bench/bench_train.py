@@ -1,6 +1,6 @@
 """Benchmark of the training loop: pretraining a small Llama from scratch, our loop vs the HF `Trainer`.
 
-    .venv/bin/python bench/bench_train.py [--size small] [--steps 30] [--warmup 8] [--repeats 2]
+    .venv/bin/python bench/bench_train.py [--size small] [--steps 20] [--warmup 5] [--repeats 2]
                                           [--out FILE] [--results-md FILE] [--no-profile]
 
 What it does, all in one run:
@@ -187,7 +187,7 @@ REPORT = Comparison("bench_train", "bench_train: our loop vs HF Trainer (pretrai
 
 
 def main(argv=None) -> None:
-    p = comparison_parser(__doc__, DEFAULT_OUT, steps=30, warmup=8, repeats=2, profile_steps=4)
+    p = comparison_parser(__doc__, DEFAULT_OUT, steps=20, warmup=5, repeats=2, profile_steps=4)
     p.add_argument("--size", default="small", choices=["tiny", "small"])
     p.add_argument("--no-variant", action="store_true", help="skip the extra run of ours with the 1 MB mmap threshold")
     args = REPORT.start(p, argv, child_prep, child_ours, child_trainer)
