@@ -41,8 +41,9 @@ test: setup
 	@# pytest exits 5 when it collected no tests: a broken suite, reported as such, never a pass.
 	$(VENV)/bin/pytest || { rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no tests" >&2; exit $$rc; }
 
-# The CPU benchmarks with targets, on a quiet machine (29 min 58 s on a fresh clone at 6f168ad, before bench_dpo's
-# 4.4 minutes were added; bench_crew runs the demo's goal itself, 6.4 of them, unless `make demo` has): each measures its baseline in the same run and writes its JSON (bench/results/) and its section of
+# The CPU benchmarks with targets, on a quiet machine (19 min 45 s on a fresh clone at 34047cb, 2 cores of an Intel
+# Xeon with AMX; bench_crew runs the demo's goal itself, 4.2 of them, unless `make demo` has; an AMD EPYC took 29 min 58 s
+# at 6f168ad, without bench_dpo and at larger sizes): each measures its baseline in the same run and writes its JSON (bench/results/) and its section of
 # bench/RESULTS.md; they refuse a tree with uncommitted changes (BENCH_FLAGS=--allow-dirty measures anyway and says
 # so). The last line prints every target, MET or MISSED.
 # bench-studies (~35 minutes) runs the studies behind the engine's defaults (activation checkpointing, LoRA dropout,
