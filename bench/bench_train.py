@@ -174,7 +174,33 @@ def analyse(res: dict) -> list[str]:
                        f"default `{res['baseline_optim']}` updates every parameter in one fused kernel.")
         small = sum(parts.get(k, 0.0) for k in ("batch (BatchStream.next + collate)", "clip_grad_norm_", "metrics row + progress", "optimizer.zero_grad"))
         out.append(f"Batch building, clipping, zero_grad and the metrics row together: {100 * small / total:.0f}% of the step.")
+        out += next_lever(res)
     return out
+
+
+def next_lever(res: dict) -> list[str]:
+    """Where the rest of the step goes inside the model, against the machine's matmul peak: what a faster loop would
+    have to change."""
+    import common  # the measuring run's provenance (its machine's matmul peak): in the JSON once written, else this process's
+
+    measured = res.get("provenance") or common._provenance or {}
+    ops, peaks = res.get("profile", {}).get("torch_ops"), measured.get("machine", {}).get("matmul_gflops") or {}
+    if not ops:
+        return []
+    shares = {r["op"]: r["share_of_wall"] for r in ops}
+    mm = sum(v for k, v in shares.items() if k in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"))
+    top = ", ".join(f"`{r['op']}` {100 * r['share_of_wall']:.0f}%" for r in ops[:3])
+    dtype = "bfloat16" if res["workload"].get("precision") == "bfloat16" else "float32"
+    gflops = 6 * res["workload"]["params"] * res["comparison"]["speed"]["ours"] / 1e9
+    peak = peaks.get(dtype)
+    of_peak = f", {100 * gflops / peak:.0f}% of this machine's measured {dtype} matmul peak ({peak:,.0f} GFLOP/s)" if peak else ""
+    return [f"Next lever: the model's own operators, the same on both sides. The torch profiler's top three are {top} of "
+            f"the wall time, the matrix products {100 * mm:.0f}% in all; 6 x {res['workload']['params']:,} parameters x "
+            f"{res['comparison']['speed']['ours']:,.0f} tokens/s is {gflops:,.0f} GFLOP/s of model matmul work{of_peak}. "
+            + ("The step is bound by dtype copies, attention and elementwise kernels more than by matrix products: fusing "
+               "them is what torch.compile does, which the section \"CPU levers\" measured slower on a CPU for LoRA; "
+               if mm < 0.5 else "The matrix products bound the step: only fewer of them moves it; ")
+            + "computing less (the output layer on supervised positions only) is what ours already does."]
 
 
 REPORT = Comparison("bench_train", "bench_train: our loop vs HF Trainer (pretraining)", "pretraining",

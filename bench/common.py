@@ -896,6 +896,9 @@ class Comparison:
         if res.get("profile"):
             per_step(res["profile"])
         res["analysis"] = self.analyse(res)
+        # the figures keep the provenance of the run that measured them; the wording records the commit that wrote it
+        res["rendered"] = {"commit": tree_state()[0], "by": "--render-only"}
+        write_json(args.out, res)
         self.publish(res, args)
 
     def finish(self, res: dict, runs: dict, args, console) -> None:

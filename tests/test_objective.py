@@ -47,6 +47,20 @@ def test_chunks_give_the_unfused_loss_and_gradients():
     assert torch.allclose(h_only, ref_h, atol=1e-6)
 
 
+def test_under_bfloat16_autocast_the_loss_and_gradients_are_the_unfused_heads():
+    """Under bf16 autocast the fused head (its matmuls and the weight's gradient in bfloat16, the softmax in
+    float32) gives the unfused head's loss and gradients (F.linear under autocast) to bfloat16's rounding."""
+    hidden, weight, targets = _inputs(n=256, d=64, vocab=2048)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=IGNORE, reduction="sum")
+        loss = chunked_linear_cross_entropy(hidden, weight, targets, chunk_elements=64 * 2048)  # 4 chunks
+    ref_h, ref_w = torch.autograd.grad(ref, (hidden, weight))
+    got_h, got_w = torch.autograd.grad(loss, (hidden, weight))
+    assert abs(float(loss) - float(ref)) <= 1e-3 * float(ref)
+    for got, want in ((got_h, ref_h), (got_w, ref_w)):
+        assert float((got - want).norm() / want.norm()) < 5e-3
+
+
 def test_backward_keeps_no_vocabulary_sized_tensor():
     hidden, weight, targets = _inputs(n=512, d=32, vocab=8192)
     frozen = weight.detach()
