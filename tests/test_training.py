@@ -95,6 +95,9 @@ def test_lora_changes_only_the_adapted_projections(ws, datasets, tiny_base):
                      lora=LoraSettings(rank=4, alpha=8, dropout=0.0), budget=Budget(steps=3), **{**TINY, "seq_len": 128})
     result = train(plan, ws, "lora-ft", show_progress=False)
     assert result.trainable_params < result.total_params / 10
+    # on the CPU it trained with the lean attention, which the export (a plain model anyone can load) does not name
+    assert result.attention == "modelcrew_lean"
+    assert "modelcrew_lean" not in (Path(result.final_dir) / "config.json").read_text()
     before, after = weights(tiny_base), weights(Path(result.final_dir))  # merged export: plain weights
     assert set(before) == set(after)
     for name in before:

@@ -222,6 +222,9 @@ class RunResult(BaseModel):
     processes: int = Field(1, description="processes that trained it together (torchrun or accelerate launch)")
     strategy: str | None = Field(None, description="ddp or fsdp when several processes trained it")
     precision: str = Field("float32", description="what the matmuls ran in: float32, or bfloat16 under autocast")
+    attention: str | None = Field(None, description=(
+        "the attention kernel it trained with: transformers' name (sdpa, eager), or modelcrew_lean (training/attention.py, "
+        "LoRA on the CPU)"))
 
 
 class Interval(BaseModel):

@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 
+from training.attention import lean_on
 from training.batches import BatchStream
 from training.contracts import TrainPlan
 from training.errors import InputError
@@ -147,7 +148,7 @@ def read_shapes(model, plan: TrainPlan) -> Shapes:
 
 
 def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int, bf16: bool,
-                     checkpointing: bool = False, fused_head: bool = True) -> tuple[float, float]:
+                     checkpointing: bool = False, fused_head: bool = True, lean: bool = False) -> tuple[float, float]:
     """Bytes held at the start of backward for one micro-batch: every layer's saved tensors and the
     output layer's. Per token and layer (counted from what autograd saves in a Llama block):
     full: each RMSNorm its input, normalised and scaled output (3h, x2), attention q, k, v and output
@@ -157,7 +158,9 @@ def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int
     upcasts stay float32, the rest is bf16. Then the output layer: float32 log-probabilities of every
     position and, at the start of backward, their gradient and the logits' gradient (3 x 4 bytes) — unless the
     head is fused with the loss (`fused_head`, training/objective.py: no softcap, not FSDP): then one chunk of
-    float32 logits at a time, and the gradient of the hidden states kept for backward.
+    float32 logits at a time, and the gradient of the hidden states kept for backward. Eager attention keeps
+    its float32 softmax per head and query; `lean` (training/attention.py, LoRA on the CPU) its probabilities in the
+    matmuls' dtype.
     With activation checkpointing each layer keeps only its float32 input, and one layer's tensors exist
     at a time while it is recomputed in backward. Returns (the layers' bytes, the output layer's bytes)."""
     h, i = shapes.hidden, shapes.intermediate
@@ -169,7 +172,7 @@ def activation_bytes(shapes: Shapes, method: str, micro_batch: int, seq_len: int
     else:
         per_token = 2 * h * 4 + 4 * h * low + 3 * i * low + shapes.adapter_inputs * 4 / shapes.layers
         final = h * 4
-    scores = 0 if shapes.fused_attention else shapes.heads * seq_len * 4  # eager attention keeps its softmax
+    scores = shapes.heads * seq_len * (low if lean else 0 if shapes.fused_attention else 4)
     if fused_head and not shapes.softcap:
         # a chunk's float32 logits and, measured (tests/test_estimate.py), about as much again that the allocator holds
         head = tokens * h * 4 + min(CHUNK_ELEMENTS, tokens * shapes.vocab) * (10 + (2 if bf16 else 0))
@@ -208,7 +211,7 @@ def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_bat
         weights, gradients, optimizer = weights / devices + 2 * unit, gradients / devices + unit, optimizer / devices
     per_device = math.ceil(micro_batch / devices)
     layers, logits = activation_bytes(shapes, "full" if method == "full" else "lora", per_device, seq_len, bf16,
-                                      checkpointing, fused_head=layout != "fsdp")
+                                      checkpointing, fused_head=layout != "fsdp", lean=lean_on(device, method, shapes.heads, shapes.hidden, seq_len))
     if method == "full":  # the embedding's lookup has its own dense gradient, added to the output layer's
         gradients += 4 * shapes.vocab * shapes.hidden
     if not cuda:  # glibc keeps freed heap chunks resident; chunks from its mmap threshold up go back when freed

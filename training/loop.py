@@ -221,7 +221,7 @@ def train(plan: TrainPlan, workspace: Path, run_id: str, resume: bool = False, s
         final_dir=str(final_dir), best_dir=str(best_dir) if best_dir else None,
         records={split: fit.as_dict() for split, fit in run.fits.items()}, processes=dist.world,
         strategy=plan.strategy if dist.world > 1 else None,
-        precision=precision_name(device, plan.precision))
+        precision=precision_name(device, plan.precision), attention=getattr(run.model.config, "_attn_implementation", None))
     if dist.is_main:
         run.artefacts.write_result(result)
     dist.close()

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from training.attention import cpu_attention
+
 from training.batches import Example, Fit, fitted_examples, read_split
 from training.contracts import TrainPlan
 from training.data.store import datasets_dir, load_summary
@@ -237,6 +239,9 @@ def build_model(plan: TrainPlan, workspace: Path, run: Run, dist: Distributed, d
         # FSDP2 gathers a unit's parameters in one dtype: there the frozen weights stay float32
         if plan.method == "lora" and dtype is not None and not (dist.world > 1 and plan.strategy == "fsdp"):
             hold_frozen_matmuls_in(model, dtype)
+        attention = cpu_attention(device, plan.method, model.config, plan.seq_len)
+        if attention:
+            (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(attention)
     if plan.method != "qlora":  # a 4-bit model is placed on its device while loading and cannot move
         model.to(device)
     return model, tokenizer, base, weights
