@@ -49,7 +49,7 @@ from common import MB, ROOT, TORCH_PACKAGES, Comparison, StepClock, batch_checks
 from common import curate, fmt, free_cores_needed, machine_info, machine_rows, memory_rows, peak_rss_bytes, profile_parts, profiled_run
 from common import record_comparison, resolved_precision, result_json, rss_bytes, run_child, run_ours, run_pairs
 from common import speed_missed, speed_target_row, throughput_rows, trainer_args, trainer_clock_callback, verdict, write_jsonl
-from common import LORA_BASE, LORA_TARGETS, default_dropout, spec_lora_plan
+from common import LORA_BASE, LORA_TARGETS, default_dropout, ours_attention, spec_lora_plan
 
 DEFAULT_OUT = result_json("bench_dpo")
 TARGET_SPEED = 1.3  # ours / TRL DPOTrainer tokens/s
@@ -341,8 +341,8 @@ def analyse(res: dict) -> list[str]:
         out.append(f"Memory target missed: ours peaks at {fmt(o['peak_rss_train'] / MB)} MB through the last timed step, "
                    f"{mem:.2f}x the {TRL}'s {fmt(b['peak_rss_train'] / MB)} MB against at most {TARGET_MEMORY}x "
                    f"({fmt(TARGET_MEMORY * b['peak_rss_train'] / MB)} MB): over by {100 * (mem / TARGET_MEMORY - 1):.0f}%.")
-    out.append(f"What differs between the sides is around the decoder, not in it (both run transformers' LlamaForCausalLM "
-               "with peft's LoRA layers on the same batches): ours applies the output layer to answer positions only "
+    out.append(f"What differs between the sides is mostly around the decoder (both run transformers' LlamaForCausalLM "
+               f"with peft's LoRA layers on the same batches; {ours_attention(res)}): ours applies the output layer to answer positions only "
                f"({100 * w['answer_fraction']:.0f}% of the tokens here) and computes just their log-probabilities; TRL's "
                "fused head scores every position on a CPU, prompt and padding included, and also computes each token's "
                "entropy, mean logit and top-1 for its metrics. "

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from common import MB, ROOT, Comparison, StepClock, batch_order, comparison_parser, curate, fmt, machine_info, machine_rows
 from common import memory_rows, ours_objective, profile_parts, profiled_run
-from common import record_comparison, resolved_precision, result_json, rss_bytes, run_child, run_ours, run_pairs, run_trainer
+from common import ours_attention, record_comparison, resolved_precision, result_json, rss_bytes, run_child, run_ours, run_pairs, run_trainer
 from common import speed_missed, speed_target_row, throughput_rows, variant_peak, variant_rows, variant_run
 from common import LORA_BASE, LORA_TARGETS, default_dropout, spec_lora_plan, workload_rows
 
@@ -197,7 +197,7 @@ def analyse(res: dict) -> list[str]:
         total, parts = profile_parts(prof)
         comp = sum(v for k, v in parts.items() if k.startswith(("forward", "backward")))
         opt = parts.get("optimizer.step (AdamW)", 0.0)
-        out.append(f"Both sides run the same model and adapter code (transformers' LlamaForCausalLM with peft's LoRA layers): "
+        out.append(f"Both sides run transformers' LlamaForCausalLM with peft's LoRA layers ({ours_attention(res)}): "
                    f"forward + backward take {100 * comp / total:.0f}% of our step in the profile, the optimizer "
                    f"{100 * opt / total:.0f}% (it updates only the {fmt(w['trainable_ours'])} adapter parameters), so a loop "
                    "cannot be much faster than another on the same model code: the rest is "

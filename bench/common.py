@@ -903,12 +903,12 @@ class Comparison:
 
     def finish(self, res: dict, runs: dict, args, console) -> None:
         """The analysis, the raw runs (less their checksums) and the load at the end into `res`; `--out`, the report."""
-        res["analysis"] = self.analyse(res)
-        res["summary"] = self.summary(res)
         for kind in ("ours", "baseline"):
             for r in runs[kind]:
                 r.pop("checksums", None)
-        res["raw"] = runs
+        res["raw"] = runs  # before the analysis, which reads how ours ran (its result.json) from it
+        res["analysis"] = self.analyse(res)
+        res["summary"] = self.summary(res)
         res["machine"]["loadavg_end"] = os.getloadavg()[0]
         write_json(args.out, res)
         self.publish(res, args)
@@ -1197,6 +1197,16 @@ def ours_optimizer(res: dict) -> str:
         return "AdamW (fused=False on CPU: the single-tensor path)"
     path = "fused" if o["fused"] else ("foreach" if o["foreach"] else "single-tensor path")
     return f"{o['class']} (fused={o['fused']}, foreach={o['foreach']}: {path})"
+
+
+def ours_attention(res: dict) -> str:
+    """The words for the attention ours trained with, from its runs' result.json (older runs: SDPA, as both sides)."""
+    ran = {(r.get("result") or {}).get("attention") for r in (res.get("raw") or {}).get("ours", [])}
+    if "modelcrew_lean" in ran:
+        return ("ours swaps transformers' attention for `training/attention.py`'s on the CPU (eager's matmuls and float32 "
+                "softmax, keeping only the query, keys, values and probabilities for backward), the baseline runs "
+                "transformers' default SDPA kernel")
+    return "both run transformers' default SDPA attention"
 
 
 def ours_objective(res: dict) -> str:
