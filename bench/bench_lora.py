@@ -137,7 +137,7 @@ def report_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:
 def variant_label(v: dict) -> str:
     env = v["env"]
     if env.get("MODELCREW_MMAP_THRESHOLD") == "0":
-        return "glibc's default malloc (MODELCREW_MMAP_THRESHOLD=0: no 1 MB mmap threshold set by the engine)"
+        return "glibc's default malloc (MODELCREW_MMAP_THRESHOLD=0: no mmap threshold set by the engine)"
     return f"MALLOC_MMAP_THRESHOLD_={env['MALLOC_MMAP_THRESHOLD_']} in its environment"  # JSON of an older run
 
 
@@ -177,7 +177,7 @@ def analyse(res: dict) -> list[str]:
         if v["env"].get("MODELCREW_MMAP_THRESHOLD") == "0":
             out.append(f"Between steps ours' RSS stays at {fmt(o['rss_step_end_min'] / MB)}-{fmt(o['rss_step_end_max'] / MB)} MB "
                        "although only the weights and imports are live then: freed memory glibc keeps. The engine has glibc "
-                       "map every allocation of 1 MB and more on its own and unmap it when freed (`training.setup.cpu_malloc`); "
+                       f"map every allocation of {w.get('mmap_threshold_mb', 1):g} MB and more on its own and unmap it when freed (`training.setup.cpu_malloc`); "
                        "with glibc's default threshold instead (it grows to 32 MB, and tensors under it come from the heap and "
                        f"fragment it) the same run peaks at {fmt(variant_peak(v)[1] / MB)} MB "
                        f"({variant_peak(v)[1] / b['peak_rss_train']:.2f}x the peft + Trainer's) at {fmt(v['tokens_per_s'], 0)} "
@@ -240,6 +240,12 @@ REPORT = Comparison("bench_lora", "bench_lora: our loop vs peft + HF Trainer (Lo
 # main
 
 
+def lora_mmap_threshold() -> int:
+    from training.setup import LORA_MMAP_THRESHOLD
+
+    return LORA_MMAP_THRESHOLD
+
+
 def main(argv=None) -> None:
     p = comparison_parser(__doc__, DEFAULT_OUT, steps=10, warmup=2, repeats=1, profile_steps=2)
     p.add_argument("--no-variant", action="store_true", help="skip the extra run of ours with glibc's default malloc")
@@ -266,7 +272,8 @@ def main(argv=None) -> None:
                                                "answer_mean", "pad_fraction")},
                        "warmup": args.warmup, "repeats": args.repeats, "betas": [0.9, 0.95],
                        "trainable_ours": runs["ours"][0]["result"]["trainable_params"],
-                       "trainable_baseline": runs["baseline"][0]["trainable_params"]}
+                       "trainable_baseline": runs["baseline"][0]["trainable_params"],
+                       "mmap_threshold_mb": lora_mmap_threshold() / 2**20}  # the engine's, for the analysis' words
     record_comparison(res, runs, args.warmup, last, args.threads)
     if not args.no_profile:
         res["profile"] = profiled_run(Path(__file__), spec, args.warmup, args.profile_steps, args.quiet_wait_s, "bench-lora")

@@ -1,5 +1,5 @@
 """The engine's malloc setting on CPU (`training.setup.cpu_malloc`): in a LoRA or QLoRA run every allocation from
-1 MB up gets its own mapping, where glibc's default threshold has grown past it and serves it from the heap; a
+2 MB up gets its own mapping, where glibc's default threshold has grown past it and serves it from the heap; a
 full-weight run keeps glibc's default. Checked with glibc's own
 count of mapped blocks (mallinfo2's hblks), in a fresh process each, as the setting lasts for the process."""
 
@@ -68,7 +68,7 @@ def probe(*cases: tuple[str, str, dict], **start_env: str) -> list[dict]:
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists() or "glibc" not in " ".join(__import__("platform").libc_ver()),
                     reason="mallopt and mallinfo2 are glibc's")
-def test_a_cpu_lora_run_maps_every_allocation_from_1_mb_up_and_leaves_a_users_setting_alone():
+def test_a_cpu_lora_run_maps_every_allocation_from_2_mb_up_and_leaves_a_users_setting_alone():
     assert probe(("cpu", "lora", {}),  # its own mapping, unmapped when freed
                  ("cpu", "qlora", {}),
                  ("cpu", "full", {}),  # glibc's default: from the heap
@@ -76,7 +76,7 @@ def test_a_cpu_lora_run_maps_every_allocation_from_1_mb_up_and_leaves_a_users_se
                  ("cpu", "lora", {"MODELCREW_MMAP_THRESHOLD": "0"}),  # glibc's: from the heap
                  ("cpu", "lora", {"MODELCREW_MMAP_THRESHOLD": "4194304"}),  # 2 MB is under it
                  ("meta", "lora", {})) == [  # not a CPU run: untouched
-        {"chosen": 1 << 20, "mapped": 1}, {"chosen": 1 << 20, "mapped": 1}, {"chosen": None, "mapped": 0},
+        {"chosen": 2 << 20, "mapped": 1}, {"chosen": 2 << 20, "mapped": 1}, {"chosen": None, "mapped": 0},
         {"chosen": 1 << 20, "mapped": 1}, {"chosen": None, "mapped": 0}, {"chosen": 4 << 20, "mapped": 0},
         {"chosen": None, "mapped": 0}]
     # the user's own setting, read by glibc when the process starts, is kept

@@ -115,7 +115,9 @@ def _tiny_lora(seed: int):
 
 def test_frozen_matmuls_held_in_bfloat16_give_autocasts_loss_and_adapter_gradients():
     """LoRA under bf16 autocast: the frozen decoder weights stored in bfloat16 are exactly what autocast casts the
-    float32 ones to, so loss and adapter gradients are the same; the embedding (tied head) and adapters stay float32."""
+    float32 ones to; the frozen embedding (and its tied head) is held in bfloat16 too, its lookup upcast so the
+    residual stream stays float32: the loss and adapter gradients move by bfloat16's rounding of the embedding only.
+    The adapters stay float32."""
     from training.models import hold_frozen_matmuls_in
     from training.objective import NextTokenLoss
 
@@ -137,10 +139,12 @@ def test_frozen_matmuls_held_in_bfloat16_give_autocasts_loss_and_adapter_gradien
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     frozen_linear = [n for n in dtypes if n.endswith("proj.weight") or n.endswith("base_layer.weight")]
     assert frozen_linear and all(dtypes[n] == torch.bfloat16 for n in frozen_linear)
-    assert dtypes["base_model.model.model.embed_tokens.weight"] == torch.float32
+    embed = "base_model.model.model.embed_tokens.weight"
+    assert dtypes[embed] == torch.bfloat16 and model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert all(dtypes[n] == torch.float32 for n in grads) and len(grads) == 2 * 2 * 2  # A and B, q and v, 2 layers
-    assert saved == 2 * sum(dict(model.named_parameters())[n].numel() for n in frozen_linear)
-    # the same operands reach the same kernels: equal to the bit (every frozen weight in bf16, embedding included,
-    # moves the loss by 1e-2 and the gradients by 1.3% here)
-    assert torch.equal(loss, ref_loss), (loss, ref_loss)
-    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    assert saved == 2 * sum(dict(model.named_parameters())[n].numel() for n in [*frozen_linear, embed])
+    # the decoder's matmuls get the same operands; only the embedding's rounding moves anything (a residual stream in
+    # bfloat16, without the upcast, moved the loss by 1e-2 here)
+    assert abs(float(loss - ref_loss)) < 2e-3, (loss, ref_loss)
+    worst = max(float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in grads)
+    assert 0 < worst < 2e-2, worst  # measured 0.9%: bf16 autocast's own order (lean vs eager attention: ~1%)

@@ -194,7 +194,8 @@ def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_bat
         weights, trainable = 4 * p + (2 * shapes.matmul_params if bf16 else 0), p
     elif method == "lora":
         m = shapes.matmul_params
-        if bf16 and layout != "fsdp":  # the frozen matmul weights held in bf16, no casts (models.hold_frozen_matmuls_in)
+        if bf16 and layout != "fsdp":  # the frozen matmul weights and embedding held in bf16 (models.hold_frozen_matmuls_in)
+            m += shapes.vocab * shapes.hidden
             weights, trainable = 4 * (p - m) + 2 * m + 4 * a, a
         else:
             weights, trainable = 4 * p + (2 * m if bf16 else 0) + 4 * a, a

@@ -344,8 +344,9 @@ def hold_frozen_matmuls_in(model, dtype) -> int:
     weights that train, so each layer's cast is made again every forward, kept for its input gradient in backward,
     and the float32 original stays resident beside it. Held in bfloat16, the matmuls get the very same operands
     (the cast was exact rounding of the same weights) with one half-size copy and no casts. Only the frozen linear
-    layers of the decoder: the embedding (and a head tied to it) stays float32, so the residual stream starts in
-    float32 as before; the adapters, trainable, stay float32 master weights. A LoRA export merges into a fresh float32
+    layers of the decoder, and a frozen embedding with the head tied to it, whose lookup is upcast so that the
+    residual stream starts in float32 as before (its values rounded to bfloat16, as the head's operand already was
+    under autocast); the adapters, trainable, stay float32 master weights. A LoRA export merges into a fresh float32
     base from disk (`merged_copy`), so nothing exported is rounded."""
     import torch
 
@@ -358,6 +359,12 @@ def hold_frozen_matmuls_in(model, dtype) -> int:
                 and weight.dtype != dtype):
             saved += weight.numel() * (weight.element_size() - torch.finfo(dtype).bits // 8)
             module.to(dtype)  # a frozen bias goes with it: the matmul adds it in the same dtype under autocast
+    if not embed.weight.requires_grad and embed.weight.dtype != dtype and (head is None or not head.weight.requires_grad):
+        # the frozen embedding (and the head tied to it) in bfloat16 too: the head's matmul gets autocast's operand
+        # without a per-step cast, and a hook upcasts the lookup so the residual stream stays float32
+        saved += embed.weight.numel() * (embed.weight.element_size() - torch.finfo(dtype).bits // 8)
+        embed.to(dtype)
+        embed.register_forward_hook(_to_float32)
     # transformers maps the checkpoint file and its tensors view it: while any frozen weight still does (the
     # embedding, the norms) the whole mapping stays, with every page the conversion read resident beside the bf16
     # copies. Copies of the few float32 ones let it go (bench/bench_lora.py measures the peak).
@@ -366,6 +373,10 @@ def hold_frozen_matmuls_in(model, dtype) -> int:
             if not param.requires_grad and param.dtype != dtype:
                 param.data = param.data.clone()
     return saved
+
+
+def _to_float32(module, args, out):
+    return out.float()
 
 
 def count_params(model) -> tuple[int, int]:
