@@ -1,6 +1,6 @@
 """Benchmark of LoRA fine-tuning: our loop vs peft + the HF `Trainer`, on the shipped FAQ pairs.
 
-    .venv/bin/python bench/bench_lora.py [--steps 10] [--warmup 2] [--repeats 1] [--threads 2]
+    .venv/bin/python bench/bench_lora.py [--steps 10] [--warmup 2] [--repeats 2] [--threads 2]
                                          [--out FILE] [--results-md FILE] [--no-profile]
 
 What it does, all in one run:
@@ -247,7 +247,7 @@ def lora_mmap_threshold() -> int:
 
 
 def main(argv=None) -> None:
-    p = comparison_parser(__doc__, DEFAULT_OUT, steps=10, warmup=2, repeats=1, profile_steps=2)
+    p = comparison_parser(__doc__, DEFAULT_OUT, steps=10, warmup=2, repeats=2, profile_steps=2)  # one pair swung 1.32-1.46x
     p.add_argument("--no-variant", action="store_true", help="skip the extra run of ours with glibc's default malloc")
     args = REPORT.start(p, argv, child_prep, child_ours, child_baseline)
     if args is None:
