@@ -240,18 +240,13 @@ REPORT = Comparison("bench_lora", "bench_lora: our loop vs peft + HF Trainer (Lo
 # main
 
 
-def lora_mmap_threshold() -> int:
-    from training.setup import LORA_MMAP_THRESHOLD
-
-    return LORA_MMAP_THRESHOLD
-
-
 def main(argv=None) -> None:
-    p = comparison_parser(__doc__, DEFAULT_OUT, steps=10, warmup=2, repeats=2, profile_steps=2)  # one pair swung 1.32-1.46x
+    p = comparison_parser(__doc__, DEFAULT_OUT, steps=10, warmup=2, repeats=2, profile_steps=2)  # single runs of the baseline swung 336-369 tokens/s
     p.add_argument("--no-variant", action="store_true", help="skip the extra run of ours with glibc's default malloc")
     args = REPORT.start(p, argv, child_prep, child_ours, child_baseline)
     if args is None:
         return
+    from training.setup import engine_mmap_threshold
     from rich.console import Console
 
     console = Console()
@@ -273,7 +268,7 @@ def main(argv=None) -> None:
                        "warmup": args.warmup, "repeats": args.repeats, "betas": [0.9, 0.95],
                        "trainable_ours": runs["ours"][0]["result"]["trainable_params"],
                        "trainable_baseline": runs["baseline"][0]["trainable_params"],
-                       "mmap_threshold_mb": lora_mmap_threshold() / 2**20}  # the engine's, for the analysis' words
+                       "mmap_threshold_mb": engine_mmap_threshold("lora", None) / 2**20}  # the engine's, for the analysis' words
     record_comparison(res, runs, args.warmup, last, args.threads)
     if not args.no_profile:
         res["profile"] = profiled_run(Path(__file__), spec, args.warmup, args.profile_steps, args.quiet_wait_s, "bench-lora")

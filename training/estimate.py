@@ -32,16 +32,16 @@ from training.errors import InputError
 from training.models import LORA_TARGETS, check_qlora
 from training.objective import CHUNK_ELEMENTS, NextTokenLoss, autocast, compute_dtype, supervised_tokens
 from training.runs import Run
-from training.setup import MMAP_THRESHOLD, Distributed, maps_large_blocks, prepare_run
+from training.setup import Distributed, engine_mmap_threshold, prepare_run
 
 GB = 1024**3
 USABLE = 0.9  # of a device's memory: the rest is the CUDA context, the allocator's cache, the OS
 # peak RSS / live bytes of a CPU step's transient tensors: glibc keeps freed heap chunks. Measured by
 # tests/test_estimate.py: 1.5 under glibc's own growing mmap threshold (up to 32 MB: full-weight runs), 1.2-1.25
-# under the engine's 1 MB threshold for LoRA, QLoRA and FSDP (training.setup.cpu_malloc), which gives blocks from
-# 1 MB up back when freed
+# under the engine's fixed threshold for LoRA, QLoRA and FSDP (training.setup.cpu_malloc), which gives blocks from
+# there up back when freed
 CPU_HEAP_SLACK = {"glibc": 1.5, "mapped": 1.25}
-MALLOC_MAPPED = {"glibc": 32 * 1024**2, "mapped": MMAP_THRESHOLD}  # blocks this large go back to the OS when freed
+GLIBC_MMAP_MAX = 32 * 1024**2  # glibc's own threshold grows to this; blocks this large go back to the OS when freed
 CPU_FIXED_GB = 8 / 1024  # a CPU step's fixed cost beyond its tensors (thread pools, kernels' scratch), measured
 NF4_BYTES = 0.5 + 0.127 / 8  # QLoRA: 4 bits a weight + double-quantized block scales (~0.127 bits)
 TABLE_DEVICES = (1, 2, 4, 8)
@@ -216,9 +216,10 @@ def memory_row(shapes: Shapes, method: str, layout: str, devices: int, micro_bat
     if method == "full":  # the embedding's lookup has its own dense gradient, added to the output layer's
         gradients += 4 * shapes.vocab * shapes.hidden
     if not cuda:  # glibc keeps freed heap chunks resident; chunks from its mmap threshold up go back when freed
-        heap = "mapped" if maps_large_blocks(method, layout) else "glibc"
+        threshold = engine_mmap_threshold(method, layout)
+        heap = "mapped" if threshold else "glibc"
         layers, gradients = layers * CPU_HEAP_SLACK[heap], gradients * CPU_HEAP_SLACK[heap]
-        logits *= CPU_HEAP_SLACK[heap] if logits / 3 < MALLOC_MAPPED[heap] else 1
+        logits *= CPU_HEAP_SLACK[heap] if logits / 3 < (threshold or GLIBC_MMAP_MAX) else 1
     activations = layers + logits + (0 if cuda else CPU_FIXED_GB * GB)
     total = weights + gradients + optimizer + activations
     if cuda:

@@ -179,20 +179,22 @@ MMAP_THRESHOLD = 1 << 20  # bytes: glibc maps allocations from this size up on t
 LORA_MMAP_THRESHOLD = 2 << 20  # a LoRA run's: bench_lora measured 1 MB faulting in too many fresh pages every step
 
 
-def maps_large_blocks(method: str, strategy: str | None) -> bool:
-    """Whether a CPU run gets the engine's 1 MB mmap threshold (`cpu_malloc`): LoRA and QLoRA runs, and FSDP
-    processes (measured: under glibc's default each FSDP process of tests/test_estimate.py peaked at 428-458 MB, the
-    full model freed by sharding kept in the heap, against 255-257 MB with the threshold)."""
-    return method in ("lora", "qlora") or strategy == "fsdp"
+def engine_mmap_threshold(method: str, strategy: str | None) -> int:
+    """The mmap threshold the engine gives a CPU run (`cpu_malloc`), 0 for glibc's default: 2 MB for LoRA and QLoRA
+    runs, 1 MB for FSDP processes (measured: under glibc's default each FSDP process of tests/test_estimate.py peaked
+    at 428-458 MB, the full model freed by sharding kept in the heap, against 255-257 MB with the threshold)."""
+    if method in ("lora", "qlora"):
+        return LORA_MMAP_THRESHOLD
+    return MMAP_THRESHOLD if strategy == "fsdp" else 0
 
 
 def cpu_malloc(device: torch.device, method: str, strategy: str | None = None) -> int | None:
-    """On a CPU with glibc, for a LoRA or QLoRA run (or an FSDP process: `maps_large_blocks`), have malloc map every
+    """On a CPU with glibc, for a LoRA or QLoRA run (or an FSDP process: `engine_mmap_threshold`), have malloc map every
     allocation of 2 MB (FSDP: 1 MB) and more on its own (mallopt M_MMAP_THRESHOLD), returned to the system when freed.
     glibc's default threshold grows with each large block freed, up to 32 MB, so a step's activations come from the
     heap, where freed blocks stay resident and fragment it around the frozen weights: bench_lora measured a lower peak
     with a fixed threshold in every run (0.74x the peft + Trainer's under glibc's default, 0.65x with 1 MB), and 1 MB
-    at 0.87x the tokens/s of glibc's default, 2 MB between the two on both (quick runs, d7158ee). Other full-weight runs keep glibc's default: each mapped
+    at 0.88x the tokens/s of glibc's default, 2 MB between the two on both (quick runs, d7158ee). Other full-weight runs keep glibc's default: each mapped
     block is fresh pages the kernel faults in and zeroes, every step, and pretraining ran at 0.6x the tokens/s with
     1 MB (measured with bench_train's workload). A user's own MALLOC_MMAP_THRESHOLD_ is left alone;
     MODELCREW_MMAP_THRESHOLD sets another size for any run, 0 keeps glibc's default. Returns the threshold set, or
@@ -201,8 +203,7 @@ def cpu_malloc(device: torch.device, method: str, strategy: str | None = None) -
     import ctypes.util
 
     chosen = os.environ.get("MODELCREW_MMAP_THRESHOLD", "").strip()
-    own = LORA_MMAP_THRESHOLD if method in ("lora", "qlora") else MMAP_THRESHOLD
-    size = int(chosen) if chosen.isdigit() else own if maps_large_blocks(method, strategy) else 0
+    size = int(chosen) if chosen.isdigit() else engine_mmap_threshold(method, strategy)
     if device.type != "cpu" or size == 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return None
     try:
