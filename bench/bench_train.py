@@ -117,9 +117,9 @@ def child_trainer(spec: dict) -> dict:
 # report
 
 
-VARIANT_ENV = {"MODELCREW_MMAP_THRESHOLD": str(1 << 20)}  # the engine's setting for LoRA runs, not for this one
-VARIANT_LABEL = ("the 1 MB mmap threshold (MODELCREW_MMAP_THRESHOLD=1048576: the engine's malloc setting for LoRA, "
-                 "which a full-weight run does not get)")
+VARIANT_ENV = {"MODELCREW_MMAP_THRESHOLD": str(1 << 20)}  # the engine's setting for FSDP processes, not for this run
+VARIANT_LABEL = ("the 1 MB mmap threshold (MODELCREW_MMAP_THRESHOLD=1048576: the engine's malloc setting for FSDP "
+                 "processes, and for LoRA until 51a7868, which a one-process full-weight run does not get)")
 
 
 def report_rows(res: dict) -> list[tuple[str, list[tuple[str, str]]]]:

@@ -897,7 +897,8 @@ class Comparison:
             per_step(res["profile"])
         res["analysis"] = self.analyse(res)
         # the figures keep the provenance of the run that measured them; the wording records the commit that wrote it
-        res["rendered"] = {"commit": tree_state()[0], "by": "--render-only"}
+        commit, dirty = tree_state()
+        res["rendered"] = {"commit": commit, "dirty": dirty, "by": "--render-only"}
         write_json(args.out, res)
         self.publish(res, args)
 
